@@ -1,0 +1,122 @@
+"""Causal self-attention for MHA, GQA and MQA, with an optional sliding window (Mistral, Jiang et al. 2023).
+
+Window convention (HF's): query i sees key j when 0 <= i - j < window, i.e. itself and window - 1 earlier keys.
+
+Kernels, all computing the same function (checked against a brute-force reference in tests):
+- 'sdpa': torch's scaled_dot_product_attention; `is_causal` (flash/efficient kernels, no T x T mask) when the
+  window does not bind, an explicit boolean window mask otherwise.
+- 'flex': FlexAttention with a sliding-window block mask; compiled on GPU so no T x T mask is ever built, and
+  fully masked key blocks are skipped.
+- 'eager': explicit scores, mask and softmax in float32; the simplest path.
+- 'auto': flex on GPU when a window binds, sdpa everywhere else.
+Shapes: B batch, T time, H query heads, K key/value heads, C head dim, D model dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.config import ModelConfig
+from moe.rope import apply_rotary
+
+
+def sliding_window_mask(seq_len: int, window: int | None, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean (T, T) mask, True where query i may attend to key j."""
+    pos = torch.arange(seq_len, device=device)
+    delta = pos[:, None] - pos[None, :]
+    allowed = delta >= 0
+    if window is not None:
+        allowed &= delta < window
+    return allowed
+
+
+def eager_attention(q, k, v, window: int | None) -> torch.Tensor:
+    """q (B, H, T, C), k/v (B, K, T, C) -> (B, H, T, C), materialising the scores in float32."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+    mask = sliding_window_mask(q.shape[-2], window, q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+def sdpa_attention(q, k, v, window: int | None) -> torch.Tensor:
+    seq_len = q.shape[-2]
+    if window is None or window >= seq_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    mask = sliding_window_mask(seq_len, window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+_block_masks: dict[tuple, object] = {}
+_compiled_flex = None
+
+
+def _flex_block_mask(seq_len: int, window: int | None, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (seq_len, window, str(device))
+    if key not in _block_masks:
+        def causal_window(b, h, q_idx, kv_idx):
+            allowed = q_idx >= kv_idx
+            if window is not None:
+                allowed = allowed & (q_idx - kv_idx < window)
+            return allowed
+
+        _block_masks[key] = create_block_mask(causal_window, None, None, seq_len, seq_len, device=device)
+    return _block_masks[key]
+
+
+def flex_attention(q, k, v, window: int | None) -> torch.Tensor:
+    from torch.nn.attention import flex_attention as flex
+
+    global _compiled_flex
+    block_mask = _flex_block_mask(q.shape[-2], window, q.device)
+    if q.is_cuda:
+        # Uncompiled FlexAttention falls back to a dense reference; only the compiled kernel skips blocks.
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex.flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+    return flex.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def attend(q, k, v, window: int | None, backend: str = "auto") -> torch.Tensor:
+    """Causal (optionally windowed) attention with the chosen kernel."""
+    if backend == "auto":
+        window_binds = window is not None and window < q.shape[-2]
+        backend = "flex" if (q.is_cuda and window_binds) else "sdpa"
+    if backend == "sdpa":
+        return sdpa_attention(q, k, v, window)
+    if backend == "flex":
+        return flex_attention(q, k, v, window)
+    if backend == "eager":
+        return eager_attention(q, k, v, window)
+    raise ValueError(f"unknown attention backend {backend!r}")
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads and RoPE; HF's projection names."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.window = config.window_for_layer(layer_idx)
+        self.backend = config.attention_backend
+        d, c = config.d_model, config.head_dim
+        self.q_proj = nn.Linear(d, self.n_heads * c, bias=config.attn_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * c, bias=config.attn_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * c, bias=config.attn_bias)
+        self.o_proj = nn.Linear(self.n_heads * c, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, C)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, C)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, C)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = attend(q, k, v, self.window, self.backend)  # (B, H, T, C)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -1,0 +1,129 @@
+"""Decoder-only transformer, dense (LLaMA, Touvron et al. 2023) or sparse MoE (Mixtral, Jiang et al. 2024).
+
+Pre-norm blocks of attention and a feed-forward network, the latter a SwiGLU or a MoE layer depending on the
+config; module names follow HF's Llama/Mistral/Mixtral so that checkpoint conversion is renaming.
+Shapes: B batch, T time, D model dim, V vocabulary, L layers, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.attention import Attention
+from moe.config import ModelConfig
+from moe.mlp import SwiGLU
+from moe.moe_layer import MoELayer, MoEStats
+from moe.norm import build_norm
+from moe.rope import RotaryEmbedding
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    moe: list[MoEStats] = field(default_factory=list)  # one entry per MoE layer; empty for dense models
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        """Load-balancing loss averaged over layers (each layer's loss is computed on its own routing)."""
+        return torch.stack([s.load_balancing_loss for s in self.moe]).mean() if self.moe else None
+
+    @property
+    def z_loss(self) -> torch.Tensor | None:
+        return torch.stack([s.z_loss for s in self.moe]).mean() if self.moe else None
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor | None:
+        """(L, E) assignments processed by each expert of each MoE layer."""
+        return torch.stack([s.tokens_per_expert for s in self.moe]) if self.moe else None
+
+    @property
+    def router_logits(self) -> tuple[torch.Tensor, ...]:
+        return tuple(s.router_logits for s in self.moe)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = build_norm(config.norm_type, config.d_model, config.norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = build_norm(config.norm_type, config.d_model, config.norm_eps)
+        self.mlp = MoELayer(config) if config.is_moe else SwiGLU(config.d_model, config.ffn_dim)
+
+    def forward(self, x, cos, sin) -> tuple[torch.Tensor, MoEStats | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoELayer):
+            out, stats = self.mlp(h)
+            return x + out, stats
+        return x + self.mlp(h), None
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = build_norm(config.norm_type, config.d_model, config.norm_eps)
+        # Tied models reuse the embedding matrix in forward() instead of sharing a Parameter between two
+        # modules, which to_empty() after meta-device construction would silently untie.
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; the projections that write into the residual stream are scaled by
+        1/sqrt(2L) (GPT-2, Radford et al. 2019) so the stream's variance does not grow with depth."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, param in self.named_parameters():
+            if param.is_meta:
+                continue
+            if name.endswith("bias"):
+                nn.init.zeros_(param)
+            elif "layernorm" in name or name.startswith("norm."):
+                nn.init.ones_(param)
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
+                nn.init.normal_(param, 0.0, residual_std)
+            else:
+                nn.init.normal_(param, 0.0, std)
+        if not self.rotary.inv_freq.is_meta:
+            self.rotary.reset_parameters()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids (B, T) -> logits (B, T, V) and the MoE layers' statistics."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        cos, sin = self.rotary(positions)  # (T, C)
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        moe_stats = []
+        for block in self.layers:
+            x, stats = block(x, cos, sin)
+            if stats is not None:
+                moe_stats.append(stats)
+        x = self.norm(x)
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return ModelOutput(logits=F.linear(x, head), moe=moe_stats)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(config: ModelConfig | str, device: torch.device | str | None = None, **overrides) -> Transformer:
+    """A model from a config or a preset name (with optional config overrides), e.g. build_model('tiny-moe')."""
+    if isinstance(config, str):
+        from moe.presets import get_preset
+
+        config = get_preset(config, **overrides)
+    elif overrides:
+        config = config.replace(**overrides)
+    with torch.device(device) if device is not None else nullcontext():
+        return Transformer(config)
+

@@ -1,0 +1,90 @@
+"""Sparse Mixture-of-Experts feed-forward layer: router, experts and auxiliary losses composed.
+
+Dropless by default (every token reaches all of its top-k experts, MegaBlocks-style). With a capacity factor,
+each expert takes at most ceil(capacity_factor * N * k / E) assignments, first choices before second choices
+and earlier tokens first (GShard / Switch priority); a dropped assignment contributes nothing, so a token whose
+choices are all dropped passes through on the residual stream alone.
+Shapes: B batch, T time, N = B*T tokens, D model dim, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.config import ModelConfig
+from moe.experts import Experts
+from moe.losses import load_balancing_loss, router_z_loss
+from moe.mlp import SwiGLU
+from moe.router import TopKRouter
+
+
+class MoEStats(NamedTuple):
+    """What one MoE layer reports besides its output."""
+
+    router_logits: torch.Tensor  # (N, E)
+    load_balancing_loss: torch.Tensor  # scalar
+    z_loss: torch.Tensor  # scalar
+    tokens_per_expert: torch.Tensor  # (E,) assignments each expert processed (after any capacity drop)
+    dropped: torch.Tensor  # scalar: assignments dropped by the capacity limit
+
+
+def capacity_keep_mask(experts: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+    """(N, k) bool: which assignments fit within each expert's capacity, first choices taking priority."""
+    choice_major = experts.T.reshape(-1)  # (k*N,) all first choices, then all second choices, ...
+    one_hot = F.one_hot(choice_major, n_experts)  # (k*N, E)
+    position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # rank of each assignment in its expert
+    return (position < capacity).view(experts.shape[1], -1).T  # (N, k)
+
+
+class MoELayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = config.n_experts, config.top_k
+        self.capacity_factor = config.capacity_factor
+        self.router = TopKRouter(config.d_model, config.n_experts, config.top_k, config.norm_topk_prob)
+        self.experts = Experts(config.n_experts, config.d_model, config.expert_ffn_dim, config.expert_backend)
+        shared_dim = config.n_shared_experts * config.expert_ffn_dim
+        self.shared_experts = SwiGLU(config.d_model, shared_dim) if shared_dim else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        B, T, D = x.shape
+        tokens = x.reshape(-1, D)  # (N, D)
+        routing = self.router(tokens)
+        weights, experts = routing.weights, routing.experts  # (N, k)
+
+        dropped = torch.zeros((), device=x.device, dtype=torch.long)
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * tokens.shape[0] * self.top_k / self.n_experts)
+            keep = capacity_keep_mask(experts, self.n_experts, capacity)
+            weights = torch.where(keep, weights, torch.zeros_like(weights))
+            dropped = (~keep).sum()
+            counted = torch.where(keep, experts, self.n_experts)  # dropped ones go to an overflow bin
+        else:
+            counted = experts
+
+        # Group the N*k assignments by expert. Dropped assignments are still computed (weight zero) so that
+        # shapes do not depend on the routing; the stable sort keeps token order within each expert.
+        flat_experts = experts.reshape(-1)  # (N*k,)
+        order = flat_experts.argsort(stable=True)
+        counts = torch.bincount(flat_experts, minlength=self.n_experts)  # (E,)
+        grouped = tokens[order // self.top_k]  # (N*k, D)
+        expert_out = self.experts(grouped, counts)  # (N*k, D)
+        per_choice = expert_out[order.argsort()].view(-1, self.top_k, D)  # (N, k, D) back in token order
+        out = (per_choice * weights.unsqueeze(-1)).sum(dim=1)  # (N, D)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(tokens)
+
+        tokens_per_expert = torch.bincount(counted.reshape(-1), minlength=self.n_experts + 1)[: self.n_experts]
+        stats = MoEStats(
+            router_logits=routing.logits,
+            load_balancing_loss=load_balancing_loss(routing.logits, self.top_k),
+            z_loss=router_z_loss(routing.logits),
+            tokens_per_expert=tokens_per_expert.detach(),
+            dropped=dropped,
+        )
+        return out.view(B, T, D), stats

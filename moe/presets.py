@@ -1,0 +1,76 @@
+"""Named model presets reproducing published architectures.
+
+Each preset overrides a base config and cites the source it mirrors: the HF `config.json` of the released
+checkpoint, or the paper table where the release predates HF. `tests/test_presets.py` checks every preset's
+parameter count against the published figure and against HF transformers' own model built on the meta device.
+"""
+
+from __future__ import annotations
+
+from moe.config import ModelConfig
+
+# The LLaMA-1 / Llama-2 architecture; other presets start from it.
+_LLAMA = dict(vocab_size=32000, norm_eps=1e-6, rope_theta=10000.0)
+
+PRESETS: dict[str, dict] = {
+    # LLaMA-1, Touvron et al. 2023, Table 2 (6.7B, 13.0B, 32.5B, 65.2B); eps from the released params.json.
+    "llama-7b": dict(_LLAMA, d_model=4096, n_layers=32, n_heads=32, ffn_dim=11008),
+    "llama-13b": dict(_LLAMA, d_model=5120, n_layers=40, n_heads=40, ffn_dim=13824),
+    "llama-33b": dict(_LLAMA, d_model=6656, n_layers=60, n_heads=52, ffn_dim=17920),
+    "llama-65b": dict(_LLAMA, d_model=8192, n_layers=80, n_heads=64, ffn_dim=22016, norm_eps=1e-5),
+    # meta-llama/Llama-2-7b-hf config.json
+    "llama-2-7b": dict(_LLAMA, d_model=4096, n_layers=32, n_heads=32, ffn_dim=11008, norm_eps=1e-5,
+                       max_seq_len=4096),
+    # mistralai/Mistral-7B-v0.1 config.json
+    "mistral-7b": dict(_LLAMA, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                       norm_eps=1e-5, max_seq_len=32768, sliding_window=4096),
+    # mistralai/Mixtral-8x7B-v0.1 config.json
+    "mixtral-8x7b": dict(_LLAMA, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                         norm_eps=1e-5, max_seq_len=32768, rope_theta=1e6, n_experts=8, top_k=2,
+                         aux_loss_coef=0.02),
+    # Qwen/Qwen2-0.5B config.json
+    "qwen2-0.5b": dict(vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2, ffn_dim=4864,
+                       norm_eps=1e-6, rope_theta=1e6, attn_bias=True, tie_embeddings=True, max_seq_len=32768),
+    # allenai/OLMo-1B-hf config.json: non-parametric LayerNorm, tied embeddings, vocabulary padded to 50304.
+    "olmo-1b": dict(vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, ffn_dim=8192,
+                    norm_type="layernorm_nonparam", tie_embeddings=True, max_seq_len=2048),
+    # HuggingFaceTB/SmolLM-135M, -360M, -1.7B config.json
+    "smollm-135m": dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
+                        tie_embeddings=True, max_seq_len=2048),
+    "smollm-360m": dict(vocab_size=49152, d_model=960, n_layers=32, n_heads=15, n_kv_heads=5, ffn_dim=2560,
+                        tie_embeddings=True, max_seq_len=2048),
+    "smollm-1.7b": dict(vocab_size=49152, d_model=2048, n_layers=24, n_heads=32, n_kv_heads=32, ffn_dim=8192,
+                        tie_embeddings=True, max_seq_len=2048),
+    # Tiny models for tests and CPU demos.
+    "tiny-dense": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352,
+                       max_seq_len=256),
+    "tiny-moe": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=256,
+                     max_seq_len=256, n_experts=8, top_k=2),
+}
+
+# Figures as the cited source states them (parameters; active parameters for MoE), for the preset tests.
+PUBLISHED_PARAMS: dict[str, tuple[float, float | None]] = {
+    "llama-7b": (6.7e9, None),
+    "llama-13b": (13.0e9, None),
+    "llama-33b": (32.5e9, None),
+    "llama-65b": (65.2e9, None),
+    "llama-2-7b": (6.74e9, None),  # HF model card
+    "mistral-7b": (7.24e9, None),  # HF model card
+    "mixtral-8x7b": (46.7e9, 12.9e9),  # Mistral AI release note: 46.7B total, 12.9B used per token
+    "qwen2-0.5b": (0.49e9, None),  # Qwen2 model card
+    "olmo-1b": (1.18e9, None),  # OLMo paper, Table 1 / HF model card
+    "smollm-135m": (135e6, None),
+    "smollm-360m": (360e6, None),
+    "smollm-1.7b": (1.7e9, None),
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    """Build the named preset's config, with optional field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(preset_names())}")
+    return ModelConfig(name=name, **{**PRESETS[name], **overrides})
