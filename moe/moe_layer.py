@@ -33,6 +33,13 @@ class MoEStats(NamedTuple):
     dropped: torch.Tensor  # scalar: assignments dropped by the capacity limit
 
 
+def count_per_expert(indices: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Histogram of expert indices. torch.bincount reads the maximum back to the host on CUDA; a scatter-add
+    into a fixed number of bins does not, keeping the layer free of host-device synchronisation."""
+    counts = torch.zeros(n_bins, dtype=torch.long, device=indices.device)
+    return counts.scatter_add_(0, indices, torch.ones_like(indices))
+
+
 def capacity_keep_mask(experts: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
     """(N, k) bool: which assignments fit within each expert's capacity, first choices taking priority."""
     choice_major = experts.T.reshape(-1)  # (k*N,) all first choices, then all second choices, ...
@@ -71,7 +78,7 @@ class MoELayer(nn.Module):
         # shapes do not depend on the routing; the stable sort keeps token order within each expert.
         flat_experts = experts.reshape(-1)  # (N*k,)
         order = flat_experts.argsort(stable=True)
-        counts = torch.bincount(flat_experts, minlength=self.n_experts)  # (E,)
+        counts = count_per_expert(flat_experts, self.n_experts)  # (E,)
         grouped = tokens[order // self.top_k]  # (N*k, D)
         expert_out = self.experts(grouped, counts)  # (N*k, D)
         per_choice = expert_out[order.argsort()].view(-1, self.top_k, D)  # (N, k, D) back in token order
@@ -79,7 +86,7 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
 
-        tokens_per_expert = torch.bincount(counted.reshape(-1), minlength=self.n_experts + 1)[: self.n_experts]
+        tokens_per_expert = count_per_expert(counted.reshape(-1), self.n_experts + 1)[: self.n_experts]
         stats = MoEStats(
             router_logits=routing.logits,
             load_balancing_loss=load_balancing_loss(routing.logits, self.top_k),

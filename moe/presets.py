@@ -48,20 +48,21 @@ PRESETS: dict[str, dict] = {
                      max_seq_len=256, n_experts=8, top_k=2),
 }
 
-# Figures as the cited source states them (parameters; active parameters for MoE), for the preset tests.
-PUBLISHED_PARAMS: dict[str, tuple[float, float | None]] = {
-    "llama-7b": (6.7e9, None),
-    "llama-13b": (13.0e9, None),
-    "llama-33b": (32.5e9, None),
-    "llama-65b": (65.2e9, None),
-    "llama-2-7b": (6.74e9, None),  # HF model card
-    "mistral-7b": (7.24e9, None),  # HF model card
-    "mixtral-8x7b": (46.7e9, 12.9e9),  # Mistral AI release note: 46.7B total, 12.9B used per token
-    "qwen2-0.5b": (0.49e9, None),  # Qwen2 model card
-    "olmo-1b": (1.18e9, None),  # OLMo paper, Table 1 / HF model card
-    "smollm-135m": (135e6, None),
-    "smollm-360m": (360e6, None),
-    "smollm-1.7b": (1.7e9, None),
+# Figures as the cited source writes them (total, and active for MoE), for the preset tests. Kept as text
+# because the number of digits matters: "13.0B" claims a tenth of a billion, "135M" a million.
+PUBLISHED_PARAMS: dict[str, tuple[str, str | None]] = {
+    "llama-7b": ("6.7B", None),  # LLaMA paper, Table 2
+    "llama-13b": ("13.0B", None),
+    "llama-33b": ("32.5B", None),
+    "llama-65b": ("65.2B", None),
+    "llama-2-7b": ("6.74B", None),  # HF model card
+    "mistral-7b": ("7.24B", None),  # HF model card
+    "mixtral-8x7b": ("46.7B", "12.9B"),  # Mistral AI release note: 46.7B total, 12.9B used per token
+    "qwen2-0.5b": ("0.49B", None),  # Qwen2 model card
+    "olmo-1b": ("1.18B", None),  # HF model card
+    "smollm-135m": ("135M", None),  # SmolLM model cards
+    "smollm-360m": ("362M", None),  # HF's safetensors metadata (the name rounds to 360M)
+    "smollm-1.7b": ("1.7B", None),
 }
 
 

@@ -1,0 +1,99 @@
+"""ModelConfig: validation names the offending field; derived fields; analytic counts vs built models."""
+
+import pytest
+import torch
+
+from moe.config import ModelConfig, format_count
+from moe.model import Transformer
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=16)
+    return ModelConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(n_heads=4, n_kv_heads=3), "n_kv_heads"),
+        (dict(n_experts=4, top_k=5), "top_k"),
+        (dict(n_experts=4, top_k=0), "top_k"),
+        (dict(sliding_window=0), "sliding_window"),
+        (dict(sliding_window=-3), "sliding_window"),
+        (dict(layer_windows=[4]), "layer_windows"),
+        (dict(layer_windows=[4, 0]), "layer_windows[1]"),
+        (dict(norm_type="batchnorm"), "norm_type"),
+        (dict(attention_backend="xformers"), "attention_backend"),
+        (dict(n_experts=4, expert_backend="triton"), "expert_backend"),
+        (dict(n_experts=4, expert_ffn_dim=20), "expert_ffn_dim"),  # grouped matmul alignment
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(d_model=30), "d_model"),  # not divisible by n_heads
+        (dict(n_experts=4, capacity_factor=0.0), "capacity_factor"),
+        (dict(aux_loss_coef=-1.0), "aux_loss_coef"),
+        (dict(n_experts=-1), "n_experts"),
+    ],
+)
+def test_inconsistent_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        tiny(**overrides)
+
+
+def test_derived_fields():
+    config = tiny()
+    assert config.head_dim == 8 and config.n_kv_heads == 2
+    assert tiny(n_kv_heads=None).n_kv_heads == 4
+    moe = tiny(n_experts=4)
+    assert moe.expert_ffn_dim == moe.ffn_dim
+    wider = config.replace(d_model=64)
+    assert wider.head_dim == 16  # recomputed, not carried over
+    assert config.replace(n_layers=3).head_dim == 8
+
+
+def test_layer_windows_override_the_global_window():
+    config = tiny(sliding_window=8, layer_windows=[None, 4])
+    assert [config.window_for_layer(i) for i in range(2)] == [None, 4]
+    assert tiny(sliding_window=8).window_for_layer(1) == 8
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),
+        dict(tie_embeddings=True),
+        dict(attn_bias=True),
+        dict(norm_type="layernorm"),
+        dict(norm_type="layernorm_nonparam"),
+        dict(n_kv_heads=1, head_dim=16),
+        dict(n_experts=4, top_k=2, expert_ffn_dim=16),
+        dict(n_experts=4, top_k=1, n_shared_experts=2, expert_ffn_dim=16),
+    ],
+)
+def test_analytic_count_equals_built_model(overrides):
+    config = tiny(**overrides)
+    with torch.device("meta"):
+        model = Transformer(config)
+    assert config.num_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_active_count_of_a_moe_model_by_brute_force():
+    config = tiny(n_experts=4, top_k=2, expert_ffn_dim=16)
+    with torch.device("meta"):
+        model = Transformer(config)
+    inactive = sum(
+        p[config.top_k :].numel() for name, p in model.named_parameters() if ".experts." in name
+    )
+    assert config.num_active_params() == config.num_params() - inactive
+
+
+def test_flops_per_token_follows_palm_appendix_b():
+    config = tiny(tie_embeddings=True)
+    non_embedding = config.num_params() - config.vocab_size * config.d_model
+    output_layer = config.vocab_size * config.d_model
+    attention = 12 * config.n_layers * config.n_heads * config.head_dim * 16
+    assert config.flops_per_token(16) == 6 * (non_embedding + output_layer) + attention
+
+
+def test_format_count():
+    assert format_count(6_738_415_616) == "6.74B"
+    assert format_count(134_515_008) == "135M"
+    assert format_count(46_702_792_704) == "46.7B"

@@ -1,0 +1,118 @@
+"""Presets against published parameter counts and against HF transformers' own architectures.
+
+Two independent oracles: the figure the paper or model card states, and the parameter count of HF's model
+class built on the meta device from the released config.json values (written out here, not derived from our
+presets).
+"""
+
+import pytest
+import torch
+import transformers
+
+from moe.model import build_model
+from moe.presets import PRESETS, PUBLISHED_PARAMS, get_preset, preset_names
+
+# Values from each release's config.json (LLaMA-1: HF conversions of the original params.json).
+_LLAMA1 = dict(vocab_size=32000, tie_word_embeddings=False)
+HF_CONFIGS = {
+    "llama-7b": ("LlamaConfig", dict(_LLAMA1, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                     num_attention_heads=32)),
+    "llama-13b": ("LlamaConfig", dict(_LLAMA1, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                      num_attention_heads=40)),
+    "llama-33b": ("LlamaConfig", dict(_LLAMA1, hidden_size=6656, intermediate_size=17920, num_hidden_layers=60,
+                                      num_attention_heads=52)),
+    "llama-65b": ("LlamaConfig", dict(_LLAMA1, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
+                                      num_attention_heads=64)),
+    "llama-2-7b": ("LlamaConfig", dict(_LLAMA1, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                       num_attention_heads=32, num_key_value_heads=32)),
+    "mistral-7b": ("MistralConfig", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                         sliding_window=4096, tie_word_embeddings=False)),
+    "mixtral-8x7b": ("MixtralConfig", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                           num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                           num_local_experts=8, num_experts_per_tok=2,
+                                           tie_word_embeddings=False)),
+    "qwen2-0.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                       tie_word_embeddings=True)),
+    "olmo-1b": ("OlmoConfig", dict(vocab_size=50304, hidden_size=2048, intermediate_size=8192,
+                                   num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+                                   tie_word_embeddings=True)),
+    "smollm-135m": ("LlamaConfig", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                        tie_word_embeddings=True)),
+    "smollm-360m": ("LlamaConfig", dict(vocab_size=49152, hidden_size=960, intermediate_size=2560,
+                                        num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
+                                        tie_word_embeddings=True)),
+    "smollm-1.7b": ("LlamaConfig", dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192,
+                                        num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
+                                        tie_word_embeddings=True)),
+}
+
+
+def published_range(figure: str) -> tuple[float, float]:
+    """The counts a published figure can stand for, rounded or truncated: '6.7B' -> [6.6e9, 6.8e9]."""
+    scale = {"M": 1e6, "B": 1e9}[figure[-1]]
+    number = figure[:-1]
+    decimals = len(number.split(".")[1]) if "." in number else 0
+    unit = scale * 10.0**-decimals
+    return float(number) * scale - unit, float(number) * scale + unit
+
+
+def test_published_range():
+    assert published_range("6.7B") == pytest.approx((6.6e9, 6.8e9))
+    assert published_range("13.0B") == pytest.approx((12.9e9, 13.1e9))
+    assert published_range("135M") == pytest.approx((134e6, 136e6))
+
+
+def test_every_published_architecture_is_checked():
+    assert set(PUBLISHED_PARAMS) == set(HF_CONFIGS)
+    assert set(PUBLISHED_PARAMS) <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_parameter_count_matches_published_figure(name):
+    model = build_model(name, device="meta")
+    total = model.num_params()
+    assert total == model.config.num_params()  # the analytic count agrees with the built model
+    published_total, published_active = PUBLISHED_PARAMS[name]
+    low, high = published_range(published_total)
+    assert low < total < high, (total, published_total)
+    if published_active is not None:
+        low, high = published_range(published_active)
+        assert low < model.config.num_active_params() < high
+
+
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+def test_parameter_count_matches_hf_transformers(name):
+    class_name, kwargs = HF_CONFIGS[name]
+    hf_config = getattr(transformers, class_name)(**kwargs)
+    with torch.device("meta"):
+        hf_model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    hf_total = sum(p.numel() for p in hf_model.parameters())  # parameters() counts tied weights once
+    assert get_preset(name).num_params() == hf_total
+
+
+def test_mixtral_active_parameters_exclude_unchosen_experts():
+    config = get_preset("mixtral-8x7b")
+    unchosen = (config.n_experts - config.top_k) * config.expert_params() * config.n_layers
+    assert config.num_params() - config.num_active_params() == unchosen
+
+
+def test_mistral_window():
+    assert get_preset("mistral-7b").sliding_window == 4096
+
+
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe"])
+def test_tiny_presets_run(name):
+    model = build_model(name)
+    out = model(torch.randint(0, model.config.vocab_size, (1, 8)))
+    assert out.logits.shape == (1, 8, model.config.vocab_size)
+    assert model.config.is_moe == (name == "tiny-moe")
+
+
+def test_unknown_preset_lists_valid_names():
+    with pytest.raises(ValueError) as err:
+        get_preset("llama-8b")
+    for name in preset_names():
+        assert name in str(err.value)
