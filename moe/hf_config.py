@@ -1,0 +1,191 @@
+"""Translation between our ModelConfig and HF transformers' config.json for Llama, Mistral, Mixtral and Qwen2.
+
+Reads both transformers-v4 configs (top-level `rope_theta`, `rope_scaling`) and v5 configs (`rope_parameters`),
+and writes both spellings so that either version loads the export. Defaults for absent keys are those of the
+family's HF config class (transformers 5). What HF cannot represent is refused on export with a ValueError
+naming the field. The capacity factor is dropped with a warning (HF Mixtral is dropless); the z-loss
+coefficient is dropped silently (HF Mixtral has no z-loss) and reads back as our default.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from moe.config import ModelConfig
+
+# model_type -> (architecture, defaults of the HF config class for the keys we read when config.json omits them)
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaForCausalLM", dict(rope_theta=10000.0, num_key_value_heads=None, rms_norm_eps=1e-6,
+                                       max_position_embeddings=2048)),
+    "mistral": ("MistralForCausalLM", dict(rope_theta=10000.0, num_key_value_heads=8, rms_norm_eps=1e-6,
+                                           max_position_embeddings=4096 * 32, sliding_window=4096)),
+    "mixtral": ("MixtralForCausalLM", dict(rope_theta=1e6, num_key_value_heads=8, rms_norm_eps=1e-5,
+                                           max_position_embeddings=4096 * 32, sliding_window=None,
+                                           num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.001)),
+    "qwen2": ("Qwen2ForCausalLM", dict(rope_theta=10000.0, num_key_value_heads=32, rms_norm_eps=1e-6,
+                                       max_position_embeddings=32768, use_sliding_window=False, sliding_window=4096,
+                                       max_window_layers=28)),
+}
+ARCHITECTURES = {arch: model_type for model_type, (arch, _) in FAMILIES.items()}
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def hf_model_type(hf: dict) -> str:
+    """The supported family of an HF config dict, from `model_type` or else `architectures`."""
+    supported = f"supported: model_type {sorted(FAMILIES)}, architectures {sorted(ARCHITECTURES)}"
+    model_type = hf.get("model_type")
+    architectures = hf.get("architectures") or []
+    if model_type is None:
+        known = [ARCHITECTURES[a] for a in architectures if a in ARCHITECTURES]
+        if not known:
+            raise ValueError(f"unsupported HF architecture {architectures} (no model_type); {supported}")
+        model_type = known[0]
+    if model_type not in FAMILIES:
+        raise ValueError(f"unsupported HF model_type {model_type!r} (architectures {architectures}); {supported}")
+    if architectures and not any(a in ARCHITECTURES for a in architectures):
+        raise ValueError(f"unsupported HF architecture {architectures} for model_type {model_type!r}; {supported}")
+    return model_type
+
+
+def _rope_theta(hf: dict, default: float) -> float:
+    """RoPE base from a v5 `rope_parameters` or a v4 `rope_theta`; scaled RoPE variants are refused."""
+    params = hf.get("rope_parameters") or {}
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise NotImplementedError(f"per-layer-type rope_parameters are not supported: {params}")
+    scaling = hf.get("rope_scaling") or {}  # v4
+    for source in (params, scaling):
+        rope_type = source.get("rope_type", source.get("type", "default"))
+        if rope_type != "default":
+            raise NotImplementedError(
+                f"RoPE scaling type {rope_type!r} is not supported (only 'default' RoPE is implemented): {source}"
+            )
+    theta = params.get("rope_theta", hf.get("rope_theta"))
+    return float(default if theta is None else theta)
+
+
+def _qwen2_layer_windows(hf: dict, n_layers: int, get) -> list[int | None] | None:
+    """Qwen2Config: the window applies only when use_sliding_window, to the layers whose layer_type is
+    'sliding_attention'; without layer_types (v4) those are the layers i >= max_window_layers."""
+    window = get("sliding_window") if get("use_sliding_window") else None
+    if window is None:
+        return None
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        layer_types = ["sliding_attention" if i >= get("max_window_layers") else "full_attention"
+                       for i in range(n_layers)]
+    return [window if t == "sliding_attention" else None for t in layer_types]
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """Our ModelConfig for an HF config.json dict of a Llama, Mistral, Mixtral or Qwen2 causal LM."""
+    model_type = hf_model_type(hf)
+    defaults = FAMILIES[model_type][1]
+
+    def get(key):
+        return hf[key] if key in hf else defaults.get(key)
+
+    missing = [k for k in _REQUIRED if k not in hf]
+    if missing:
+        raise ValueError(f"HF config lacks required keys {missing}")
+    if get("hidden_act") not in (None, "silu"):
+        raise NotImplementedError(f"hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
+    if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
+        # Llama's attention_bias also puts a bias on o_proj, which our Attention never has.
+        raise NotImplementedError("Llama attention_bias / mlp_bias are not supported")
+    n_layers = hf["num_hidden_layers"]
+    config = dict(
+        name=str(hf.get("_name_or_path") or model_type),
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=n_layers,
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=get("num_key_value_heads"),
+        head_dim=hf.get("head_dim"),
+        ffn_dim=hf["intermediate_size"],
+        max_seq_len=get("max_position_embeddings"),
+        rope_theta=_rope_theta(hf, defaults["rope_theta"]),
+        norm_eps=get("rms_norm_eps"),
+        attn_bias=model_type == "qwen2",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        extra={"hf_config": dict(hf)},
+    )
+    if model_type in ("mistral", "mixtral"):
+        config["sliding_window"] = get("sliding_window")
+    if model_type == "qwen2":
+        config["layer_windows"] = _qwen2_layer_windows(hf, n_layers, get)
+    if model_type == "mixtral":
+        config.update(n_experts=get("num_local_experts"), top_k=get("num_experts_per_tok"),
+                      expert_ffn_dim=hf["intermediate_size"], norm_topk_prob=True,
+                      aux_loss_coef=get("router_aux_loss_coef"))
+    return ModelConfig(**config)
+
+
+def _windows(config: ModelConfig) -> list[int | None]:
+    return [config.window_for_layer(i) for i in range(config.n_layers)]
+
+
+def hf_model_type_for(config: ModelConfig) -> str:
+    """The HF family that represents a config: Mixtral for MoE, Qwen2 for q/k/v bias, Mistral for a uniform
+    sliding window, Llama otherwise. Raises ValueError for what no supported family can represent."""
+    if config.norm_type != "rmsnorm":
+        raise ValueError(f"norm_type={config.norm_type!r} has no HF Llama-family equivalent (only 'rmsnorm')")
+    if config.is_moe:
+        if config.n_shared_experts:
+            raise ValueError(f"n_shared_experts={config.n_shared_experts}: Mixtral has no shared experts")
+        if not config.norm_topk_prob:
+            raise ValueError("norm_topk_prob=False: Mixtral always renormalises the top-k router probabilities")
+        if config.attn_bias:
+            raise ValueError("attn_bias=True with experts: Mixtral has no q/k/v bias")
+    windows = set(_windows(config))
+    if config.attn_bias:
+        model_type = "qwen2"
+        windowed = [w is not None for w in _windows(config)]
+        first = windowed.index(True) if any(windowed) else config.n_layers
+        if len(windows - {None}) > 1 or not all(windowed[first:]):
+            raise ValueError(f"layer windows {_windows(config)} are not Qwen2-expressible: Qwen2 windows all layers "
+                             "from max_window_layers on, with one window size")
+    else:
+        if len(windows) > 1:
+            raise ValueError(f"per-layer windows {_windows(config)} need Qwen2 (attn_bias=True); Llama, Mistral "
+                             "and Mixtral apply one sliding_window to every layer")
+        model_type = "mixtral" if config.is_moe else ("mistral" if windows != {None} else "llama")
+    return model_type
+
+
+def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """The HF config.json dict for a config (see hf_model_type_for for the family chosen)."""
+    model_type = hf_model_type_for(config)
+    if config.capacity_factor is not None:
+        warnings.warn(f"capacity_factor={config.capacity_factor} dropped: HF Mixtral is dropless", stacklevel=3)
+    dtype_name = str(dtype).removeprefix("torch.")
+    hf = dict(
+        architectures=[FAMILIES[model_type][0]], model_type=model_type,
+        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim, hidden_act="silu",
+        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
+        initializer_range=config.init_std, tie_word_embeddings=config.tie_embeddings,
+        rope_theta=config.rope_theta,  # v4
+        rope_parameters={"rope_theta": config.rope_theta, "rope_type": "default"},  # v5
+        attention_dropout=0.0, use_cache=True, dtype=dtype_name, torch_dtype=dtype_name,
+    )
+    source = config.extra.get("hf_config", {})
+    hf.update({k: source[k] for k in _TOKEN_IDS if k in source})
+    windows = _windows(config)
+    window = next((w for w in windows if w is not None), None)
+    if model_type == "llama":
+        hf.update(attention_bias=False, mlp_bias=False)
+    elif model_type in ("mistral", "mixtral"):
+        hf["sliding_window"] = window
+    if model_type == "qwen2":
+        first = next((i for i, w in enumerate(windows) if w is not None), config.n_layers)
+        hf.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=first,
+                  layer_types=["full_attention" if w is None else "sliding_attention" for w in windows])
+    if model_type == "mixtral":
+        hf.update(intermediate_size=config.expert_ffn_dim, num_local_experts=config.n_experts,
+                  num_experts_per_tok=config.top_k, router_aux_loss_coef=config.aux_loss_coef,
+                  output_router_logits=False, router_jitter_noise=0.0)
+    return hf

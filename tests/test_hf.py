@@ -1,0 +1,292 @@
+"""moe.hf / moe.hf_config: HF checkpoints load into our Transformer with HF's logits, ours export to checkpoints
+that transformers loads with our logits, and bad input fails with a message naming the problem.
+Oracle: HF transformers on tiny seeded random models (fp32, CPU)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config  # noqa: E402
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # noqa: E402
+
+from moe.config import ModelConfig  # noqa: E402
+from moe.hf import config_from_hf, hf_key_map, load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
+from moe.model import Transformer  # noqa: E402
+
+SEQ = 12  # longer than every window below, so the windows bind
+HF_DIMS = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64)
+HF_FAMILIES = {
+    "llama": lambda: LlamaConfig(**HF_DIMS, head_dim=16, rms_norm_eps=1e-5,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 5000.0}),
+    "mistral": lambda: MistralConfig(**HF_DIMS, sliding_window=5),
+    "mixtral": lambda: MixtralConfig(**{**HF_DIMS, "intermediate_size": 48}, num_local_experts=4,
+                                     num_experts_per_tok=2),
+    "qwen2": lambda: Qwen2Config(**HF_DIMS, tie_word_embeddings=True, use_sliding_window=True, sliding_window=5,
+                                 max_window_layers=1),
+}
+OUR_DIMS = dict(vocab_size=96, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+OUR_CONFIGS = {  # name: (overrides, HF architecture expected, max_shard_size)
+    "dense": (dict(head_dim=16, rope_theta=5000.0), "LlamaForCausalLM", "5GB"),
+    "windowed": (dict(sliding_window=5), "MistralForCausalLM", "5GB"),
+    "qwen2-windows": (dict(attn_bias=True, tie_embeddings=True, head_dim=16, layer_windows=[None, 4, 4]),
+                      "Qwen2ForCausalLM", "5GB"),
+    "moe": (dict(n_experts=4, top_k=2, expert_ffn_dim=48, sliding_window=6), "MixtralForCausalLM", "20KB"),
+}
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere, norms around one and non-zero biases, so a swapped tensor shows."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if "norm" in name else 0.0))
+    return model.eval()
+
+
+def input_ids(vocab_size: int = 96) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    """family -> directory of a saved random HF model of that family (built once per module)."""
+    paths = {}
+
+    def get(family: str):
+        if family not in paths:
+            paths[family] = tmp_path_factory.mktemp(family)
+            model = transformers.AutoModelForCausalLM.from_config(HF_FAMILIES[family]())
+            randomize(model).save_pretrained(paths[family])
+        return paths[family]
+
+    return get
+
+
+def hf_load(path, attn="eager"):
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def our_checkpoint(tmp_path_factory):
+    """A small Llama checkpoint written by save_hf_checkpoint, for the bad-input tests to corrupt."""
+    path = tmp_path_factory.mktemp("ours")
+    save_hf_checkpoint(randomize(Transformer(ModelConfig(**OUR_DIMS))), path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- import
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", HF_FAMILIES)
+@torch.no_grad()
+def test_import_matches_hf_logits(hf_checkpoint, family, attn):
+    path = hf_checkpoint(family)
+    ours = load_hf_checkpoint(path, attention_backend=attn)
+    ids = input_ids()
+    torch.testing.assert_close(ours(ids).logits, hf_load(path, attn)(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_imported_config_follows_hf(hf_checkpoint):
+    qwen2 = load_hf_checkpoint(hf_checkpoint("qwen2")).config
+    assert qwen2.tie_embeddings and qwen2.attn_bias and qwen2.layer_windows == [None, 5, 5]
+    assert load_hf_checkpoint(hf_checkpoint("llama")).config.head_dim == 16
+    mixtral = load_hf_checkpoint(hf_checkpoint("mixtral")).config
+    assert (mixtral.n_experts, mixtral.top_k, mixtral.expert_ffn_dim, mixtral.rope_theta) == (4, 2, 48, 1e6)
+
+
+@torch.no_grad()
+def test_mixtral_load_balancing_loss_matches_hf(hf_checkpoint):
+    """Per layer, our load_balancing_loss is HF's load_balancing_loss_func of that layer's router logits alone.
+    HF's model-level aux_loss pools all layers' logits before multiplying fractions by probabilities, while
+    our ModelOutput.aux_loss averages per-layer losses; so HF's figure is reproduced by applying
+    load_balancing_loss_func to the tuple of our router logits, not by our aux_loss."""
+    path = hf_checkpoint("mixtral")
+    hf_config = json.loads((path / "config.json").read_text())
+    n_experts, top_k = hf_config["num_local_experts"], hf_config["num_experts_per_tok"]
+    ids = input_ids()
+    ours = load_hf_checkpoint(path)(ids)
+    theirs = hf_load(path)(ids, output_router_logits=True)
+    assert len(ours.moe) == len(theirs.router_logits) == hf_config["num_hidden_layers"]
+    for stats, hf_logits in zip(ours.moe, theirs.router_logits):
+        torch.testing.assert_close(stats.router_logits, hf_logits, rtol=0, atol=1e-5)
+        expected = load_balancing_loss_func((hf_logits,), n_experts, top_k)
+        torch.testing.assert_close(stats.load_balancing_loss, expected, rtol=0, atol=1e-6)
+    pooled = load_balancing_loss_func(ours.router_logits, n_experts, top_k)
+    torch.testing.assert_close(theirs.aux_loss, pooled, rtol=0, atol=1e-6)
+
+
+def test_sharded_hf_checkpoint_loads(hf_checkpoint, tmp_path):
+    single = hf_checkpoint("llama")
+    hf_load(single).save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 1
+    expected, sharded = load_hf_checkpoint(single).state_dict(), load_hf_checkpoint(tmp_path).state_dict()
+    assert expected.keys() == sharded.keys() and all(torch.equal(expected[k], sharded[k]) for k in expected)
+
+
+def test_tied_checkpoint_may_contain_lm_head(hf_checkpoint, tmp_path):
+    source = hf_checkpoint("qwen2")
+    weights = load_file(source / "model.safetensors")
+    assert "lm_head.weight" not in weights
+    save_file({**weights, "lm_head.weight": weights["model.embed_tokens.weight"].clone()},
+              tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((source / "config.json").read_text())
+    expected, loaded = load_hf_checkpoint(source).state_dict(), load_hf_checkpoint(tmp_path).state_dict()
+    assert all(torch.equal(expected[k], loaded[k]) for k in expected)
+
+
+@pytest.mark.parametrize(
+    "hf_config, theta",
+    [
+        (dict(rope_theta=123.0), 123.0),  # transformers v4
+        (dict(rope_theta=123.0, rope_scaling=None), 123.0),
+        (dict(rope_parameters={"rope_theta": 321.0, "rope_type": "default"}), 321.0),  # v5
+        (dict(), 10000.0),  # LlamaConfig's default
+    ],
+)
+def test_rope_theta_from_v4_and_v5_configs(hf_config, theta):
+    base = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4)
+    assert config_from_hf({**base, **hf_config}).rope_theta == theta
+
+
+@pytest.mark.parametrize(
+    "hf_config, name",
+    [
+        (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "linear", "factor": 2.0}), "linear"),
+        (dict(rope_theta=1e4, rope_scaling={"type": "dynamic", "factor": 2.0}), "dynamic"),
+        (dict(rope_theta=1e4, rope_scaling={"rope_type": "llama3", "factor": 8.0}), "llama3"),
+    ],
+)
+def test_rope_scaling_is_refused_by_name(hf_config, name):
+    base = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4)
+    with pytest.raises(NotImplementedError, match=name):
+        config_from_hf({**base, **hf_config})
+
+
+@pytest.mark.parametrize("v4", [False, True])
+@pytest.mark.parametrize("use_sliding_window, max_window_layers", [(True, 0), (True, 2), (True, 4), (False, 1)])
+def test_qwen2_layer_windows_match_hf_layer_types(use_sliding_window, max_window_layers, v4):
+    hf = Qwen2Config(**{**HF_DIMS, "num_hidden_layers": 4}, use_sliding_window=use_sliding_window,
+                     sliding_window=7, max_window_layers=max_window_layers)
+    hf_dict = hf.to_dict()
+    if v4:  # configs written before transformers had layer_types
+        del hf_dict["layer_types"]
+        hf_dict["sliding_window"] = 7
+    windows = config_from_hf(hf_dict).layer_windows or [None] * 4
+    assert windows == [7 if t == "sliding_attention" else None for t in hf.layer_types]
+
+
+# ---------------------------------------------------------------------------------------------------- export
+@pytest.mark.parametrize("name", OUR_CONFIGS)
+@torch.no_grad()
+def test_export_round_trip(name, tmp_path):
+    overrides, architecture, max_shard_size = OUR_CONFIGS[name]
+    ours = randomize(Transformer(ModelConfig(**OUR_DIMS, **overrides)))
+    save_hf_checkpoint(ours, tmp_path, max_shard_size=max_shard_size)
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    assert hf_config["architectures"] == [architecture]
+    hf_config.pop("layer_types", None)  # transformers v4 reads max_window_layers instead
+    v4_config = config_from_hf(hf_config)
+    assert [v4_config.window_for_layer(i) for i in range(3)] == [ours.config.window_for_layer(i) for i in range(3)]
+    assert (tmp_path / "model.safetensors.index.json").is_file() == (max_shard_size != "5GB")
+
+    theirs, info = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
+                                                        output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weights on HF's side
+    ids = input_ids()
+    torch.testing.assert_close(theirs.eval()(ids).logits, ours(ids).logits, rtol=0, atol=1e-5)
+
+    expected, loaded = ours.state_dict(), load_hf_checkpoint(tmp_path).state_dict()
+    assert expected.keys() == loaded.keys()
+    assert all(torch.equal(expected[k], loaded[k]) for k in expected)
+
+
+def test_export_dtype(tmp_path):
+    save_hf_checkpoint(Transformer(ModelConfig(**OUR_DIMS)), tmp_path, dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    assert load_hf_checkpoint(tmp_path).embed_tokens.weight.dtype == torch.bfloat16
+    assert load_hf_checkpoint(tmp_path, dtype=torch.float32).embed_tokens.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(norm_type="layernorm"), "norm_type"),
+        (dict(n_experts=4, n_shared_experts=1), "shared experts"),
+        (dict(n_experts=4, norm_topk_prob=False), "norm_topk_prob"),
+        (dict(n_experts=4, attn_bias=True), "attn_bias"),
+        (dict(layer_windows=[4, None, 4]), "per-layer windows"),
+        (dict(attn_bias=True, layer_windows=[4, None, 4]), "not Qwen2-expressible"),
+        (dict(attn_bias=True, layer_windows=[None, 4, 6]), "not Qwen2-expressible"),
+    ],
+)
+def test_export_refuses_what_hf_cannot_represent(overrides, message, tmp_path):
+    model = Transformer(ModelConfig(**OUR_DIMS, **overrides))
+    with pytest.raises(ValueError, match=message):
+        save_hf_checkpoint(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_drops_capacity_factor_with_a_warning(tmp_path):
+    model = Transformer(ModelConfig(**OUR_DIMS, n_experts=4, expert_ffn_dim=48, capacity_factor=1.25))
+    with pytest.warns(UserWarning, match="capacity_factor"):
+        save_hf_checkpoint(model, tmp_path)
+    assert load_hf_checkpoint(tmp_path).config.capacity_factor is None
+
+
+def test_key_map_covers_every_parameter_once():
+    for overrides, _, _ in OUR_CONFIGS.values():
+        config = ModelConfig(**OUR_DIMS, **overrides)
+        entries = hf_key_map(config)
+        hf_keys = [key for entry in entries for key in entry.hf]
+        assert sorted(e.ours for e in entries) == sorted(Transformer(config).state_dict())
+        assert len(hf_keys) == len(set(hf_keys))
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "hf_config, named",
+    [
+        (dict(model_type="gpt2", architectures=["GPT2LMHeadModel"]), "gpt2"),
+        (dict(model_type="llama", architectures=["LlamaForTokenClassification"]), "LlamaForTokenClassification"),
+        (dict(architectures=["FalconForCausalLM"]), "FalconForCausalLM"),
+    ],
+)
+def test_unsupported_architecture_is_named(hf_config, named, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**hf_config, "vocab_size": 96}))
+    with pytest.raises(ValueError, match=named) as error:
+        load_hf_checkpoint(tmp_path)
+    assert "llama" in str(error.value) and "MixtralForCausalLM" in str(error.value)  # lists the supported ones
+
+
+def test_missing_config_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "config.json")):
+        load_hf_checkpoint(tmp_path)
+
+
+def test_missing_weights_file_names_the_path(our_checkpoint, tmp_path):
+    (tmp_path / "config.json").write_text((our_checkpoint / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "model.safetensors")):
+        load_hf_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda w: w.pop("model.layers.1.mlp.up_proj.weight"), r"1 missing weights: model\.layers\.1\.mlp\.up_proj"),
+        (lambda w: w.update({"model.layers.9.extra.weight": torch.zeros(2)}), r"1 unexpected weights: model\.layers"),
+        (lambda w: w.update({"model.norm.weight": torch.ones(8)}), r"model\.norm\.weight: shape \(8,\)"),
+    ],
+    ids=["missing", "unexpected", "shape"],
+)
+def test_mismatched_weights_are_listed_by_key(our_checkpoint, tmp_path, change, message):
+    weights = load_file(our_checkpoint / "model.safetensors")
+    change(weights)
+    save_file(weights, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((our_checkpoint / "config.json").read_text())
+    with pytest.raises(ValueError, match=message):
+        load_hf_checkpoint(tmp_path)
