@@ -33,6 +33,19 @@ def loop_experts(x, counts, gate_proj, up_proj, down_proj) -> torch.Tensor:
     return torch.cat(outputs)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: grouped matmul's backward rejects a
+    gradient with zero or unaligned strides, such as the expanded one that `out.sum().backward()` sends."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def grouped_experts(x, counts, gate_proj, up_proj, down_proj) -> torch.Tensor:
     """x (M, D) grouped by expert, counts (E,) -> (M, D) with three grouped matmuls."""
     if _grouped_mm is None:
@@ -40,7 +53,8 @@ def grouped_experts(x, counts, gate_proj, up_proj, down_proj) -> torch.Tensor:
     offsets = counts.cumsum(0).to(torch.int32)  # end row of each group, stays on the device
     gate = _grouped_mm(x, gate_proj.transpose(-2, -1), offs=offsets)  # (M, F)
     up = _grouped_mm(x, up_proj.transpose(-2, -1), offs=offsets)  # (M, F)
-    return _grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offsets)  # (M, D)
+    out = _grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offsets)  # (M, D)
+    return _ContiguousGrad.apply(out)
 
 
 def megablocks_experts(x, counts, gate_proj, up_proj, down_proj) -> torch.Tensor:
