@@ -193,7 +193,7 @@ def timings():
         layer = moe_bench_layer(backend)
         fn = torch.compile(layer) if compile_it else layer
 
-        def step():
+        def step(fn=fn):
             out, _ = fn(x)
             out.backward(grad)
 
@@ -207,7 +207,7 @@ def timings():
     g = torch.randn(B, H, T, C, device="cuda", dtype=torch.bfloat16)
     for label, backend, window in (("sdpa full causal", "sdpa", None), ("sdpa window mask", "sdpa", W),
                                    ("flex window", "flex", W)):
-        def step():
+        def step(window=window, backend=backend):
             attend(q, k_, v, window, backend).backward(g)
 
         record("timings", f"attention fwd+bwd {label}", f"{bench(step):.2f} ms")

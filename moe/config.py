@@ -54,7 +54,7 @@ class ModelConfig:
     layer_windows: list[int | None] | None = None
     """Per-layer windows overriding sliding_window, one entry per layer (None entries attend fully)."""
     attention_backend: str = "auto"
-    """'auto' (FlexAttention/flash on GPU, SDPA on CPU), 'sdpa', 'flex' or 'eager' (explicit mask)."""
+    """'auto' (FlexAttention/flash on GPU, SDPA on CPU), 'sdpa', 'flex' (no backward on CPU) or 'eager'."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of weights."""
 

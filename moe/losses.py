@@ -2,8 +2,8 @@
 
 - Load balancing (Switch Transformer, Fedus et al. 2021, eq. 4; Mixtral's form for top-k):
   E * sum_e f_e * P_e, with f_e the fraction of the N*k assignments made to expert e and P_e the mean router
-  probability of expert e. Equals k for perfectly uniform routing (HF's normalisation). Computed per layer; for one layer it equals
-  transformers' `load_balancing_loss_func`.
+  probability of expert e. Equals k for perfectly uniform routing (HF's normalisation). Computed per layer;
+  for one layer it equals transformers' `load_balancing_loss_func`.
 - Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2; keeps logits small.
 Shapes: N tokens, E experts, k experts per token.
 """

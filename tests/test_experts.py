@@ -1,0 +1,116 @@
+"""moe.experts: the 'grouped' backend against the 'loop' reference, and both against a per-row oracle that finds
+each row's expert by walking the group boundaries and applies that expert's SwiGLU directly.
+
+Shapes: M grouped rows, D model dim, F expert hidden dim, E experts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe.experts import Experts
+
+E, D, FFN = 4, 16, 24
+COUNTS = {
+    "balanced": [3, 3, 3, 3],
+    "empty_experts": [0, 7, 0, 5],
+    "all_on_first": [12, 0, 0, 0],
+    "all_on_last": [0, 0, 0, 12],
+    "random": None,  # drawn below from a seeded generator
+}
+
+
+def counts_for(name: str) -> torch.Tensor:
+    if COUNTS[name] is not None:
+        return torch.tensor(COUNTS[name])
+    gen = torch.Generator().manual_seed(3)
+    return torch.bincount(torch.randint(0, E, (29,), generator=gen), minlength=E)
+
+
+def make_experts(backend: str, seed: int = 0) -> Experts:
+    experts = Experts(E, D, FFN, backend)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return experts
+
+
+def oracle(x, counts, gate_proj, up_proj, down_proj) -> torch.Tensor:
+    """Row by row: the expert is the first e with row < counts[0] + ... + counts[e]; SwiGLU written out."""
+    ends = torch.cumsum(counts, 0).tolist()
+    rows = []
+    for r in range(x.shape[0]):
+        e = next(e for e, end in enumerate(ends) if r < end)
+        gate = gate_proj[e] @ x[r]  # (F,)
+        hidden = gate * torch.sigmoid(gate) * (up_proj[e] @ x[r])
+        rows.append(down_proj[e] @ hidden)
+    return torch.stack(rows)
+
+
+def run(backend: str, counts: torch.Tensor, upstream: str):
+    """Output and gradients (x, gate, up, down) of one backend on fixed inputs."""
+    experts = make_experts(backend)
+    x = torch.randn(int(counts.sum()), D, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    out = experts(x, counts)
+    if upstream == "sum":  # an expanded, zero-stride gradient
+        out.sum().backward()
+    else:
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+    return out, [x.grad, experts.gate_proj.grad, experts.up_proj.grad, experts.down_proj.grad]
+
+
+@pytest.mark.parametrize("counts_name", list(COUNTS))
+@pytest.mark.parametrize("backend", ["loop", "grouped"])
+def test_experts_match_per_row_oracle(backend, counts_name):
+    counts = counts_for(counts_name)
+    experts = make_experts(backend)
+    x = torch.randn(int(counts.sum()), D, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = oracle(x, counts, experts.gate_proj, experts.up_proj, experts.down_proj)
+        torch.testing.assert_close(experts(x, counts), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("upstream", ["random", "sum"])
+@pytest.mark.parametrize("counts_name", list(COUNTS))
+def test_grouped_matches_loop_outputs_and_gradients(counts_name, upstream):
+    counts = counts_for(counts_name)
+    out_loop, grads_loop = run("loop", counts, upstream)
+    out_grouped, grads_grouped = run("grouped", counts, upstream)
+    torch.testing.assert_close(out_grouped, out_loop, atol=1e-5, rtol=1e-5)
+    for name, g, want in zip(["x", "gate_proj", "up_proj", "down_proj"], grads_grouped, grads_loop):
+        torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("counts_name", list(COUNTS))
+@pytest.mark.parametrize("backend", ["loop", "grouped"])
+def test_every_expert_gets_a_gradient_zero_iff_it_had_no_rows(backend, counts_name):
+    counts = counts_for(counts_name)
+    _, grads = run(backend, counts, "random")
+    for name, grad in zip(["gate_proj", "up_proj", "down_proj"], grads[1:]):
+        assert grad is not None, name
+        for e in range(E):
+            if counts[e] == 0:
+                assert torch.count_nonzero(grad[e]) == 0, f"{name}[{e}] got a gradient without rows"
+            else:
+                assert grad[e].abs().sum() > 0, f"{name}[{e}] got no gradient from its {counts[e]} rows"
+
+
+def test_gradients_match_oracle():
+    counts = counts_for("empty_experts")
+    _, grads = run("grouped", counts, "random")
+    experts = make_experts("loop")
+    x = torch.randn(int(counts.sum()), D, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    out = oracle(x, counts, experts.gate_proj, experts.up_proj, experts.down_proj)
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+    expected = [x.grad, experts.gate_proj.grad, experts.up_proj.grad, experts.down_proj.grad]
+    for g, want in zip(grads, expected):
+        torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-5)
+
+
+def test_experts_store_weights_in_linear_layout():
+    experts = Experts(E, D, FFN, "loop")
+    assert experts.n_experts == E
+    assert experts.gate_proj.shape == experts.up_proj.shape == (E, FFN, D)
+    assert experts.down_proj.shape == (E, D, FFN)
