@@ -160,18 +160,20 @@ class ModelConfig:
         return self.sliding_window
 
     def replace(self, **changes) -> "ModelConfig":
-        """A validated copy with some fields changed (derived fields are recomputed unless given)."""
+        """A validated copy with some fields changed. A derived field that still holds its derived value
+        (head_dim = d_model // n_heads, n_kv_heads = n_heads, expert_ffn_dim = ffn_dim) follows its sources;
+        one set to something else explicitly is kept."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        derived_from = {"head_dim": ("d_model", "n_heads"), "n_kv_heads": ("n_heads",),
-                        "expert_ffn_dim": ("ffn_dim", "n_experts")}
-        for derived, sources in derived_from.items():
-            if derived not in changes and any(s in changes for s in sources):
-                values[derived] = None
+        derived = {
+            "head_dim": (("d_model", "n_heads"), self.head_dim == self.d_model // self.n_heads),
+            "n_kv_heads": (("n_heads",), self.n_kv_heads == self.n_heads),
+            "expert_ffn_dim": (("ffn_dim", "n_experts"), self.expert_ffn_dim in (None, self.ffn_dim)),
+        }
+        for name, (sources, follows_sources) in derived.items():
+            if name not in changes and follows_sources and any(s in changes for s in sources):
+                values[name] = None
         values.update(changes)
         return ModelConfig(**values)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------ parameter counts
     def _norm_params(self) -> int:

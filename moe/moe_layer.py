@@ -64,29 +64,29 @@ class MoELayer(nn.Module):
         routing = self.router(tokens)
         weights, experts = routing.weights, routing.experts  # (N, k)
 
-        dropped = torch.zeros((), device=x.device, dtype=torch.long)
-        if self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * tokens.shape[0] * self.top_k / self.n_experts)
-            keep = capacity_keep_mask(experts, self.n_experts, capacity)
-            weights = torch.where(keep, weights, torch.zeros_like(weights))
-            dropped = (~keep).sum()
-            counted = torch.where(keep, experts, self.n_experts)  # dropped ones go to an overflow bin
-        else:
-            counted = experts
-
-        # Group the N*k assignments by expert. Dropped assignments are still computed (weight zero) so that
-        # shapes do not depend on the routing; the stable sort keeps token order within each expert.
+        # Group the N*k assignments by expert; the stable sort keeps token order within each expert.
         flat_experts = experts.reshape(-1)  # (N*k,)
         order = flat_experts.argsort(stable=True)
         counts = count_per_expert(flat_experts, self.n_experts)  # (E,)
+        tokens_per_expert = counts
+        dropped = torch.zeros((), device=x.device, dtype=torch.long)
+        if self.capacity_factor is not None:
+            # Dropped assignments are still computed, with weight zero, so that no shape depends on the routing.
+            capacity = math.ceil(self.capacity_factor * tokens.shape[0] * self.top_k / self.n_experts)
+            keep = capacity_keep_mask(experts, self.n_experts, capacity)  # (N, k)
+            weights = torch.where(keep, weights, torch.zeros_like(weights))
+            dropped = (~keep).sum()
+            kept_or_overflow = torch.where(keep, experts, self.n_experts).reshape(-1)  # overflow bin E
+            tokens_per_expert = count_per_expert(kept_or_overflow, self.n_experts + 1)[: self.n_experts]
+
         grouped = tokens[order // self.top_k]  # (N*k, D)
         expert_out = self.experts(grouped, counts)  # (N*k, D)
-        per_choice = expert_out[order.argsort()].view(-1, self.top_k, D)  # (N, k, D) back in token order
+        # Grouped row i is assignment order[i]: scatter back to assignment (token-major) order.
+        per_choice = torch.zeros_like(expert_out).index_copy(0, order, expert_out).view(-1, self.top_k, D)
         out = (per_choice * weights.unsqueeze(-1)).sum(dim=1)  # (N, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
 
-        tokens_per_expert = count_per_expert(counted.reshape(-1), self.n_experts + 1)[: self.n_experts]
         stats = MoEStats(
             router_logits=routing.logits,
             load_balancing_loss=load_balancing_loss(routing.logits, self.top_k),

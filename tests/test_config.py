@@ -49,6 +49,19 @@ def test_derived_fields():
     assert config.replace(n_layers=3).head_dim == 8
 
 
+def test_replace_keeps_explicitly_set_derived_fields():
+    gqa = tiny(n_heads=4, n_kv_heads=2)
+    assert gqa.replace(n_heads=8, d_model=64).n_kv_heads == 2
+    assert tiny(n_kv_heads=4).replace(n_heads=8, d_model=64).n_kv_heads == 8  # MHA stays MHA
+    explicit_head = tiny(head_dim=16)
+    assert explicit_head.replace(d_model=64).head_dim == 16
+    moe = tiny(n_experts=4, expert_ffn_dim=16)
+    assert moe.replace(n_experts=8).expert_ffn_dim == 16
+    assert moe.replace(ffn_dim=96).expert_ffn_dim == 16
+    assert tiny(n_experts=4).replace(ffn_dim=96).expert_ffn_dim == 96
+    assert tiny().replace(n_experts=4).expert_ffn_dim == 48
+
+
 def test_layer_windows_override_the_global_window():
     config = tiny(sliding_window=8, layer_windows=[None, 4])
     assert [config.window_for_layer(i) for i in range(2)] == [None, 4]

@@ -6,15 +6,20 @@ import json
 
 import pytest
 import torch
+import transformers  # a dev dependency: its absence must fail the suite, not skip it
 from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    Qwen2Config,
+)
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config  # noqa: E402
-from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # noqa: E402
-
-from moe.config import ModelConfig  # noqa: E402
-from moe.hf import config_from_hf, hf_key_map, load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
-from moe.model import Transformer  # noqa: E402
+from moe.config import ModelConfig
+from moe.hf import config_from_hf, hf_key_map, load_hf_checkpoint, save_hf_checkpoint
+from moe.model import Transformer
 
 SEQ = 12  # longer than every window below, so the windows bind
 HF_DIMS = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
