@@ -9,7 +9,10 @@ Kernels, all computing the same function (checked against a brute-force referenc
   fully masked key blocks are skipped.
 - 'eager': explicit scores, mask and softmax in float32; the simplest path.
 - 'auto': flex on GPU when a window binds, sdpa everywhere else.
-Shapes: B batch, T time, H query heads, K key/value heads, C head dim, D model dim.
+With a key/value cache (moe/kv_cache.py) the T new queries attend over S cached slots instead, under a mask
+computed from absolute positions (causal, window, empty slot): 'eager' keeps its float32 path, every other
+backend uses sdpa with that mask, since decoding a token is a (1 x S) product that no block-sparse kernel speeds up.
+Shapes: B batch, T time, S cache slots, H query heads, K key/value heads, C head dim, D model dim.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.config import ModelConfig
+from moe.kv_cache import LayerKVCache
 from moe.rope import apply_rotary
 
 
@@ -34,14 +38,28 @@ def sliding_window_mask(seq_len: int, window: int | None, device: torch.device |
     return allowed
 
 
-def eager_attention(q, k, v, window: int | None) -> torch.Tensor:
-    """q (B, H, T, C), k/v (B, K, T, C) -> (B, H, T, C), materialising the scores in float32."""
+def position_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean (T, S) mask, True where a query at position query_positions[i] may attend to the key at
+    key_positions[j]; the same rule as sliding_window_mask, for keys held in any slot order."""
+    delta = query_positions[:, None] - key_positions[None, :]
+    allowed = delta >= 0
+    if window is not None:
+        allowed &= delta < window
+    return allowed
+
+
+def masked_eager_attention(q, k, v, mask: torch.Tensor) -> torch.Tensor:
+    """q (B, H, T, C), k/v (B, K, S, C), mask (T, S) -> (B, H, T, C), materialising the scores in float32."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
-    mask = sliding_window_mask(q.shape[-2], window, q.device)
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
     scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+def eager_attention(q, k, v, window: int | None) -> torch.Tensor:
+    """q (B, H, T, C), k/v (B, K, T, C) -> (B, H, T, C), materialising the scores in float32."""
+    return masked_eager_attention(q, k, v, sliding_window_mask(q.shape[-2], window, q.device))
 
 
 def sdpa_attention(q, k, v, window: int | None) -> torch.Tensor:
@@ -98,6 +116,15 @@ def attend(q, k, v, window: int | None, backend: str = "auto") -> torch.Tensor:
     raise ValueError(f"unknown attention backend {backend!r}")
 
 
+def cached_attention(q, k, v, query_positions, key_positions, window: int | None, backend: str = "auto"):
+    """q (B, H, T, C) at query_positions (T,) over cached k/v (B, K, S, C) at key_positions (S,) -> (B, H, T, C).
+    Every query's own key is among the S, so no row of the mask is empty."""
+    mask = position_mask(query_positions, key_positions, window)  # (T, S)
+    if backend == "eager":
+        return masked_eager_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads and RoPE; HF's projection names."""
 
@@ -112,11 +139,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * c, bias=config.attn_bias)
         self.o_proj = nn.Linear(self.n_heads * c, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKVCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). With a cache, x holds the T tokens that follow the cached ones, at
+        `positions` (T,); their keys and values are appended to the cache."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, C)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, C)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, C)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = attend(q, k, v, self.window, self.backend)  # (B, H, T, C)
+        if cache is None:
+            y = attend(q, k, v, self.window, self.backend)  # (B, H, T, C)
+        else:
+            keys, values, key_positions = cache.update(k, v, positions)  # (B, K, S, C), (S,)
+            y = cached_attention(q, keys, values, positions, key_positions, self.window, self.backend)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -1,7 +1,8 @@
 """Decoder-only transformer, dense (LLaMA, Touvron et al. 2023) or sparse MoE (Mixtral, Jiang et al. 2024).
 
 Pre-norm blocks of attention and a feed-forward network, the latter a SwiGLU or a MoE layer depending on the
-config; module names follow HF's Llama/Mistral/Mixtral so that checkpoint conversion is renaming.
+config; module names follow HF's Llama/Mistral/Mixtral so that checkpoint conversion is renaming. An optional
+key/value cache (moe/kv_cache.py) lets a forward pass append tokens to the ones already seen, for decoding.
 Shapes: B batch, T time, D model dim, V vocabulary, L layers, E experts.
 """
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from moe.attention import Attention
 from moe.config import ModelConfig
+from moe.kv_cache import KVCache, LayerKVCache
 from moe.mlp import SwiGLU
 from moe.moe_layer import MoELayer, MoEStats
 from moe.norm import build_norm
@@ -55,8 +57,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = build_norm(config.norm_type, config.d_model, config.norm_eps)
         self.mlp = MoELayer(config) if config.is_moe else SwiGLU(config.d_model, config.ffn_dim)
 
-    def forward(self, x, cos, sin) -> tuple[torch.Tensor, MoEStats | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, cache: LayerKVCache | None = None,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoELayer):
             out, stats = self.mlp(h)
@@ -97,15 +100,27 @@ class Transformer(nn.Module):
         if not self.rotary.inv_freq.is_meta:
             self.rotary.reset_parameters()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> ModelOutput:
-        """input_ids (B, T) -> logits (B, T, V) and the MoE layers' statistics."""
-        if positions is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> ModelOutput:
+        """input_ids (B, T) -> logits (B, T, V) and the MoE layers' statistics.
+
+        positions (T,) default to 0 .. T - 1, or with a cache to the T positions after the cached tokens.
+        With a cache the T tokens are appended to it and attend to everything cached before them."""
+        T = input_ids.shape[1]
+        if cache is not None:
+            cache.check_room(T)
+            if positions is None:
+                positions = cache.next_positions(T, input_ids.device)
+        elif positions is None:
+            positions = torch.arange(T, device=input_ids.device)
         cos, sin = self.rotary(positions)  # (T, C)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         moe_stats = []
-        for block in self.layers:
-            x, stats = block(x, cos, sin)
+        for i, block in enumerate(self.layers):
+            if cache is None:
+                x, stats = block(x, cos, sin)
+            else:
+                x, stats = block(x, cos, sin, cache.layers[i], positions)
             if stats is not None:
                 moe_stats.append(stats)
         x = self.norm(x)
