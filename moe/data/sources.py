@@ -1,0 +1,243 @@
+"""Text sources: local text / JSONL / Parquet files, folders and globs, HF datasets, and the embedded corpus.
+
+A `Source` is what the user writes in a config; `resolve_source` turns it into a `ResolvedSource` that knows its
+content hash (the cache key), its size on disk, and how to stream its documents. Bad input fails loudly and names
+the file (and for JSONL the line), because a silently skipped file is a silently different training run.
+
+The embedded corpus is the running Python's standard library: it exists on every machine with no network, so the
+quickstart downloads nothing (the same idea as training on one's own source code in nanoGPT's shakespeare_char
+spirit: small, real, always there).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+STDLIB = "stdlib"
+HF_PREFIX = "hf:"
+JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
+PARQUET_SUFFIXES = {".parquet"}
+# Test suites are skipped: they are a large, repetitive and unrepresentative share of the stdlib.
+_STDLIB_SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file (and line) at fault."""
+
+
+@dataclass
+class Source:
+    """One entry of the training mixture."""
+
+    path: str
+    """"stdlib" (the embedded corpus), a file, folder or glob of .txt/.jsonl/.parquet, or "hf:<name>[:<config>]"."""
+    weight: float = 1.0
+    """Sampling weight; weights are normalised over all sources."""
+    text_field: str = "text"
+    """Field holding the text in JSONL, Parquet and HF records."""
+    split: str = "train"
+    """Split of an HF dataset."""
+    name: str | None = None
+    """Label in the report; defaults to the path's last component."""
+
+
+@dataclass
+class ResolvedSource:
+    """A source bound to concrete content: name, hash of that content, its bytes on disk and a document stream."""
+
+    name: str
+    content_hash: str
+    n_bytes: int
+    documents: Callable[[], Iterator[str]]
+    """Fresh iterator over the documents, in a fixed order."""
+    description: str
+
+
+def resolve_source(source: Source, stdlib_max_bytes: int | None = None) -> ResolvedSource:
+    if source.weight <= 0:
+        raise DataError(f"source {source.path!r}: weight must be positive, got {source.weight}")
+    if source.path == STDLIB:
+        files, root = stdlib_files(stdlib_max_bytes), Path(sysconfig.get_paths()["stdlib"])
+        name = source.name or "python-stdlib"
+        return _local_source(name, files, root, source.text_field, f"Python {sysconfig.get_python_version()} stdlib")
+    if source.path.startswith(HF_PREFIX):
+        return _hf_source(source)
+    files, root = _expand_local_path(source.path)
+    name = source.name or (Path(source.path).name or source.path)
+    return _local_source(name, files, root, source.text_field, source.path)
+
+
+def stdlib_files(max_bytes: int | None = None) -> list[Path]:
+    """The stdlib's .py files in sorted order, without test suites and empty files, up to `max_bytes` in total."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in _STDLIB_SKIPPED_DIRS and not d.startswith(".")]
+        found += [Path(directory, n) for n in names if n.endswith(".py") and not n.startswith("test_")]
+    chosen, total = [], 0
+    for path in sorted(found, key=lambda p: p.relative_to(root).as_posix()):
+        size = path.stat().st_size
+        if size == 0 or not _is_utf8(path):
+            continue  # unlike user data, the embedded corpus just leaves out what it cannot use
+        if max_bytes is not None and total + size > max_bytes:
+            if total > 0:
+                break
+            continue
+        chosen.append(path)
+        total += size
+    return chosen
+
+
+def _is_utf8(path: Path) -> bool:
+    try:
+        path.read_bytes().decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _expand_local_path(path: str) -> tuple[list[Path], Path]:
+    if any(c in path for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
+        if not files:
+            raise FileNotFoundError(f"no files match the pattern {path!r}")
+        return files, Path(os.path.commonpath([str(f.parent) for f in files]))
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"data source not found: {path!r}")
+    if root.is_file():
+        return [root], root.parent
+    files = sorted(
+        (p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    if not files:
+        raise DataError(f"folder {path!r} contains no files")
+    return files, root
+
+
+def _local_source(name: str, files: list[Path], root: Path, text_field: str, description: str) -> ResolvedSource:
+    digest = hashlib.sha256(f"local\0{text_field}\0".encode())
+    n_bytes = 0
+    for path in files:
+        # Relative names are hashed so a renamed or reordered file changes the key but a moved folder does not.
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+                n_bytes += len(block)
+        digest.update(b"\0")
+
+    def documents() -> Iterator[str]:
+        for path in files:
+            yield from read_documents(path, text_field)
+
+    return ResolvedSource(name, digest.hexdigest(), n_bytes, documents, description)
+
+
+def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
+    """Documents of one file: the whole file for text, one per record for JSONL and Parquet."""
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        reader = _read_jsonl
+    elif suffix in PARQUET_SUFFIXES:
+        reader = _read_parquet
+    else:
+        reader = _read_text
+    n_documents = 0
+    for text in reader(path, text_field):
+        if text:
+            n_documents += 1
+            yield text
+    if n_documents == 0:
+        raise DataError(f"{path}: empty file (no text)")
+
+
+def _read_text(path: Path, text_field: str) -> Iterator[str]:
+    data = path.read_bytes()
+    yield _decode(data, str(path))
+
+
+def _decode(data: bytes, where: str) -> str:
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(f"{where}: UTF-16 text (byte-order mark); convert it to UTF-8")
+    if b"\0" in data:
+        raise DataError(f"{where}: contains NUL bytes, so it is binary or UTF-16/32 text, not UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 (byte offset {e.start})") from None
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            where = f"{path}:{line_number}"
+            if not raw.strip():
+                continue
+            line = _decode(raw, where)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                truncated = " (truncated last line?)" if not raw.endswith(b"\n") else ""
+                raise DataError(f"{where}: malformed JSON{truncated}: {e.msg}") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            if text_field not in record:
+                raise DataError(f"{where}: record has no field {text_field!r} (fields: {sorted(record)})")
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
+            yield text
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    columns = parquet.schema_arrow.names
+    if text_field not in columns:
+        raise DataError(f"{path}: no column {text_field!r} (columns: {columns})")
+    if not pa.types.is_string(parquet.schema_arrow.field(text_field).type) and not pa.types.is_large_string(
+        parquet.schema_arrow.field(text_field).type
+    ):
+        raise DataError(f"{path}: column {text_field!r} has type {parquet.schema_arrow.field(text_field).type}")
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if text is not None:
+                yield text
+
+
+def _hf_source(source: Source) -> ResolvedSource:
+    import datasets
+
+    name, _, config = source.path[len(HF_PREFIX) :].partition(":")
+    dataset = datasets.load_dataset(name, config or None, split=source.split)
+    if source.text_field not in dataset.column_names:
+        raise DataError(f"{source.path}: no column {source.text_field!r} (columns: {dataset.column_names})")
+    # The fingerprint is datasets' own hash of the data and its processing, the HF analogue of hashing bytes.
+    key = f"hf\0{source.path}\0{source.split}\0{source.text_field}\0{dataset._fingerprint}"
+    text_field = source.text_field
+
+    def documents() -> Iterator[str]:
+        for batch in dataset.select_columns([text_field]).iter(batch_size=1024):
+            yield from (text for text in batch[text_field] if text)
+
+    return ResolvedSource(
+        name=source.name or name,
+        content_hash=hashlib.sha256(key.encode()).hexdigest(),
+        n_bytes=int(dataset.data.nbytes),
+        documents=documents,
+        description=f"{source.path} ({source.split})",
+    )

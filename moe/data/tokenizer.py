@@ -1,0 +1,86 @@
+"""Byte-level BPE tokenizer after the LLaMA-1 recipe (Touvron et al. 2023, section 2.1), or any `tokenizer.json`.
+
+LLaMA-1: BPE, all numbers split into individual digits, and bytes as the fallback for unknown UTF-8 characters.
+With the `tokenizers` library the byte fallback comes from the ByteLevel pre-tokenizer/decoder: every byte is in
+the initial alphabet, so no input is ever unknown and decode(encode(x)) == x. `<|endoftext|>` ends every document.
+
+Training is cached on disk under a key of the training data and the settings, and guarded by a file lock plus an
+atomic rename: LightningCLI reads `n_vocab` in every process right after building the DataModule, so several
+processes may ask for the same tokenizer at once; one trains, the others wait and load its file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from moe.data.locking import atomic_write_bytes, file_lock
+
+EOS_TOKEN = "<|endoftext|>"
+# Spellings of the end-of-text token in common HF tokenizers (GPT-2/Qwen, LLaMA-3, LLaMA-1/2 and Mistral, Gemma).
+EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>")
+# Bump when the recipe changes, so that old cached tokenizers are not reused for it.
+RECIPE_VERSION = "llama1-bytelevel-bpe-v1"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE on `texts`; deterministic for the same texts in the same order."""
+    if vocab_size < 256 + 1:
+        raise ValueError(f"vocab_size must cover the 256 bytes and the EOS token, got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A `tokenizer.json`, or a directory holding one (e.g. an HF model directory)."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "tokenizer.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"tokenizer not found: {path!r} (expected a tokenizer.json or a folder with one)")
+    return Tokenizer.from_file(str(file))
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    for token in EOS_CANDIDATES:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    raise ValueError(f"the tokenizer has none of the end-of-text tokens {EOS_CANDIDATES}")
+
+
+def tokenizer_hash(tokenizer: Tokenizer) -> str:
+    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+
+
+def cached_trained_tokenizer(
+    cache_dir: Path, data_key: str, vocab_size: int, texts: Callable[[], Iterable[str]]
+) -> Tokenizer:
+    """Train once per (data, vocab size, recipe) and reuse the file; safe when several processes race."""
+    key = hashlib.sha256(f"{RECIPE_VERSION}\0{vocab_size}\0{data_key}".encode()).hexdigest()[:24]
+    path = cache_dir / "tokenizers" / key / "tokenizer.json"
+    if not path.is_file():
+        with file_lock(path.with_suffix(".lock")):
+            if not path.is_file():  # another process may have finished while this one waited
+                tokenizer = train_tokenizer(texts(), vocab_size)
+                atomic_write_bytes(path, tokenizer.to_str(pretty=False).encode())
+    return Tokenizer.from_file(os.fspath(path))
+

@@ -1,0 +1,85 @@
+"""The mixture schedule against brute-force counting over many samples."""
+
+from collections import Counter
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from moe.data.mixture import MixtureSchedule, largest_remainder_counts
+
+
+@pytest.mark.parametrize(
+    "weights,total", [([1, 1, 1], 10), ([0.5, 0.3, 0.2], 4096), ([2, 1], 7), ([0.01, 0.99], 100), ([3, 3, 1, 1], 9)]
+)
+def test_largest_remainder_counts(weights, total):
+    counts = largest_remainder_counts(weights, total)
+    shares = [Fraction(w).limit_denominator(10**6) / sum(Fraction(x).limit_denominator(10**6) for x in weights) * total for w in weights]
+    assert counts.sum() == total
+    for count, share in zip(counts, shares):
+        assert count in (int(share), int(share) + 1)
+    # Hamilton's rule: whoever got the extra seat has a remainder at least as large as whoever did not.
+    rounded_up = [s - int(s) for c, s in zip(counts, shares) if c == int(s) + 1 and s != int(s)]
+    rounded_down = [s - int(s) for c, s in zip(counts, shares) if c == int(s)]
+    assert not rounded_up or not rounded_down or min(rounded_up) >= max(rounded_down)
+
+
+def windows_of(sizes):
+    # Non-contiguous window ids, as after a validation split, so a schedule returning positions would be caught.
+    return [np.arange(0, 3 * n, 3) + 1000 * s for s, n in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("weights", [[0.5, 0.3, 0.2], [1, 1], [0.05, 0.95]])
+def test_proportions_over_many_samples(weights):
+    schedule = MixtureSchedule(windows_of([50, 7, 300][: len(weights)]), weights, seed=3, block_size=1000)
+    n = 10_537  # deliberately not a whole number of blocks
+    counts = Counter(schedule(k)[0] for k in range(n))
+    for s, w in enumerate(weights):
+        assert abs(counts[s] / n - w / sum(weights)) < 0.005
+
+
+@pytest.mark.parametrize("sizes,weights", [([37], [1.0]), ([20, 9, 5], [0.6, 0.3, 0.1])])
+def test_every_window_once_per_source_epoch(sizes, weights):
+    train_windows = windows_of(sizes)
+    schedule = MixtureSchedule(train_windows, weights, seed=11, block_size=64)
+    per_source = {s: [] for s in range(len(sizes))}
+    for k in range(3000):
+        source, window_id = schedule(k)
+        per_source[source].append(window_id)
+    for s, seen in per_source.items():
+        n = sizes[s]
+        epochs = [seen[e * n : (e + 1) * n] for e in range(len(seen) // n)]
+        assert len(epochs) >= 2
+        for epoch in epochs:
+            assert sorted(epoch) == train_windows[s].tolist()
+        assert epochs[0] != epochs[1]  # a fresh order each epoch
+
+
+def test_single_source_epochs_are_aligned_to_sample_index():
+    train_windows = windows_of([40])
+    schedule = MixtureSchedule(train_windows, [1.0], seed=0)
+    for epoch in range(3):
+        assert sorted(schedule(k)[1] for k in range(40 * epoch, 40 * (epoch + 1))) == train_windows[0].tolist()
+
+
+def test_random_access_matches_sequential():
+    schedule = MixtureSchedule(windows_of([13, 29]), [0.4, 0.6], seed=5, block_size=32)
+    sequential = [schedule(k) for k in range(500)]
+    fresh = MixtureSchedule(windows_of([13, 29]), [0.4, 0.6], seed=5, block_size=32)
+    order = np.random.default_rng(0).permutation(500)
+    assert {int(k): fresh(int(k)) for k in order} == dict(enumerate(sequential))
+
+
+def test_seed_determines_schedule():
+    def stream(seed):
+        schedule = MixtureSchedule(windows_of([13, 29]), [0.4, 0.6], seed=seed)
+        return [schedule(k) for k in range(300)]
+
+    assert stream(1) == stream(1)
+    assert stream(1) != stream(2)
+
+
+def test_tiny_weight_still_sampled():
+    schedule = MixtureSchedule(windows_of([10, 10]), [1e-4, 1.0], seed=0)
+    assert schedule.counts[0] >= 1
+    assert any(schedule(k)[0] == 0 for k in range(schedule.block_size))
