@@ -280,10 +280,16 @@ class TextDataModule(pl.LightningDataModule):
 
     def _check_fingerprint(self, saved: dict) -> None:
         current = self.fingerprint()
-        changed = [f"{key}: checkpoint {saved.get(key)!r}, now {current[key]!r}" for key in current if saved.get(key) != current[key]]
+        changed = [
+            f"{key}: checkpoint {saved.get(key)!r}, now {current[key]!r}"
+            for key in current
+            if saved.get(key) != current[key]
+        ]
         if changed:
-            raise ValueError("the data pipeline differs from the checkpoint's, so resuming would not continue the "
-                             "same stream:\n  " + "\n  ".join(changed))
+            raise ValueError(
+                "the data pipeline differs from the checkpoint's, so resuming would not continue the "
+                "same stream:\n  " + "\n  ".join(changed)
+            )
 
     # ---- statistics ---------------------------------------------------------------------------------------------
 

@@ -115,7 +115,11 @@ def _expand_local_path(path: str) -> tuple[list[Path], Path]:
     if root.is_file():
         return [root], root.parent
     files = sorted(
-        (p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+        (
+            p
+            for p in root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        ),
         key=lambda p: p.relative_to(root).as_posix(),
     )
     if not files:

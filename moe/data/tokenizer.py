@@ -83,4 +83,3 @@ def cached_trained_tokenizer(
                 tokenizer = train_tokenizer(texts(), vocab_size)
                 atomic_write_bytes(path, tokenizer.to_str(pretty=False).encode())
     return Tokenizer.from_file(os.fspath(path))
-

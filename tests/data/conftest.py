@@ -8,14 +8,42 @@ from pathlib import Path
 
 import pytest
 
-WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "it", "an", "be", "this", "are", "def", "return", "class", "import"]
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "it",
+    "an",
+    "be",
+    "this",
+    "are",
+    "def",
+    "return",
+    "class",
+    "import",
+]
 
 
 def make_documents(n_docs: int, seed: int = 0, words_per_doc: tuple[int, int] = (20, 80)) -> list[str]:
     rng = random.Random(seed)
     docs = []
     for _ in range(n_docs):
-        words = [rng.choice(WORDS) if rng.random() < 0.85 else str(rng.randrange(10**6)) for _ in range(rng.randint(*words_per_doc))]
+        words = [
+            rng.choice(WORDS) if rng.random() < 0.85 else str(rng.randrange(10**6))
+            for _ in range(rng.randint(*words_per_doc))
+        ]
         docs.append(" ".join(words) + rng.choice([".", "\n", "!\n"]))
     return docs
 

@@ -14,7 +14,10 @@ from moe.data.mixture import MixtureSchedule, largest_remainder_counts
 )
 def test_largest_remainder_counts(weights, total):
     counts = largest_remainder_counts(weights, total)
-    shares = [Fraction(w).limit_denominator(10**6) / sum(Fraction(x).limit_denominator(10**6) for x in weights) * total for w in weights]
+    shares = [
+        Fraction(w).limit_denominator(10**6) / sum(Fraction(x).limit_denominator(10**6) for x in weights) * total
+        for w in weights
+    ]
     assert counts.sum() == total
     for count, share in zip(counts, shares):
         assert count in (int(share), int(share) + 1)

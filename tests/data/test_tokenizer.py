@@ -32,7 +32,10 @@ def tokenizer():
 def random_unicode(seed: int, n: int = 200) -> str:
     rng = random.Random(seed)
     # Any code point except surrogates, which are not encodable as UTF-8 and so not text.
-    points = [rng.choice([rng.randrange(0x20, 0x7F), rng.randrange(0, 0xD800), rng.randrange(0xE000, 0x110000)]) for _ in range(n)]
+    points = [
+        rng.choice([rng.randrange(0x20, 0x7F), rng.randrange(0, 0xD800), rng.randrange(0xE000, 0x110000)])
+        for _ in range(n)
+    ]
     return "".join(map(chr, points))
 
 

@@ -1,0 +1,241 @@
+"""TextDataModule: batches against the packed stream, seeds, rank sharding, resume, statistics, errors, report."""
+
+import math
+import re
+from collections import Counter
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from moe.data import DataError, Source, TextDataModule
+
+SEQ_LEN, BATCH = 16, 4
+
+
+@pytest.fixture
+def sources(tmp_path, helpers):
+    code = helpers.write_text_folder(tmp_path / "code", helpers.make_documents(40, seed=3))
+    prose = helpers.write_jsonl(tmp_path / "prose.jsonl", helpers.make_documents(80, seed=4))
+    return [Source(str(code), weight=1.0, name="code"), Source(str(prose), weight=3.0, name="prose")]
+
+
+def make(sources, tmp_path, trainer=None, **overrides):
+    kwargs = {
+        "sources": sources,
+        "vocab_size": 320,
+        "seq_len": SEQ_LEN,
+        "batch_size": BATCH,
+        "num_workers": 0,
+        "seed": 7,
+        "val_fraction": 0.1,
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    module = TextDataModule(**{**kwargs, **overrides})
+    module.trainer = trainer
+    module.setup("fit")
+    return module
+
+
+def fake_trainer(rank=0, world=1, max_steps=-1):
+    return SimpleNamespace(
+        global_rank=rank, world_size=world, training=True, max_steps=max_steps, accumulate_grad_batches=1
+    )
+
+
+def take(module, n):
+    """The first n training batches, each passed through the hook Lightning calls before a training step."""
+    batches = []
+    for batch in module.train_dataloader():
+        if len(batches) == n:
+            break
+        batches.append(module.on_before_batch_transfer(batch, 0))
+    return batches
+
+
+def stream_of(module, source_index):
+    file = module._files[source_index]
+    return np.asarray(file.open()).tolist()
+
+
+def test_batches_are_windows_of_the_source_streams(sources, tmp_path):
+    module = make(sources, tmp_path)
+    streams = [stream_of(module, s) for s in range(2)]
+    for batch in take(module, 5):
+        assert batch["input_ids"].shape == batch["labels"].shape == (BATCH, SEQ_LEN)
+        assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
+        assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
+        for row, k in enumerate(batch["index"].tolist()):
+            source, w = module._schedule(k)
+            window = streams[source][w * SEQ_LEN : w * SEQ_LEN + SEQ_LEN + 1]
+            assert batch["input_ids"][row].tolist() == window[:-1] and batch["labels"][row].tolist() == window[1:]
+    assert [b["index"].tolist() for b in take(make(sources, tmp_path), 2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_eos_separates_documents(tmp_path, helpers):
+    docs = helpers.make_documents(5, seed=9)
+    module = make(
+        [Source(str(helpers.write_text_folder(tmp_path / "d", docs)))], tmp_path, val_fraction=0.0, batch_size=1
+    )
+    stream, eos = stream_of(module, 0), module.eos_id
+    assert stream.count(eos) == len(docs) and stream[-1] == eos
+    pieces = module.decode(stream).split("<|endoftext|>")
+    assert pieces == docs + [""]
+
+
+def test_seed_determines_batches(sources, tmp_path):
+    def first_batches(seed):
+        return [b["input_ids"] for b in take(make(sources, tmp_path, seed=seed), 3)]
+
+    a, b, c = first_batches(1), first_batches(1), first_batches(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_validation_windows_never_train(sources, tmp_path):
+    module = make(sources, tmp_path)
+    val = {(s, int(w)) for s, windows in enumerate(module._val_windows) for w in windows}
+    n_train = sum(len(w) for w in module._train_windows)
+    trained = {module._schedule(k) for k in range(3 * n_train)}
+    assert val and not (val & trained)
+    assert len(trained) == n_train
+    val_batches = list(module.val_dataloader())
+    assert sum(len(b["index"]) for b in val_batches) == len(val)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_together_see_the_single_rank_global_batch(sources, tmp_path, world):
+    single = take(make(sources, tmp_path, batch_size=BATCH * world), 4)
+    per_rank = [take(make(sources, tmp_path, trainer=fake_trainer(r, world)), 4) for r in range(world)]
+    for g, batch in enumerate(single):
+        for key in ("input_ids", "labels", "index"):
+            assert torch.equal(torch.cat([per_rank[r][g][key] for r in range(world)]), batch[key])
+
+
+def resume_points(module):
+    per_epoch = module.batches_per_epoch()
+    return [1, per_epoch - 1, per_epoch, per_epoch + 2]
+
+
+def test_resume_continues_with_the_next_batch(sources, tmp_path):
+    reference = make(sources, tmp_path)
+    per_epoch = reference.batches_per_epoch()
+    # Iterating epoch after epoch, as Lightning does, re-entering the loader each epoch.
+    expected = take(reference, per_epoch) + take(reference, per_epoch)
+    assert expected[0]["index"].tolist() != expected[per_epoch]["index"].tolist()
+    for n in resume_points(reference):
+        original = make(sources, tmp_path)
+        consumed = take(original, min(n, per_epoch)) + take(original, max(0, n - per_epoch))
+        assert len(consumed) == n
+        state = original.state_dict()
+        resumed = TextDataModule(**original_kwargs(original))
+        resumed.load_state_dict(state)
+        resumed.setup("fit")
+        following = take(resumed, 2)
+        for got, want in zip(following, expected[n : n + 2]):
+            assert torch.equal(got["index"], want["index"]) and torch.equal(got["input_ids"], want["input_ids"])
+
+
+def original_kwargs(module):
+    return {
+        "sources": module.sources,
+        "vocab_size": module.vocab_size,
+        "seq_len": module.seq_len,
+        "batch_size": module.batch_size,
+        "num_workers": 0,
+        "seed": module.seed,
+        "val_fraction": module.val_fraction,
+        "cache_dir": str(module.cache_dir),
+    }
+
+
+@pytest.mark.parametrize(
+    "change,field", [({"seq_len": 8}, "seq_len"), ({"seed": 8}, "seed"), ({"batch_size": 2}, "global_batch_size")]
+)
+def test_resume_with_changed_pipeline_says_what_changed(sources, tmp_path, change, field):
+    state = make(sources, tmp_path).state_dict()
+    changed = make(sources, tmp_path, **change)
+    with pytest.raises(ValueError, match=field):
+        changed.load_state_dict(state)
+
+
+def test_changed_source_content_is_caught(sources, tmp_path):
+    state = make(sources, tmp_path, tokenizer=None).state_dict()
+    with open(sources[1].path, "a") as f:
+        f.write('{"text": "one more document"}\n')
+    with pytest.raises(ValueError, match="sources"):
+        make(sources, tmp_path).load_state_dict(state)
+
+
+def test_corpus_smaller_than_one_batch(tmp_path, helpers):
+    path = helpers.write_jsonl(tmp_path / "tiny.jsonl", helpers.make_documents(3))
+    with pytest.raises(DataError, match="smaller than one batch"):
+        make([Source(str(path))], tmp_path, batch_size=64)
+
+
+def test_source_shorter_than_one_sequence(tmp_path):
+    (tmp_path / "short.txt").write_text("hi")
+    with pytest.raises(DataError, match="fewer than one sequence"):
+        make([Source(str(tmp_path / "short.txt"))], tmp_path)
+
+
+def test_token_ids_fit_the_vocabulary(sources, tmp_path):
+    module = make(sources, tmp_path)
+    brute_force_max = max(max(stream_of(module, s)) for s in range(2))
+    assert module.max_token_id() == brute_force_max < module.n_vocab
+
+
+def test_unigram_baseline_matches_brute_force(sources, tmp_path):
+    module = make(sources, tmp_path)
+    V, T = module.n_vocab, SEQ_LEN
+    weights = [0.25, 0.75]
+    train_counts, val_labels = [], []
+    for s in range(2):
+        stream = stream_of(module, s)
+        train_counts.append(Counter(t for w in module._train_windows[s] for t in stream[w * T + 1 : w * T + T + 1]))
+        val_labels += [t for w in module._val_windows[s] for t in stream[w * T + 1 : w * T + T + 1]]
+
+    def p(token):
+        return sum(wt * (c[token] + 1) / (sum(c.values()) + V) for wt, c in zip(weights, train_counts))
+
+    expected = -sum(math.log(p(t)) for t in val_labels) / len(val_labels)
+    assert module.unigram_baseline() == pytest.approx(expected, rel=1e-9)
+    assert module.unigram_baseline() < math.log(V)
+
+
+def test_report_lists_every_source(sources, tmp_path):
+    module = make(sources, tmp_path, trainer=fake_trainer(max_steps=100))
+    report = module.report()
+    planned = 100 * BATCH * SEQ_LEN
+    for s, (name, proportion) in enumerate([("code", 0.25), ("prose", 0.75)]):
+        row = next(line for line in report.splitlines() if line.startswith(name))
+        train_sequences = len(module._train_windows[s])
+        epochs = planned * proportion / (train_sequences * SEQ_LEN)
+        assert re.search(
+            rf"{100 * proportion:.1f}%\s+{train_sequences}\s+{train_sequences * SEQ_LEN / 1000:.1f}K", row
+        ), row
+        assert f"{epochs:.2f}" in row
+    assert "Total" in report and "planned tokens: 6.4K" in report
+
+
+def test_predict_items_keep_prompts_apart(sources, tmp_path):
+    module = make(sources, tmp_path, prompts=["the fox", "12"])
+    items = list(module.predict_dataloader())
+    assert [i["prompt"] for i in items] == ["the fox", "12"]
+    for item in items:
+        assert item["input_ids"].shape == (1, len(module.encode(item["prompt"])))
+        assert module.decode(item["input_ids"][0].tolist()) == item["prompt"]
+
+
+def test_loaded_tokenizer_is_used(sources, tmp_path):
+    trained = make(sources, tmp_path)
+    trained.tokenizer.save(str(tmp_path / "tokenizer.json"))
+    loaded = make(sources, tmp_path, tokenizer=str(tmp_path), vocab_size=999)
+    assert loaded.n_vocab == trained.n_vocab and loaded.encode("the 42") == trained.encode("the 42")
+
+
+def test_workers_yield_the_same_batches(sources, tmp_path):
+    in_process = take(make(sources, tmp_path), 3)
+    with_workers = take(make(sources, tmp_path, num_workers=2), 3)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(in_process, with_workers))

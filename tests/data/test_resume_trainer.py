@@ -1,0 +1,75 @@
+"""Exact resume through a real Lightning Trainer: a run resumed from a checkpoint sees the batches the
+uninterrupted run saw, mid-epoch and at an epoch boundary, and the DataModule state is restored before iteration."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from moe.data import Source, TextDataModule
+
+
+class RecordingModel(pl.LightningModule):
+    """A tiny model whose only job is to record which samples each training step received."""
+
+    def __init__(self, n_vocab: int):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(n_vocab, 4)
+        self.seen: list[tuple[list[int], torch.Tensor]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((batch["index"].tolist(), batch["input_ids"].clone()))
+        return self.embedding(batch["input_ids"]).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit(data_kwargs, max_steps, root, ckpt_path=None, every=None):
+    data = TextDataModule(**data_kwargs)
+    model = RecordingModel(data.n_vocab)
+    callbacks = (
+        [ModelCheckpoint(dirpath=root, every_n_train_steps=every, save_top_k=-1, filename="{step}")] if every else []
+    )
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        enable_checkpointing=bool(every),
+    )
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return model.seen, data
+
+
+@pytest.mark.parametrize("where", ["mid-epoch", "epoch boundary"])
+def test_trainer_resume_continues_the_stream(tmp_path, helpers, where):
+    path = helpers.write_jsonl(tmp_path / "d.jsonl", helpers.make_documents(30, seed=5))
+    data_kwargs = {
+        "sources": [Source(str(path))],
+        "vocab_size": 300,
+        "seq_len": 16,
+        "batch_size": 4,
+        "num_workers": 0,
+        "val_fraction": 0.0,
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    per_epoch = TextDataModule(**data_kwargs)
+    per_epoch.setup("fit")
+    n = per_epoch.batches_per_epoch()
+    save_at = n // 2 if where == "mid-epoch" else n
+    total = save_at + n  # the resumed part crosses into the next epoch in both cases
+
+    full, _ = fit(data_kwargs, total, tmp_path / "full", every=save_at)
+    assert [s[0] for s in full] == [list(range(4 * g, 4 * g + 4)) for g in range(total)]
+    resumed, data = fit(data_kwargs, total, tmp_path / "resumed", ckpt_path=tmp_path / "full" / f"step={save_at}.ckpt")
+
+    assert len(resumed) == total - save_at
+    for (index, inputs), (want_index, want_inputs) in zip(resumed, full[save_at:]):
+        assert index == want_index and torch.equal(inputs, want_inputs)
+    assert data.consumed_batches == total
