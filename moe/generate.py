@@ -1,0 +1,102 @@
+"""Autoregressive generation with a key/value cache: greedy decoding, temperature, top-k and nucleus (top-p,
+Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration") sampling.
+
+The warpers apply in HF transformers' order: logits / temperature, then top-k, then top-p over the
+distribution renormalised after top-k. Ties are broken by token index (the lower index ranks first), so
+top-k keeps exactly k tokens and top-p keeps exactly the smallest prefix of that ranking whose probability
+reaches p.
+Shapes: B batch, T prompt length, V vocabulary, n generated tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe.kv_cache import KVCache
+
+
+def _check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature >= 0:  # written so that NaN fails too
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """logits (..., V) with every token outside the top-k, then outside the top-p nucleus, set to -inf."""
+    _check_sampling_args(0.0, top_k, top_p)
+    k_binds = top_k is not None and top_k < logits.shape[-1]
+    # p = 1 keeps every token; skipping it also spares tail tokens that a float32 cumsum reaching 1.0 early
+    # would drop.
+    p_binds = top_p is not None and top_p < 1
+    if not (k_binds or p_binds):
+        return logits
+    # Stable descending sort: among equal logits the lower token index ranks first.
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # (..., V)
+    keep = torch.ones_like(sorted_logits, dtype=torch.bool)
+    if k_binds:
+        keep[..., top_k:] = False
+        sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
+    if p_binds:
+        probs = sorted_logits.float().softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+        keep &= mass_before < top_p  # the top token has mass_before 0, so at least one token stays
+    keep = torch.zeros_like(keep).scatter(-1, order, keep)  # back to vocabulary order
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token (B,) from logits (B, V): the argmax when temperature is 0, else a draw from
+    softmax(filter_logits(logits / temperature, top_k, top_p))."""
+    _check_sampling_args(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    filtered = filter_logits(logits.float() / temperature, top_k, top_p)
+    return torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continue every row of input_ids (B, T) by up to max_new_tokens tokens -> (B, T + n).
+
+    temperature 0 decodes greedily. With eos_id, a row that has produced it keeps emitting eos_id, and
+    generation stops early (n < max_new_tokens) once every row has. The prompt is one prefill through a
+    cache sized T + max_new_tokens (sliding-window layers keep only their window); the model runs in eval
+    mode and gets its previous mode back afterwards. Only the prompt is held to the config's max_seq_len:
+    generating past it is allowed, as in HF, though RoPE positions beyond training length may degrade output.
+    """
+    _check_sampling_args(temperature, top_k, top_p)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape (batch, prompt length >= 1), got {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    if T > model.config.max_seq_len:
+        raise ValueError(f"input_ids has {T} tokens, longer than the model's max_seq_len={model.config.max_seq_len}")
+    if max_new_tokens == 0:
+        return input_ids.clone()
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = KVCache.for_model(model, B, T + max_new_tokens)
+        logits = model(input_ids, cache=cache).logits[:, -1]  # (B, V)
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        tokens = [input_ids]
+        for step in range(max_new_tokens):
+            next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            if eos_id is not None:
+                next_token = next_token.masked_fill(finished, eos_id)
+                finished |= next_token == eos_id
+            tokens.append(next_token[:, None])
+            if (eos_id is not None and bool(finished.all())) or step == max_new_tokens - 1:
+                break
+            logits = model(next_token[:, None], cache=cache).logits[:, -1]
+        return torch.cat(tokens, dim=1)
+    finally:
+        model.train(was_training)
