@@ -159,7 +159,7 @@ class ModelConfig:
             return self.layer_windows[layer]
         return self.sliding_window
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         """A validated copy with some fields changed. A derived field that still holds its derived value
         (head_dim = d_model // n_heads, n_kv_heads = n_heads, expert_ffn_dim = ffn_dim) follows its sources;
         one set to something else explicitly is kept."""

@@ -28,7 +28,7 @@ from moe.config import ModelConfig
 from moe.hf_config import config_from_hf, config_to_hf, hf_model_type, hf_model_type_for
 from moe.model import Transformer
 
-__all__ = ["KeyMap", "hf_key_map", "config_from_hf", "config_to_hf", "load_hf_checkpoint", "save_hf_checkpoint"]
+__all__ = ["KeyMap", "config_from_hf", "config_to_hf", "hf_key_map", "load_hf_checkpoint", "save_hf_checkpoint"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
