@@ -1,0 +1,373 @@
+"""The LightningModule: a causal language model trained with the LLaMA recipe (Touvron et al. 2023).
+
+Objective: next-token cross-entropy plus, for MoE models, the load-balancing and router z losses weighted by
+the config's coefficients. Optimiser: AdamW (0.9, 0.95), weight decay 0.1 on matrices only, linear warmup
+then cosine decay to 10% of the peak (or warmup-stable-decay); gradient clipping is the Trainer's
+`gradient_clip_val`. Logs loss, learning rate, gradient norm, tokens seen, tokens/s, TFLOP/s, MFU, the MoE
+losses and per-layer expert load.
+
+The model is built in `configure_model`, so sharded strategies can create it directly on the right devices;
+calling it twice is harmless.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from moe.config import ModelConfig
+from moe.model import ModelOutput, Transformer
+from moe.train.optim import param_groups
+from moe.train.schedule import DECAY_SHAPES, SCHEDULES, lr_multiplier
+from moe.train.throughput import ThroughputMeter, device_peak_tflops
+
+# Config fields that change how a model runs or trains, not its weights: they may differ from the checkpoint a
+# run is initialised from.
+RUNTIME_FIELDS = ("attention_backend", "expert_backend", "aux_loss_coef", "z_loss_coef", "capacity_factor")
+
+
+@dataclass
+class Sampling:
+    """How `predict` and the end-of-training sample generate text."""
+
+    max_new_tokens: int = 200
+    """Tokens generated after each prompt."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 picks the most likely token (greedy)."""
+    top_k: int | None = 50
+    """Sample only among the k most likely tokens; None keeps all."""
+    top_p: float | None = 0.95
+    """Nucleus sampling: the smallest set of tokens whose probability reaches p; None keeps all."""
+    seed: int = 0
+    """Seed of the sampling generator, so a sample is reproducible."""
+
+
+def checkpoint_blocks(model: Transformer) -> None:
+    """Recompute each block's activations in the backward pass instead of storing them.
+
+    Replaces the block instances' forward rather than wrapping the modules, so parameter names (and therefore
+    checkpoints and HF export) are unchanged.
+    """
+    for block in model.layers:
+        block.forward = _Checkpointed(block.forward)
+
+
+class _Checkpointed:
+    def __init__(self, forward):
+        self.forward = forward
+
+    def __call__(self, *args):
+        if not torch.is_grad_enabled():
+            return self.forward(*args)
+        return checkpoint(self.forward, *args, use_reentrant=False)
+
+
+def config_from_checkpoint(path: Path) -> ModelConfig:
+    """The model config stored in a Lightning checkpoint written by this module."""
+    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    try:
+        return ModelConfig(**ckpt["model_config"])
+    except KeyError:
+        raise ValueError(f"{path} is not a checkpoint written by moe's LanguageModel (no model config in it)") from None
+
+
+class LanguageModel(pl.LightningModule):
+    def __init__(
+        self,
+        config: ModelConfig,
+        init_from: str | None = None,
+        lr: float = 3e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.1,
+        eps: float = 1e-8,
+        schedule: str = "cosine",
+        warmup_steps: int = 2000,
+        min_lr_ratio: float = 0.1,
+        decay_fraction: float = 0.2,
+        decay_shape: str = "1-sqrt",
+        total_steps: int | None = None,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        peak_tflops: float | None = None,
+        sampling: Sampling | None = None,
+    ):
+        """
+        Args:
+            config: Model architecture: `moe.get_preset(name)` in Python, a configs/model/*.yaml file on the command line.
+                Its vocab_size and max_seq_len are linked to the data module's tokenizer and sequence length.
+            init_from: Start from these weights instead of a random initialisation: an HF model directory
+                (config.json + safetensors) or a Lightning checkpoint of this module. The architecture then comes
+                from that checkpoint; only the runtime fields of `config` (attention/expert backend, loss
+                coefficients, capacity factor) apply.
+            lr: Peak learning rate.
+            betas: AdamW beta1 and beta2.
+            weight_decay: AdamW weight decay, applied to matrices only (not norms, biases or embeddings).
+            eps: AdamW epsilon.
+            schedule: 'cosine' (linear warmup, cosine decay to min_lr_ratio), 'wsd' (warmup, constant, final
+                decay over decay_fraction of the run) or 'constant' (warmup, then constant).
+            warmup_steps: Optimizer steps of linear warmup from 0 to the peak.
+            min_lr_ratio: Learning rate at the end of the decay, as a fraction of the peak.
+            decay_fraction: For 'wsd': fraction of the total steps spent decaying.
+            decay_shape: For 'wsd': shape of the final decay, 'linear', 'cosine' or '1-sqrt'.
+            total_steps: Optimizer steps the schedule spans; None takes the Trainer's max_steps (or the steps its
+                max_epochs imply).
+            activation_checkpointing: Recompute each block's activations in the backward pass to save memory.
+            compile: torch.compile every transformer block.
+            peak_tflops: Peak TFLOP/s of one device for MFU; None looks the device up in a datasheet table (no MFU
+                on CPU or unknown devices).
+            sampling: Generation settings for predict and for the sample printed after training.
+        """
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"--model.schedule={schedule!r} is not one of {SCHEDULES}")
+        if decay_shape not in DECAY_SHAPES:
+            raise ValueError(f"--model.decay_shape={decay_shape!r} is not one of {DECAY_SHAPES}")
+        for name, value in (("lr", lr), ("min_lr_ratio", min_lr_ratio), ("decay_fraction", decay_fraction)):
+            if value < 0 or (name != "lr" and value > 1):
+                raise ValueError(f"--model.{name}={value} is out of range")
+        if warmup_steps < 0:
+            raise ValueError(f"--model.warmup_steps={warmup_steps} must be >= 0")
+        self.save_hyperparameters()
+        self.sampling = sampling or Sampling()
+        self.model_config = self._resolve_config(config, init_from)
+        self.model: Transformer | None = None
+        self._eval_sums: torch.Tensor | None = None
+        self._meter: ThroughputMeter | None = None
+        self._expert_tokens: torch.Tensor | None = None  # (L, E) assignments since the last report
+        self._last_report_step = -1
+
+    # ------------------------------------------------------------------------------------------------ model
+    @staticmethod
+    def _resolve_config(config: ModelConfig, init_from: str | None) -> ModelConfig:
+        if init_from is None:
+            return config
+        path = Path(init_from).expanduser()
+        if path.is_dir():
+            from moe.hf import read_hf_config
+            from moe.hf_config import config_from_hf
+
+            base = config_from_hf(read_hf_config(path))
+        elif path.is_file():
+            base = config_from_checkpoint(path)
+        else:
+            raise FileNotFoundError(f"--model.init_from={init_from}: no such HF model directory or checkpoint file")
+        return base.replace(**{name: getattr(config, name) for name in RUNTIME_FIELDS})
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = self._build_model()
+        if self.hparams.activation_checkpointing:
+            checkpoint_blocks(self.model)
+        if self.hparams.compile:
+            for block in self.model.layers:
+                block.compile()
+
+    def _build_model(self) -> Transformer:
+        init_from = self.hparams.init_from
+        device = torch.get_default_device()
+        if init_from is None:
+            return Transformer(self.model_config)
+        path = Path(init_from).expanduser()
+        if path.is_dir():
+            from moe.hf import load_hf_checkpoint
+
+            runtime = {name: getattr(self.model_config, name) for name in RUNTIME_FIELDS}
+            return load_hf_checkpoint(path, device=device, dtype=torch.float32, **runtime)
+        model = Transformer(self.model_config)
+        state = torch.load(path, map_location=device, mmap=True, weights_only=False)["state_dict"]
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        return model
+
+    def forward(self, input_ids: torch.Tensor) -> ModelOutput:
+        return self.model(input_ids)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "max_token_id"):
+            return
+        vocab = self.model_config.vocab_size
+        if datamodule.n_vocab > vocab:
+            raise ValueError(f"the tokenizer has {datamodule.n_vocab} tokens but the model's vocab_size is {vocab}; "
+                             "use the model's own tokenizer (--data.tokenizer) or a larger --model.config.vocab_size")
+        if stage == "predict":
+            return  # prompts are encoded by the tokenizer just checked; no token arrays are loaded
+        max_id = datamodule.max_token_id()
+        if max_id >= vocab:
+            raise ValueError(f"the data holds token id {max_id}, beyond the model's vocab_size={vocab} "
+                             "(ids must be < vocab_size); was the cache built with another tokenizer?")
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        log_dir = self.trainer.log_dir
+        if datamodule is not None and hasattr(datamodule, "tokenizer") and log_dir and self.trainer.is_global_zero:
+            # Beside the checkpoints (log_dir/checkpoints), so generation and eval can find the tokenizer.
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            datamodule.tokenizer.save(str(Path(log_dir) / "tokenizer.json"))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The resolved architecture as plain values, so `init_from` and export need neither the CLI's config
+        # files nor unpickling of our classes.
+        checkpoint["model_config"] = dataclasses.asdict(self.model_config)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "tokenizer"):
+            checkpoint["tokenizer"] = datamodule.tokenizer.to_str()
+
+    # ------------------------------------------------------------------------------------------------ optimiser
+    def configure_optimizers(self):
+        hp = self.hparams
+        fused = all(p.is_cuda for p in self.model.parameters())
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+            **({"fused": True} if fused else {}),
+        )
+        total = self._total_steps()
+        if hp.warmup_steps > total:
+            raise ValueError(f"--model.warmup_steps={hp.warmup_steps} exceeds the {total} optimizer steps of the "
+                             "run; lower it or raise --trainer.max_steps")
+
+        def multiplier(step: int) -> float:
+            return lr_multiplier(step, schedule=hp.schedule, warmup_steps=hp.warmup_steps, total_steps=total,
+                                 min_ratio=hp.min_lr_ratio, decay_fraction=hp.decay_fraction,
+                                 decay_shape=hp.decay_shape)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        if self.hparams.total_steps is not None:
+            return self.hparams.total_steps
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise ValueError("the schedule needs a length: set --trainer.max_steps or --model.total_steps")
+        return int(steps)
+
+    # ------------------------------------------------------------------------------------------------ training
+    def _loss(self, out: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten())
+
+    def objective(self, out: ModelOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The training loss and its parts: cross-entropy, and for MoE models the weighted router losses."""
+        ce = self._loss(out, labels)
+        if not out.moe:
+            return {"loss": ce, "ce": ce}
+        config = self.model_config
+        loss = ce + config.aux_loss_coef * out.aux_loss + config.z_loss_coef * out.z_loss
+        return {"loss": loss, "ce": ce, "aux": out.aux_loss, "z": out.z_loss}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch["input_ids"])
+        parts = self.objective(out, batch["labels"])
+        self.log("train/loss", parts["ce"], prog_bar=True)
+        if out.moe:
+            self.log("train/aux_loss", parts["aux"])
+            self.log("train/z_loss", parts["z"])
+            self.log("train/total_loss", parts["loss"])
+            counts = out.tokens_per_expert.detach().float()
+            self._expert_tokens = counts if self._expert_tokens is None else self._expert_tokens + counts
+        self._throughput(batch["input_ids"]).update(batch["input_ids"].numel() * self.trainer.world_size)
+        return parts["loss"]
+
+    def _throughput(self, input_ids: torch.Tensor) -> ThroughputMeter:
+        if self._meter is None:
+            peak = self.hparams.peak_tflops or device_peak_tflops(self.device, str(self.trainer.precision))
+            flops = self.model_config.flops_per_token(input_ids.shape[1])
+            self._meter = ThroughputMeter(flops, self.trainer.world_size, peak)
+            self._meter.start()
+        return self._meter
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        step = self.trainer.global_step
+        if step == self._last_report_step or step % self.trainer.log_every_n_steps != 0:
+            return
+        self._last_report_step = step
+        metrics = self._meter.report() if self._meter is not None else {}
+        for name, value in metrics.items():
+            self.log(f"perf/{name}", value, prog_bar=name == "tokens_per_s")
+        if self._meter is not None:
+            self.log("train/tokens_seen", torch.tensor(float(self._meter.tokens_seen), dtype=torch.float64))
+        if self._expert_tokens is not None:
+            self._log_expert_load(self.trainer.strategy.reduce(self._expert_tokens, reduce_op="sum"))
+            self._expert_tokens = None
+
+    def _log_expert_load(self, tokens: torch.Tensor) -> None:
+        """Per MoE layer: the busiest expert's load over the mean load (1 is perfect balance) and the number of
+        experts that received no token since the last report."""
+        imbalance = tokens.max(dim=1).values / tokens.mean(dim=1).clamp_min(1e-9)  # (L,)
+        idle = (tokens == 0).sum(dim=1).float()  # (L,)
+        for layer in range(tokens.shape[0]):
+            self.log(f"experts/layer_{layer}/max_over_mean", imbalance[layer])
+            self.log(f"experts/layer_{layer}/idle", idle[layer])
+        self.log("experts/max_over_mean", imbalance.max())
+        self.log("experts/idle", idle.sum())
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    # Token-weighted sums of the loss and token counts, reduced over processes at the end of the epoch.
+    def _eval_start(self) -> None:
+        self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    def _eval_step(self, batch: dict) -> None:
+        loss = self._loss(self.model(batch["input_ids"]), batch["labels"])
+        n = batch["labels"].numel()
+        self._eval_sums += torch.stack([loss.detach().double() * n, loss.new_tensor(n, dtype=torch.float64)])
+
+    def _eval_end(self, split: str) -> None:
+        total, count = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
+        if count == 0:
+            return
+        loss = total / count
+        self.log(f"{split}/loss", loss, prog_bar=True)
+        self.log(f"{split}/ppl", math.exp(min(loss, 100.0)))
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    # ------------------------------------------------------------------------------------------------ generation
+    def generate_ids(self, prompt_ids: torch.Tensor, eos_id: int | None = None) -> torch.Tensor:
+        from moe.generate import generate
+
+        s = self.sampling
+        generator = torch.Generator(device=self.device).manual_seed(s.seed)
+        return generate(self.model, prompt_ids.to(self.device), s.max_new_tokens, temperature=s.temperature,
+                        top_k=s.top_k, top_p=s.top_p, eos_id=eos_id, generator=generator)
+
+    def complete(self, prompt_ids: torch.Tensor, eos_id: int | None) -> list[int]:
+        """The tokens generated after a (1, n) prompt, up to (not including) the first EOS."""
+        new = self.generate_ids(prompt_ids.view(1, -1), eos_id=eos_id)[0, prompt_ids.numel():].tolist()
+        return new[: new.index(eos_id)] if eos_id in new else new
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """One prompt ({"prompt": str, "input_ids": (1, n)}) -> {"prompt", "completion"}, cut at the first EOS."""
+        datamodule = self.trainer.datamodule
+        completion = datamodule.decode(self.complete(batch["input_ids"], datamodule.eos_id))
+        self.print(f"----- {batch['prompt']!r} -----\n{batch['prompt']}{completion}\n")
+        return {"prompt": batch["prompt"], "completion": completion}

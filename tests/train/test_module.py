@@ -1,0 +1,210 @@
+"""The LightningModule: objective, schedule inside a Trainer, configure_model, init_from, checkpointing, logs."""
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from moe import get_preset
+from moe.hf import save_hf_checkpoint
+from moe.train import LanguageModel
+from moe.train.schedule import warmup_cosine
+
+TINY = get_preset("tiny-moe", vocab_size=64, d_model=64, n_layers=2, n_heads=4, ffn_dim=64, max_seq_len=32,
+                  n_experts=4)
+
+
+class PatternData(pl.LightningDataModule):
+    """Sequences of a fixed random token cycle at random phases: learnable, so a short fit must lower the loss."""
+
+    def __init__(self, seq_len=32, batch_size=8, n=256, vocab=64, max_id=None):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        cycle = torch.randint(0, vocab, (13,), generator=g)
+        starts = torch.randint(0, 13, (n,), generator=g)
+        idx = (starts[:, None] + torch.arange(seq_len + 1)) % 13
+        self.tokens = cycle[idx]
+        if max_id is not None:
+            self.tokens[0, 0] = max_id
+        self.batch_size, self.n_vocab = batch_size, vocab
+
+    def max_token_id(self):
+        return int(self.tokens.max())
+
+    def _loader(self, rows):
+        items = [{"input_ids": r[:-1], "labels": r[1:]} for r in rows]
+        return DataLoader(items, batch_size=self.batch_size)
+
+    def train_dataloader(self):
+        return self._loader(self.tokens)
+
+    def val_dataloader(self):
+        return self._loader(self.tokens[:16])
+
+
+def trainer(**kwargs):
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def test_objective_is_cross_entropy_plus_weighted_router_losses():
+    module = LanguageModel(TINY.replace(aux_loss_coef=0.3, z_loss_coef=0.05))
+    module.configure_model()
+    batch = next(iter(PatternData().train_dataloader()))
+    out = module.model(batch["input_ids"])
+    loss = module.objective(out, batch["labels"])["loss"]
+    ce = F.cross_entropy(out.logits.reshape(-1, 64), batch["labels"].reshape(-1))
+    aux = torch.stack([s.load_balancing_loss for s in out.moe]).mean()
+    z = torch.stack([s.z_loss for s in out.moe]).mean()
+    torch.testing.assert_close(loss, ce + 0.3 * aux + 0.05 * z)
+
+
+def test_configure_model_twice_keeps_the_model():
+    module = LanguageModel(TINY)
+    module.configure_model()
+    first = module.model
+    module.configure_model()
+    assert module.model is first
+
+
+class RecordLR(pl.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_learning_rate_in_a_trainer_follows_the_schedule_per_optimizer_step():
+    record = RecordLR()
+    module = LanguageModel(TINY, lr=1e-2, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1)
+    t = trainer(max_steps=12, accumulate_grad_batches=2, callbacks=[record], limit_val_batches=0)
+    t.fit(module, datamodule=PatternData())
+    # Two micro-batches per optimizer step: the rate changes only when the optimizer steps.
+    per_step = record.lrs[::2]
+    assert record.lrs[1::2] == per_step
+    assert per_step == pytest.approx([1e-2 * warmup_cosine(s, 4, 12, 0.1) for s in range(12)])
+    # Weight decay groups reached the optimizer.
+    decays = sorted(g["weight_decay"] for g in t.optimizers[0].param_groups)
+    assert decays == [0.0, 0.1]
+
+
+def test_short_fit_lowers_the_loss_and_logs():
+    torch.manual_seed(0)
+    module = LanguageModel(TINY, lr=3e-3, warmup_steps=5)
+    data = PatternData()
+    t = trainer(max_steps=40, gradient_clip_val=1.0, val_check_interval=40, check_val_every_n_epoch=None,
+                log_every_n_steps=5)
+    t.validate(module, datamodule=data)
+    before = float(t.callback_metrics["val/loss"])
+    t.fit(module, datamodule=data)
+    after = float(t.callback_metrics["val/loss"])
+    assert before > math.log(64) - 0.5  # starts near uniform
+    assert after < before - 1.0
+    assert float(t.callback_metrics["val/ppl"]) == pytest.approx(math.exp(after), rel=1e-5)
+    for name in ("train/grad_norm", "train/lr", "train/aux_loss", "train/z_loss", "perf/tokens_per_s",
+                 "train/tokens_seen", "experts/max_over_mean", "experts/idle", "experts/layer_1/idle"):
+        assert name in t.callback_metrics, name
+    assert float(t.callback_metrics["train/tokens_seen"]) == 40 * 8 * 32
+
+
+def test_expert_load_logs_match_the_counts():
+    module = LanguageModel(TINY)
+    module.configure_model()
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    tokens = torch.tensor([[5.0, 0.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    module._log_expert_load(tokens)
+    assert logged["experts/layer_0/max_over_mean"] == pytest.approx(5 / 2)
+    assert logged["experts/layer_0/idle"] == 2 and logged["experts/layer_1/idle"] == 0
+    assert logged["experts/layer_1/max_over_mean"] == 1.0
+    assert logged["experts/idle"] == 2 and logged["experts/max_over_mean"] == pytest.approx(2.5)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = LanguageModel(TINY, activation_checkpointing=checkpointing)
+        module.configure_model()
+        batch = next(iter(PatternData().train_dataloader()))
+        out = module.model(batch["input_ids"])
+        loss = F.cross_entropy(out.logits.flatten(0, 1), batch["labels"].flatten()) + out.aux_loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in module.model.named_parameters()})
+        assert [n for n, _ in module.model.named_parameters()] == list(grads[0])  # names unchanged
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_init_from_hf_directory_and_from_a_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    source = LanguageModel(TINY)
+    source.configure_model()
+    save_hf_checkpoint(source.model, tmp_path / "hf")
+    # The architecture comes from the checkpoint; only runtime fields of the given config apply.
+    module = LanguageModel(get_preset("tiny-dense", expert_backend="loop"), init_from=str(tmp_path / "hf"),
+                           warmup_steps=1)
+    module.configure_model()
+    assert module.model_config.n_experts == 4 and module.model_config.expert_backend == "loop"
+    for (name, p), q in zip(module.model.state_dict().items(), source.model.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=name)
+
+    t = trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp_path, enable_checkpointing=True)
+    t.fit(module, datamodule=PatternData())
+    ckpt = tmp_path / "run.ckpt"
+    t.save_checkpoint(ckpt)
+    resumed = LanguageModel(TINY, init_from=str(ckpt))
+    resumed.configure_model()
+    for (name, p), q in zip(resumed.model.state_dict().items(), module.model.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_init_from_missing_path_names_the_flag(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--model.init_from=.*nowhere"):
+        LanguageModel(TINY, init_from=str(tmp_path / "nowhere"))
+
+
+def test_token_ids_beyond_the_vocabulary_fail_at_setup():
+    module = LanguageModel(TINY)
+    t = trainer(max_steps=1)
+    with pytest.raises(ValueError, match="token id 64, beyond the model's vocab_size=64"):
+        t.fit(module, datamodule=PatternData(max_id=64))
+
+
+@pytest.mark.parametrize("kwargs,flag", [
+    (dict(schedule="linear"), "--model.schedule"),
+    (dict(decay_shape="exp"), "--model.decay_shape"),
+    (dict(min_lr_ratio=2.0), "--model.min_lr_ratio"),
+    (dict(warmup_steps=-1), "--model.warmup_steps"),
+])
+def test_bad_arguments_name_the_flag(kwargs, flag):
+    with pytest.raises(ValueError, match=flag):
+        LanguageModel(TINY, **kwargs)
+
+
+def test_warmup_longer_than_the_run_is_refused():
+    module = LanguageModel(TINY, warmup_steps=100)
+    with pytest.raises(ValueError, match="warmup_steps=100 exceeds the 5 optimizer steps"):
+        trainer(max_steps=5).fit(module, datamodule=PatternData())
+
+
+def test_compiled_blocks_match_eager():
+    config = TINY.replace(n_layers=1)
+    eager, compiled = LanguageModel(config), LanguageModel(config, compile=True)
+    eager.configure_model()
+    compiled.configure_model()
+    compiled.model.load_state_dict(eager.model.state_dict())
+    batch = next(iter(PatternData().train_dataloader()))
+    results = []
+    for module in (eager, compiled):
+        out = module.model(batch["input_ids"])
+        module.objective(out, batch["labels"])["loss"].backward()
+        results.append((out.logits, [p.grad for p in module.model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for g_compiled, g_eager in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-6)
