@@ -104,6 +104,7 @@ class TextDataModule(pl.LightningDataModule):
         self._val_windows: list[np.ndarray] = []
         self._schedule: MixtureSchedule | None = None
         self.consumed_batches = 0
+        self._reported = False
         self._checkpoint_fingerprint: dict | None = None
 
     # ---- tokenizer ----------------------------------------------------------------------------------------------
@@ -163,12 +164,13 @@ class TextDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict":
             return  # prompts need only the tokenizer
-        first_time = self._schedule is None
         self._prepare()
         self.batches_per_epoch()  # fail now, not at the first step, when the corpus is too small
         if self._checkpoint_fingerprint is not None:
             self._check_fingerprint(self._checkpoint_fingerprint)
-        if first_time and self._rank_and_world()[0] == 0:
+        # prepare_data() may have built everything already; the report is printed once, at the first setup.
+        if not self._reported and self._rank_and_world()[0] == 0:
+            self._reported = True
             rank_zero_info("\n" + self.report())
 
     def _prepare(self) -> None:
@@ -242,6 +244,10 @@ class TextDataModule(pl.LightningDataModule):
         if len(dataset) == 0:
             return []  # val_fraction 0 or sources of one sequence: Lightning then skips validation
         return self._loader(dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader | list:
+        # The held-out split: `test` reports the same loss as validation, e.g. for a checkpoint after training.
+        return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
         items = [{"prompt": p, "input_ids": torch.tensor([self.encode(p)], dtype=torch.long)} for p in self.prompts]
