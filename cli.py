@@ -1,16 +1,23 @@
 """Command-line entry point (installed as `moe`).
 
-`python cli.py presets` prints every model preset with its total and active parameter counts, computed from the
-config alone. Training commands (LightningCLI fit/validate/test/predict) arrive with the training module.
+Training and evaluation go through LightningCLI: `fit`, `validate`, `test` and `predict`, configured by YAML files
+composed with repeated `--config` (configs/model, configs/data, configs/trainer, configs/experiment) and dotted
+overrides such as `--model.lr 1e-3` or `--trainer.max_steps 100`. The model's vocabulary size is linked to the
+data module's tokenizer and the data's sequence length to the model's `max_seq_len`, so neither is repeated.
+
+`moe presets` prints every model preset with its total and active parameter counts, computed from the config.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from lightning.pytorch.cli import LightningCLI
+
 from moe.config import format_count
-from moe.presets import PRESETS, get_preset, preset_names
+from moe.data import TextDataModule
+from moe.presets import get_preset, preset_names
+from moe.train import LanguageModel
 
 
 def print_presets() -> None:
@@ -25,14 +32,48 @@ def print_presets() -> None:
               f"{format_count(c.num_params()):>8} {format_count(c.num_active_params()):>8}")
 
 
+def tokenizer_vocab_size(data: TextDataModule) -> int:
+    return data.n_vocab
+
+
+class MoECLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # The tokenizer may be trained by the data module, so its size is known only once the module exists.
+        parser.link_arguments("data", "model.config.vocab_size", compute_fn=tokenizer_vocab_size,
+                              apply_on="instantiate")
+        parser.link_arguments("model.config.max_seq_len", "data.seq_len")
+
+    def instantiate_classes(self) -> None:
+        # Values that parse but do not make sense together (a config field, a data file) are reported like a
+        # parsing error, a message and a non-zero exit, rather than as a traceback.
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as error:
+            self.parser.error(str(error))
+
+
+def build_cli(argv: list[str] | None = None, run: bool = True) -> MoECLI:
+    """The LightningCLI on `argv` (None: the process's command line)."""
+    return MoECLI(
+        LanguageModel,
+        TextDataModule,
+        args=argv,
+        run=run,
+        seed_everything_default=1234,
+        # The LLaMA recipe clips the global gradient norm at 1.0; configs may override it.
+        trainer_defaults={"gradient_clip_val": 1.0},
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": __doc__.split("\n\n", 1)[1]},
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="moe", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("presets", help=f"list the {len(PRESETS)} model presets and their parameter counts")
-    args = parser.parse_args(argv)
-    if args.command == "presets":
+    # Returns None: the installed `moe` script exits with main()'s return value.
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["presets"]:
         print_presets()
+    else:
+        build_cli(argv)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
