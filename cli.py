@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from moe.config import format_count
@@ -30,6 +31,10 @@ def print_presets() -> None:
         heads = f"{c.n_heads}/{c.n_kv_heads}"
         print(f"{name:<14} {c.n_layers:>6} {c.d_model:>7} {heads:>7} {experts:>7} "
               f"{format_count(c.num_params()):>8} {format_count(c.num_active_params()):>8}")
+
+
+# ModelConfig documents each field in a docstring under it; this makes those docstrings the --help text.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 def tokenizer_vocab_size(data: TextDataModule) -> int:
