@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
 from moe.data.datasets import MixtureDataset, TokenFile, ValidationDataset
-from moe.data.mixture import MixtureSchedule
+from moe.data.mixture import SCHEDULE_VERSION, MixtureSchedule
 from moe.data.packing import n_windows, split_windows
 from moe.data.report import SourceRow, format_report
 from moe.data.sampler import GlobalBatchSampler
@@ -271,6 +271,7 @@ class TextDataModule(pl.LightningDataModule):
             "seed": self.seed,
             "val_fraction": self.val_fraction,
             "global_batch_size": self.global_batch_size(),
+            "schedule": SCHEDULE_VERSION,
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,30 +1,14 @@
 """The mixture schedule against brute-force counting over many samples."""
 
+import math
+import pickle
 from collections import Counter
 from fractions import Fraction
 
 import numpy as np
 import pytest
 
-from moe.data.mixture import MixtureSchedule, largest_remainder_counts
-
-
-@pytest.mark.parametrize(
-    "weights,total", [([1, 1, 1], 10), ([0.5, 0.3, 0.2], 4096), ([2, 1], 7), ([0.01, 0.99], 100), ([3, 3, 1, 1], 9)]
-)
-def test_largest_remainder_counts(weights, total):
-    counts = largest_remainder_counts(weights, total)
-    shares = [
-        Fraction(w).limit_denominator(10**6) / sum(Fraction(x).limit_denominator(10**6) for x in weights) * total
-        for w in weights
-    ]
-    assert counts.sum() == total
-    for count, share in zip(counts, shares):
-        assert count in (int(share), int(share) + 1)
-    # Hamilton's rule: whoever got the extra seat has a remainder at least as large as whoever did not.
-    rounded_up = [s - int(s) for c, s in zip(counts, shares) if c == int(s) + 1 and s != int(s)]
-    rounded_down = [s - int(s) for c, s in zip(counts, shares) if c == int(s)]
-    assert not rounded_up or not rounded_down or min(rounded_up) >= max(rounded_down)
+from moe.data.mixture import MixtureSchedule
 
 
 def windows_of(sizes):
@@ -82,7 +66,34 @@ def test_seed_determines_schedule():
     assert stream(1) != stream(2)
 
 
-def test_tiny_weight_still_sampled():
-    schedule = MixtureSchedule(windows_of([10, 10]), [1e-4, 1.0], seed=0)
-    assert schedule.counts[0] >= 1
-    assert any(schedule(k)[0] == 0 for k in range(schedule.block_size))
+@pytest.mark.parametrize(
+    "weights", [[0.0006, 0.9994], [1e-4, 1.0], [0.3, 0.001, 0.699], [1, 1, 1], [0.5, 0.3, 0.2], [7, 0.01, 2, 0.5]]
+)
+def test_exact_counts_at_every_block_boundary(weights):
+    # Brute force in exact arithmetic: at the end of every block each source but the largest has had exactly
+    # floor(w * N) of the first N samples; nobody is rounded per block, so tiny weights keep their proportion.
+    block = 512
+    schedule = MixtureSchedule(windows_of([9] * len(weights)), weights, seed=1, block_size=block)
+    shares = [Fraction(w) / sum(Fraction(x) for x in weights) for w in weights]
+    largest = max(range(len(weights)), key=lambda s: shares[s])
+    counts = Counter()
+    for k in range(40 * block):
+        counts[schedule(k)[0]] += 1
+        if (k + 1) % block == 0:
+            for s, share in enumerate(shares):
+                if s != largest:
+                    assert counts[s] == math.floor(share * (k + 1)), (s, k + 1)
+
+
+def test_tiny_weight_keeps_block_small_and_is_sampled():
+    schedule = MixtureSchedule(windows_of([10, 10]), [1e-6, 1.0], seed=0)
+    assert schedule.block_size == 4096  # memory per cached block does not grow as 1 / weight
+    assert schedule.samples_before(10**6 + 4096 - 10**6 % 4096)[0] == 1
+    assert schedule(3_000_000)[0] in (0, 1)
+
+
+def test_schedule_pickles_for_spawned_workers():
+    schedule = MixtureSchedule(windows_of([13, 29]), [0.4, 0.6], seed=5, block_size=32)
+    expected = [schedule(k) for k in range(100)]
+    clone = pickle.loads(pickle.dumps(schedule))
+    assert [clone(k) for k in range(100)] == expected
