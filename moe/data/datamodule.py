@@ -111,7 +111,8 @@ class TextDataModule(pl.LightningDataModule):
 
     def resolved_sources(self) -> list[ResolvedSource]:
         if self._resolved is None:
-            self._resolved = [resolve_source(s, self.corpus_max_bytes) for s in self.sources]
+            hashes = self.cache_dir / "hashes"
+            self._resolved = [resolve_source(s, self.corpus_max_bytes, hashes) for s in self.sources]
         return self._resolved
 
     @property

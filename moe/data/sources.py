@@ -16,9 +16,12 @@ import hashlib
 import json
 import os
 import sysconfig
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from moe.data.locking import atomic_write_bytes
 
 STDLIB = "stdlib"
 HF_PREFIX = "hf:"
@@ -60,18 +63,22 @@ class ResolvedSource:
     description: str
 
 
-def resolve_source(source: Source, stdlib_max_bytes: int | None = None) -> ResolvedSource:
+def resolve_source(
+    source: Source, stdlib_max_bytes: int | None = None, hash_cache: Path | None = None
+) -> ResolvedSource:
+    """Bind `source` to its files; `hash_cache` is a folder where content hashes of unchanged files are kept."""
     if source.weight <= 0:
         raise DataError(f"source {source.path!r}: weight must be positive, got {source.weight}")
     if source.path == STDLIB:
         files, root = stdlib_files(stdlib_max_bytes), Path(sysconfig.get_paths()["stdlib"])
         name = source.name or "python-stdlib"
-        return _local_source(name, files, root, source.text_field, f"Python {sysconfig.get_python_version()} stdlib")
+        description = f"Python {sysconfig.get_python_version()} stdlib"
+        return _local_source(name, files, root, source.text_field, description, hash_cache)
     if source.path.startswith(HF_PREFIX):
         return _hf_source(source)
     files, root = _expand_local_path(source.path)
     name = source.name or (Path(source.path).name or source.path)
-    return _local_source(name, files, root, source.text_field, source.path)
+    return _local_source(name, files, root, source.text_field, source.path, hash_cache)
 
 
 def stdlib_files(max_bytes: int | None = None) -> list[Path]:
@@ -127,7 +134,50 @@ def _expand_local_path(path: str) -> tuple[list[Path], Path]:
     return files, root
 
 
-def _local_source(name: str, files: list[Path], root: Path, text_field: str, description: str) -> ResolvedSource:
+def _local_source(
+    name: str, files: list[Path], root: Path, text_field: str, description: str, hash_cache: Path | None = None
+) -> ResolvedSource:
+    # Hashing reads every byte (minutes for a multi-GB corpus, on every rank, on every start), so the hash is
+    # remembered under a key of the files' stat records (path, size, mtime, ctime, inode): an unchanged corpus is
+    # not read again. ctime cannot be set back by tools that preserve mtime (cp -p, rsync, touch -d), and a record
+    # is only stored for files older than _RACY_NS, so a write in the same timestamp tick as the hash is not missed.
+    started = _now_ns()
+    stats = _stat_key(files, root, text_field)
+    record = hash_cache / f"{stats}.json" if hash_cache is not None else None
+    if record is not None and record.is_file():
+        remembered = json.loads(record.read_text())
+        content_hash, n_bytes = remembered["content_hash"], remembered["n_bytes"]
+    else:
+        content_hash, n_bytes = _hash_files(files, root, text_field)
+        newest = max(max(p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in files)
+        if record is not None and _stat_key(files, root, text_field) == stats and newest < started - _RACY_NS:
+            atomic_write_bytes(record, json.dumps({"content_hash": content_hash, "n_bytes": n_bytes}).encode())
+
+    def documents() -> Iterator[str]:
+        for path in files:
+            yield from read_documents(path, text_field)
+
+    return ResolvedSource(name, content_hash, n_bytes, documents, description)
+
+
+_RACY_NS = 2_000_000_000
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+def _stat_key(files: list[Path], root: Path, text_field: str) -> str:
+    digest = hashlib.sha256(f"stat\0{text_field}\0{root.resolve()}\0".encode())
+    for path in files:
+        st = path.stat()
+        digest.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        digest.update(f"{st.st_ctime_ns}\0{st.st_ino}\0{st.st_dev}\0".encode())
+    return digest.hexdigest()[:32]
+
+
+def _hash_files(files: list[Path], root: Path, text_field: str) -> tuple[str, int]:
+    """Content hash of the files (relative names and bytes) and their total size."""
     digest = hashlib.sha256(f"local\0{text_field}\0".encode())
     n_bytes = 0
     for path in files:
@@ -138,12 +188,7 @@ def _local_source(name: str, files: list[Path], root: Path, text_field: str, des
                 digest.update(block)
                 n_bytes += len(block)
         digest.update(b"\0")
-
-    def documents() -> Iterator[str]:
-        for path in files:
-            yield from read_documents(path, text_field)
-
-    return ResolvedSource(name, digest.hexdigest(), n_bytes, documents, description)
+    return digest.hexdigest(), n_bytes
 
 
 def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:

@@ -1,8 +1,10 @@
 """Reading text, JSONL, Parquet, folders, globs, HF datasets and the stdlib corpus; bad input names its file."""
 
 import json
+import os
 import re
 import sysconfig
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -141,3 +143,39 @@ def test_jsonl_extra_fields_and_blank_lines_are_fine(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": "a", "meta": [1]}) + "\n\n" + json.dumps({"text": "b"}))
     assert documents(path) == ["a", "b"]
+
+
+def test_unchanged_files_are_not_hashed_again(tmp_path, helpers, monkeypatch):
+    from moe.data import sources
+
+    folder = helpers.write_text_folder(tmp_path / "docs", helpers.make_documents(5))
+    cache = tmp_path / "hashes"
+    # As if the corpus was written long before this run: only then is its stat record trusted.
+    monkeypatch.setattr(sources, "_now_ns", lambda: time.time_ns() + 10**11)
+    first = resolve_source(Source(str(folder)), hash_cache=cache)
+    real_hash = sources._hash_files
+
+    def must_not_hash(*args):
+        raise AssertionError("an unchanged corpus was read again")
+
+    monkeypatch.setattr(sources, "_hash_files", must_not_hash)
+    second = resolve_source(Source(str(folder)), hash_cache=cache)
+    assert (second.content_hash, second.n_bytes) == (first.content_hash, first.n_bytes)
+
+    # Same size, mtime set back: the stat record changes anyway (ctime), so the content is hashed again.
+    path = folder / "doc0001.txt"
+    old = path.stat()
+    path.write_text(path.read_text().swapcase())
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert path.stat().st_size == old.st_size
+    monkeypatch.setattr(sources, "_hash_files", real_hash)
+    changed = resolve_source(Source(str(folder)), hash_cache=cache)
+    assert changed.content_hash != first.content_hash
+    assert changed.content_hash == resolve_source(Source(str(folder))).content_hash
+
+
+def test_fresh_files_are_hashed_every_time(tmp_path, helpers):
+    # A file written in the same timestamp tick as its hash could change again without a new mtime: not trusted.
+    folder = helpers.write_text_folder(tmp_path / "docs", helpers.make_documents(3))
+    resolve_source(Source(str(folder)), hash_cache=tmp_path / "hashes")
+    assert not (tmp_path / "hashes").exists() or not list((tmp_path / "hashes").iterdir())
