@@ -39,6 +39,8 @@ DEFAULT_CORPUS_MAX_BYTES = 16_000_000
 # long before a large corpus is exhausted, and training time grows with the text.
 TOKENIZER_TRAINING_BYTES = 1 << 30
 DEFAULT_PROMPTS = ["def fibonacci(n):\n", "import os\n\n", "class Stack:\n    "]
+# Tokens per read of the unigram baseline's counting, bounding its memory on any corpus size.
+_BASELINE_CHUNK_TOKENS = 1 << 24
 _VAL_SPLIT_STREAM = 0  # SeedSequence tag; the mixture schedule uses 1 and 2
 
 
@@ -339,10 +341,16 @@ class TextDataModule(pl.LightningDataModule):
         for file, train, val, source in zip(self._files, self._train_windows, self._val_windows, self.sources):
             tokens = file.open()
             n = len(train) + len(val)
-            # All labels of all windows, minus those of validation windows, are the training labels.
-            counts = np.bincount(np.asarray(tokens[1 : n * T + 1]), minlength=V).astype(np.float64)
-            val_labels = np.asarray(tokens)[val[:, None] * T + 1 + np.arange(T)].ravel()
-            source_val_counts = np.bincount(val_labels, minlength=V)
+            # All labels of all windows, minus those of validation windows, are the training labels. Counted in
+            # chunks: bincount widens to int64, so one call over a 100 GB corpus would need 4x that in RAM.
+            counts = np.zeros(V)
+            for start in range(1, n * T + 1, _BASELINE_CHUNK_TOKENS):
+                counts += np.bincount(tokens[start : min(start + _BASELINE_CHUNK_TOKENS, n * T + 1)], minlength=V)
+            source_val_counts = np.zeros(V)
+            per_chunk = max(1, _BASELINE_CHUNK_TOKENS // T)
+            for first in range(0, len(val), per_chunk):
+                labels = tokens[val[first : first + per_chunk, None] * T + 1 + np.arange(T)]  # [windows, T]
+                source_val_counts += np.bincount(labels.ravel(), minlength=V)
             counts -= source_val_counts
             probabilities += source.weight / total_weight * (counts + 1) / (counts.sum() + V)
             val_counts += source_val_counts

@@ -204,6 +204,36 @@ def test_unigram_baseline_matches_brute_force(sources, tmp_path):
     assert module.unigram_baseline() < math.log(V)
 
 
+class _BoundedReads:
+    """A token array that refuses whole-array reads and any read of more than `limit` tokens."""
+
+    def __init__(self, tokens, limit):
+        self.tokens, self.limit = tokens, limit
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole token array was read into memory")
+
+    def __getitem__(self, index):
+        got = np.asarray(self.tokens[index])
+        assert got.size <= self.limit, f"read {got.size} tokens at once"
+        return got
+
+
+def test_unigram_baseline_reads_in_bounded_chunks(sources, tmp_path, monkeypatch):
+    from moe.data import datamodule, datasets
+
+    module = make(sources, tmp_path)
+    expected = module.unigram_baseline()
+    limit = 5 * SEQ_LEN
+    monkeypatch.setattr(datamodule, "_BASELINE_CHUNK_TOKENS", limit)
+    real_open = datasets.TokenFile.open
+    monkeypatch.setattr(datasets.TokenFile, "open", lambda self: _BoundedReads(real_open(self), limit))
+    assert module.unigram_baseline() == pytest.approx(expected, rel=1e-12)
+
+
 def test_report_lists_every_source(sources, tmp_path):
     module = make(sources, tmp_path, trainer=fake_trainer(max_steps=100))
     report = module.report()
