@@ -118,11 +118,12 @@ def attend(q, k, v, window: int | None, backend: str = "auto") -> torch.Tensor:
 
 def cached_attention(q, k, v, query_positions, key_positions, window: int | None, backend: str = "auto"):
     """q (B, H, T, C) at query_positions (T,) over cached k/v (B, K, S, C) at key_positions (S,) -> (B, H, T, C).
-    Every query's own key is among the S, so no row of the mask is empty."""
+    Every query's own key is among the S, so no row of the mask is empty. sdpa runs in the cache's dtype (a
+    bf16 cache of a float32 model, or the reverse), casting the T queries rather than the S cached keys."""
     mask = position_mask(query_positions, key_positions, window)  # (T, S)
     if backend == "eager":
         return masked_eager_attention(q, k, v, mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, enable_gqa=True).to(q.dtype)
 
 
 class Attention(nn.Module):

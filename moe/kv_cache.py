@@ -41,7 +41,9 @@ class LayerKVCache:
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Append k, v (B, K, T, C) at `positions` (T,); return (keys, values, key_positions) for the T queries
-        to attend over: (B, K, S', C), (B, K, S', C), (S',), with masking left to the caller."""
+        to attend over: (B, K, S', C), (B, K, S', C), (S',), with masking left to the caller. The keys and values
+        come back in the buffers' dtype, whatever k and v's."""
+        k, v = k.to(self.keys.dtype), v.to(self.values.dtype)  # no-ops when the dtypes agree
         T = k.shape[2]
         if self.rolling and T > 1:
             # Writing first would overwrite keys that this chunk's earlier queries still see (a query at the
@@ -80,7 +82,8 @@ class KVCache:
     def for_model(cls, model, batch_size: int, max_len: int | None = None, device=None,
                   dtype: torch.dtype | None = None) -> KVCache:
         """Empty cache for up to max_len tokens per row (default: the config's max_seq_len), on the model's
-        device and in its parameter dtype unless given."""
+        device and, unless given, in the dtype its keys will have: the autocast dtype inside an autocast region
+        (bf16-mixed precision keeps float32 weights but computes keys in bf16), else the parameter dtype."""
         config = model.config
         max_len = config.max_seq_len if max_len is None else max_len
         if batch_size < 1:
@@ -89,7 +92,10 @@ class KVCache:
             raise ValueError(f"max_len must be positive, got {max_len}")
         weight = model.embed_tokens.weight
         device = weight.device if device is None else device
-        dtype = weight.dtype if dtype is None else dtype
+        if dtype is None:
+            device_type = torch.device(device).type
+            autocast = torch.is_autocast_enabled(device_type)
+            dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
         layers = [
             LayerKVCache(batch_size, config.n_kv_heads, config.head_dim, max_len, config.window_for_layer(i),
                          device, dtype)
