@@ -26,8 +26,10 @@ class GenerateSample(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        # global_step counts optimizer steps, so under gradient accumulation it repeats across micro-batches.
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+        # global_step counts optimizer steps, so under gradient accumulation it repeats across micro-batches (and
+        # is 0 before the first one); the last step's sample is the one on_train_end prints.
+        if (self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step and step > 0
+                and step != trainer.max_steps):
             self._last_step = step
             self._print(trainer, pl_module, f"sample at step {step}")
 

@@ -102,6 +102,7 @@ class LanguageModel(pl.LightningModule):
         Args:
             config: Model architecture: `moe.get_preset(name)` in Python, a configs/model/*.yaml file on the command line.
                 Its vocab_size and max_seq_len are linked to the data module's tokenizer and sequence length.
+                (A dict of its fields is accepted too: that is how checkpoints store it.)
             init_from: Start from these weights instead of a random initialisation: an HF model directory
                 (config.json + safetensors) or a Lightning checkpoint of this module. The architecture then comes
                 from that checkpoint; only the runtime fields of `config` (attention/expert backend, loss
@@ -125,6 +126,11 @@ class LanguageModel(pl.LightningModule):
             sampling: Generation settings for predict and for the sample printed after training.
         """
         super().__init__()
+        # Checkpoints hold these two as plain dicts (see below), which is what load_from_checkpoint passes back.
+        if isinstance(config, dict):
+            config = ModelConfig(**config)
+        if isinstance(sampling, dict):
+            sampling = Sampling(**sampling)
         if schedule not in SCHEDULES:
             raise ValueError(f"--model.schedule={schedule!r} is not one of {SCHEDULES}")
         if decay_shape not in DECAY_SHAPES:
@@ -136,12 +142,21 @@ class LanguageModel(pl.LightningModule):
             raise ValueError(f"--model.warmup_steps={warmup_steps} must be >= 0")
         self.save_hyperparameters()
         self.sampling = sampling or Sampling()
+        self.init_from = init_from
         self.model_config = self._resolve_config(config, init_from)
+        # The hyperparameters in a checkpoint rebuild this module around the checkpoint's own weights: the resolved
+        # architecture and no init_from (the weights it named are in the state dict; the path may be gone), as plain
+        # values so that torch.load(weights_only=True), the default, can read them. The logged hparams keep what
+        # was asked for.
+        self.hparams["config"] = dataclasses.asdict(self.model_config)
+        self.hparams["init_from"] = None
+        self.hparams["sampling"] = dataclasses.asdict(self.sampling)
         self.model: Transformer | None = None
         self._eval_sums: torch.Tensor | None = None
         self._meter: ThroughputMeter | None = None
         self._expert_tokens: torch.Tensor | None = None  # (L, E) assignments since the last report
         self._last_report_step = -1
+        self._tokens_seen_before = 0  # tokens seen by the run this one resumes, from its checkpoint
 
     # ------------------------------------------------------------------------------------------------ model
     @staticmethod
@@ -171,7 +186,7 @@ class LanguageModel(pl.LightningModule):
                 block.compile()
 
     def _build_model(self) -> Transformer:
-        init_from = self.hparams.init_from
+        init_from = self.init_from
         device = torch.get_default_device()
         if init_from is None:
             return Transformer(self.model_config)
@@ -220,6 +235,11 @@ class LanguageModel(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "tokenizer"):
             checkpoint["tokenizer"] = datamodule.tokenizer.to_str()
+        checkpoint["tokens_seen"] = self._meter.tokens_seen if self._meter is not None else self._tokens_seen_before
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # train/tokens_seen continues across a resume instead of restarting at zero.
+        self._tokens_seen_before = int(checkpoint.get("tokens_seen", 0))
 
     # ------------------------------------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
@@ -281,8 +301,18 @@ class LanguageModel(pl.LightningModule):
             peak = self.hparams.peak_tflops or device_peak_tflops(self.device, str(self.trainer.precision))
             flops = self.model_config.flops_per_token(input_ids.shape[1])
             self._meter = ThroughputMeter(flops, self.trainer.world_size, peak)
+            self._meter.tokens_seen = self._tokens_seen_before
             self._meter.start()
         return self._meter
+
+    # Validation inside fit is not training time: tokens/s, TFLOP/s and MFU leave it out of their window.
+    def on_validation_start(self) -> None:
+        if self._meter is not None:
+            self._meter.pause()
+
+    def on_validation_end(self) -> None:
+        if self._meter is not None:
+            self._meter.resume()
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -292,7 +322,9 @@ class LanguageModel(pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         step = self.trainer.global_step
-        if step == self._last_report_step or step % self.trainer.log_every_n_steps != 0:
+        # global_step counts optimizer steps: under gradient accumulation it stays 0 through the first
+        # micro-batches and repeats after each step, so report once, after a step, at the steps Lightning logs.
+        if step == 0 or step == self._last_report_step or step % self.trainer.log_every_n_steps != 0:
             return
         self._last_report_step = step
         metrics = self._meter.report() if self._meter is not None else {}
@@ -330,8 +362,10 @@ class LanguageModel(pl.LightningModule):
         if count == 0:
             return
         loss = total / count
-        self.log(f"{split}/loss", loss, prog_bar=True)
-        self.log(f"{split}/ppl", math.exp(min(loss, 100.0)))
+        # Already reduced over processes, so the mean sync_dist takes is the same value; asking for it keeps
+        # Lightning from warning that epoch-level metrics are not synchronised.
+        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{split}/ppl", math.exp(min(loss, 100.0)), sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:
         self._eval_start()

@@ -58,9 +58,21 @@ class ThroughputMeter:
         self.tokens_seen = 0  # over all ranks
         self._window_start: float | None = None
         self._window_tokens = 0
+        self._paused_at: float | None = None
 
     def start(self) -> None:
         self._window_start, self._window_tokens = time.perf_counter(), 0
+
+    def pause(self) -> None:
+        """Stop the clock (e.g. for validation) until `resume`."""
+        if self._paused_at is None:
+            self._paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        if self._paused_at is not None:
+            if self._window_start is not None:
+                self._window_start += time.perf_counter() - self._paused_at
+            self._paused_at = None
 
     def update(self, global_tokens: int) -> None:
         self.tokens_seen += global_tokens

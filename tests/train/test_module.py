@@ -10,8 +10,10 @@ from torch.utils.data import DataLoader
 
 from moe import get_preset
 from moe.hf import save_hf_checkpoint
-from moe.train import LanguageModel
+from moe.train import LanguageModel, throughput
+from moe.train.callbacks import GenerateSample
 from moe.train.schedule import warmup_cosine
+from moe.train.throughput import ThroughputMeter
 
 TINY = get_preset("tiny-moe", vocab_size=64, d_model=64, n_layers=2, n_heads=4, ffn_dim=64, max_seq_len=32,
                   n_experts=4)
@@ -30,6 +32,14 @@ class PatternData(pl.LightningDataModule):
         if max_id is not None:
             self.tokens[0, 0] = max_id
         self.batch_size, self.n_vocab = batch_size, vocab
+        # What GenerateSample reads: prompts, a tokenizer and EOS.
+        self.prompts, self.eos_id = ["ab"], None
+
+    def encode(self, text):
+        return [ord(c) % 64 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(48 + i) for i in ids)
 
     def max_token_id(self):
         return int(self.tokens.max())
@@ -208,3 +218,74 @@ def test_compiled_blocks_match_eager():
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     for g_compiled, g_eager in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-6)
+
+
+def test_load_from_checkpoint_without_the_init_source_or_unpickling(tmp_path):
+    trainer_ = trainer(max_steps=1, limit_val_batches=0)
+    trainer_.fit(LanguageModel(TINY, warmup_steps=1), datamodule=PatternData())
+    trainer_.save_checkpoint(tmp_path / "init.ckpt")
+    module = LanguageModel(get_preset("tiny-dense"), init_from=str(tmp_path / "init.ckpt"), warmup_steps=1)
+    t = trainer(max_steps=2, limit_val_batches=0)
+    t.fit(module, datamodule=PatternData())
+    t.save_checkpoint(tmp_path / "run.ckpt")
+    (tmp_path / "init.ckpt").unlink()  # the run's checkpoint holds the weights and the resolved architecture
+    assert torch.load(tmp_path / "run.ckpt", weights_only=True)["hyper_parameters"]["init_from"] is None
+    loaded = LanguageModel.load_from_checkpoint(tmp_path / "run.ckpt")  # torch's default weights_only=True
+    assert loaded.model_config == module.model_config and loaded.model_config.n_experts == 4
+    for (name, p), q in zip(loaded.model.state_dict().items(), module.model.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+class CaptureExpertLoad:
+    def __init__(self, module):
+        self.reports, self._log = [], module._log_expert_load
+        module._log_expert_load = self
+
+    def __call__(self, tokens):
+        self.reports.append(tokens.clone())
+        self._log(tokens)
+
+
+def test_expert_load_and_tokens_cover_every_micro_batch_under_accumulation():
+    module = LanguageModel(TINY, warmup_steps=1)
+    capture = CaptureExpertLoad(module)
+    t = trainer(max_steps=4, accumulate_grad_batches=2, log_every_n_steps=2, limit_val_batches=0)
+    t.fit(module, datamodule=PatternData())
+    # One report per two optimizer steps, each counting the top-2 assignments of 2 steps x 2 micro-batches.
+    assert len(capture.reports) == 2
+    for tokens in capture.reports:
+        assert tokens.sum(dim=1).tolist() == [2 * 2 * 8 * 32 * TINY.top_k] * TINY.n_layers
+    assert float(t.callback_metrics["train/tokens_seen"]) == 4 * 2 * 8 * 32
+
+
+def test_tokens_seen_continues_after_a_resume(tmp_path):
+    t = trainer(max_steps=2, log_every_n_steps=2, limit_val_batches=0)
+    t.fit(LanguageModel(TINY, warmup_steps=1), datamodule=PatternData())
+    t.save_checkpoint(tmp_path / "step2.ckpt")
+    t = trainer(max_steps=4, log_every_n_steps=2, limit_val_batches=0)
+    t.fit(LanguageModel(TINY, warmup_steps=1), datamodule=PatternData(), ckpt_path=tmp_path / "step2.ckpt")
+    assert float(t.callback_metrics["train/tokens_seen"]) == 4 * 8 * 32
+
+
+def test_validation_time_is_left_out_of_the_throughput_window(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: now[0])
+    module = LanguageModel(TINY)
+    module._meter = ThroughputMeter(1e9, world_size=1, peak_tflops=None)
+    module._meter.start()
+    module._meter.update(1000)
+    now[0] += 1.0  # training
+    module.on_validation_start()
+    now[0] += 9.0  # validating
+    module.on_validation_end()
+    now[0] += 1.0  # training
+    assert module._meter.report()["tokens_per_s"] == pytest.approx(1000 / 2.0)
+
+
+def test_samples_after_optimizer_steps_and_once_at_the_end(capsys):
+    module = LanguageModel(TINY, warmup_steps=1)
+    module.sampling.max_new_tokens = 2
+    t = trainer(max_steps=4, accumulate_grad_batches=2, limit_val_batches=0, callbacks=[GenerateSample(2)])
+    t.fit(module, datamodule=PatternData())
+    titles = [line for line in capsys.readouterr().out.splitlines() if line.startswith("----- sample")]
+    assert titles == ["----- sample at step 2 -----", "----- sample after 4 steps -----"]
