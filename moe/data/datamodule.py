@@ -22,7 +22,7 @@ from moe.data.datasets import MixtureDataset, TokenFile, ValidationDataset
 from moe.data.mixture import SCHEDULE_VERSION, MixtureSchedule
 from moe.data.packing import n_windows, split_windows
 from moe.data.report import SourceRow, format_report
-from moe.data.sampler import GlobalBatchSampler
+from moe.data.sampler import EvalShardSampler, GlobalBatchSampler
 from moe.data.sources import STDLIB, DataError, ResolvedSource, Source, resolve_source
 from moe.data.token_cache import TokenCacheMeta, tokenize_source
 from moe.data.tokenizer import (
@@ -169,6 +169,11 @@ class TextDataModule(pl.LightningDataModule):
             return  # prompts need only the tokenizer
         self._prepare()
         self.batches_per_epoch()  # fail now, not at the first step, when the corpus is too small
+        n_val, world = sum(len(v) for v in self._val_windows), self._rank_and_world()[1]
+        if 0 < n_val < world:
+            raise DataError(
+                f"{n_val} validation sequences cannot give each of {world} devices one; raise val_fraction or set 0"
+            )
         if self._checkpoint_fingerprint is not None:
             self._check_fingerprint(self._checkpoint_fingerprint)
         # prepare_data() may have built everything already; the report is printed once, at the first setup.
@@ -220,14 +225,14 @@ class TextDataModule(pl.LightningDataModule):
 
     # ---- dataloaders --------------------------------------------------------------------------------------------
 
-    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int | None = None, **kwargs: Any) -> DataLoader:
         if self.num_workers > 0:
             # Workers are forked after the tokenizer used its Rust thread pool, which `tokenizers` answers with a
             # warning per worker; the workers never tokenize, so say so up front.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             **kwargs,
@@ -239,14 +244,17 @@ class TextDataModule(pl.LightningDataModule):
         batches = self.batches_per_epoch()
         dataset = MixtureDataset(self._files, self.seq_len, self._schedule, batches * self.global_batch_size())
         sampler = GlobalBatchSampler(dataset, self.batch_size, batches, rank, world, lambda: self.consumed_batches)
-        return self._loader(dataset, sampler=sampler, drop_last=True)
+        return self._loader(dataset, self.batch_size, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader | list:
         self._require_setup()
         dataset = ValidationDataset(self._files, self.seq_len, self._val_windows)
         if len(dataset) == 0:
             return []  # val_fraction 0 or sources of one sequence: Lightning then skips validation
-        return self._loader(dataset, shuffle=False)
+        rank, world = self._rank_and_world()
+        # The sampler yields whole batches (batch_size=None turns off the loader's batching); being a
+        # DistributedSampler, Lightning keeps it instead of padding ranks with repeated windows.
+        return self._loader(dataset, sampler=EvalShardSampler(dataset, self.batch_size, rank, world))
 
     def test_dataloader(self) -> DataLoader | list:
         # The held-out split: `test` reports the same loss as validation, e.g. for a checkpoint after training.

@@ -63,7 +63,7 @@ class MixtureDataset(_PackedDataset):
 
 
 class ValidationDataset(_PackedDataset):
-    """All held-out windows of all sources, source by source."""
+    """All held-out windows of all sources, source by source; a list of indices gets a batch of them."""
 
     def __init__(self, files: list[TokenFile], seq_len: int, val_windows: list[np.ndarray]):
         super().__init__(files, seq_len)
@@ -72,6 +72,9 @@ class ValidationDataset(_PackedDataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int | list[int]) -> dict[str, torch.Tensor]:
+        if isinstance(index, list):
+            items = [self[i] for i in index]
+            return {key: torch.stack([item[key] for item in items]) for key in items[0]}
         source, window_index = self.entries[index]
         return self._item(source, window_index, index)

@@ -113,6 +113,43 @@ def test_ranks_together_see_the_single_rank_global_batch(sources, tmp_path, worl
             assert torch.equal(torch.cat([per_rank[r][g][key] for r in range(world)]), batch[key])
 
 
+def as_lightning_would(loader, rank, world):
+    """The loader Lightning uses for validation on `rank` under DDP: it replaces a non-distributed sampler."""
+    from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler
+
+    if isinstance(loader.sampler, DistributedSampler):
+        return loader
+    sampler = _get_distributed_sampler(loader, False, 0, RunningStage.VALIDATING, num_replicas=world, rank=rank)
+    return _update_dataloader(loader, sampler, RunningStage.VALIDATING)
+
+
+@pytest.mark.parametrize("world,batch_size", [(1, 4), (2, 4), (3, 4), (4, 1), (3, 5)])
+def test_validation_under_ddp_sees_every_window_once(sources, tmp_path, world, batch_size):
+    single = make(sources, tmp_path, batch_size=batch_size)
+    expected = [b for batch in single.val_dataloader() for b in batch["input_ids"].tolist()]
+    seen, n_batches = [], set()
+    for rank in range(world):
+        module = make(sources, tmp_path, trainer=fake_trainer(rank, world), batch_size=batch_size)
+        batches = list(as_lightning_would(module.val_dataloader(), rank, world))
+        n_batches.add(len(batches))  # equal, so no rank waits in a collective for one that has finished
+        for batch in batches:
+            assert len(batch["index"]) <= max(batch_size, 2)
+            assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
+            seen += batch["input_ids"].tolist()
+    assert seen == expected and len(n_batches) == 1
+    assert len(expected) == sum(len(v) for v in single._val_windows)
+    assert len(expected) % 3 and len(expected) % 4  # so padding ranks to equal length would repeat windows
+
+
+def test_fewer_validation_sequences_than_devices(tmp_path, helpers):
+    path = helpers.write_jsonl(tmp_path / "d.jsonl", helpers.make_documents(40))
+    with pytest.raises(DataError, match="validation sequences"):
+        make([Source(str(path))], tmp_path, trainer=fake_trainer(0, 64), batch_size=1, val_fraction=0.01)
+
+
 def resume_points(module):
     per_epoch = module.batches_per_epoch()
     return [1, per_epoch - 1, per_epoch, per_epoch + 2]
