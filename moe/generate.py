@@ -10,9 +10,13 @@ Shapes: B batch, T prompt length, V vocabulary, n generated tokens.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from moe.kv_cache import KVCache
+from moe.moe_layer import MoELayer
 
 
 def _check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -58,6 +62,30 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def _dropless(model: torch.nn.Module) -> Iterator[None]:
+    """Route every token to all of its top-k experts (no capacity limit) inside the block."""
+    limited = [(layer, layer.capacity_factor) for layer in model.modules()
+               if isinstance(layer, MoELayer) and layer.capacity_factor is not None]
+    for layer, _ in limited:
+        layer.capacity_factor = None
+    try:
+        yield
+    finally:
+        for layer, capacity_factor in limited:
+            layer.capacity_factor = capacity_factor
+
+
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
@@ -69,6 +97,15 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     cache sized T + max_new_tokens (sliding-window layers keep only their window); the model runs in eval
     mode and gets its previous mode back afterwards. Only the prompt is held to the config's max_seq_len:
     generating past it is allowed, as in HF, though RoPE positions beyond training length may degrade output.
+
+    MoE layers trained with a capacity factor decode dropless: with a capacity, whether a token reaches its
+    experts depends on the other tokens of the same forward pass (the rest of the prompt, the other rows of the
+    batch), so a row's continuation would change with its batch-mates and a cached decode would not match the
+    same sequence run whole. HF export drops the capacity for the same reason.
+
+    The model runs eagerly, even where its blocks were compiled (the training module's compile=True): each
+    prompt length, cache layout and window would compile its own graphs of the block, spending minutes and
+    the recompile limit that the training graphs share.
     """
     _check_sampling_args(temperature, top_k, top_p)
     if max_new_tokens < 0:
@@ -81,9 +118,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     if max_new_tokens == 0:
         return input_ids.clone()
 
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model), _dropless(model), torch.compiler.set_stance("force_eager"):
         cache = KVCache.for_model(model, B, T + max_new_tokens)
         logits = model(input_ids, cache=cache).logits[:, -1]  # (B, V)
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -98,5 +133,3 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
                 break
             logits = model(next_token[:, None], cache=cache).logits[:, -1]
         return torch.cat(tokens, dim=1)
-    finally:
-        model.train(was_training)

@@ -119,6 +119,40 @@ def test_chunked_prefill_matches_single_prefill(chunks):
     torch.testing.assert_close(torch.cat(ours, dim=1), torch.cat(expected, dim=1), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("capacity_factor", [0.25, 1.0])
+def test_capacity_factor_decodes_dropless(capacity_factor):
+    # A capacity drops assignments depending on the other tokens of the forward pass; dropless, each row's
+    # continuation is that of the same weights with no capacity, recomputed whole at every step.
+    model = randomize(Transformer(tiny(**MOE, capacity_factor=capacity_factor)))
+    dropless = randomize(Transformer(tiny(**MOE)))
+    input_ids = prompt(2, 10)
+    expected, _ = greedy_without_cache(dropless, input_ids, 12)
+    torch.testing.assert_close(generate(model, input_ids, 12, temperature=0), expected, rtol=0, atol=0)
+    assert all(layer.mlp.capacity_factor == capacity_factor for layer in model.layers)  # given back
+
+
+def test_generation_runs_compiled_blocks_eagerly():
+    # The training module's compile=True compiles each block; generating must neither compile graphs for the
+    # cached forward nor change what it produces.
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model, input_ids, n = greedy_case("layer_windows")
+    expected = generate(model, input_ids, n, temperature=0)
+    for block in model.layers:
+        block.compile(backend=counting_backend)
+    model.train()
+    model(input_ids).logits.sum().backward()  # the training graph
+    compiled = len(graphs)
+    assert compiled > 0
+    torch.testing.assert_close(generate(model, input_ids, n, temperature=0), expected, rtol=0, atol=0)
+    model(input_ids).logits.sum().backward()
+    assert len(graphs) == compiled and model.training
+
+
 # ---------------------------------------------------------------------------------------------------- HF
 HF_DIMS = {"vocab_size": 96, "d_model": 32, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
            "max_seq_len": 64}
