@@ -281,6 +281,10 @@ FREQUENCY_CASES = {
     "t=0.7,top_k=3": (0.7, 3, None, [0, 1, 4]),
     # At t=1 the probabilities are about (0.12, 0.33, 0.05, 0.07, 0.43): 0.43 < 0.6 <= 0.43 + 0.33.
     "t=1,top_p=0.6": (1.0, None, 0.6, [1, 4]),
+    # The nucleus is taken after tempering: at t=1 these p would keep [1, 4] in both cases. At t=0.5 the top
+    # token alone has 0.58 >= 0.5; at t=2 the cumulative mass runs 0.32, 0.60, 0.77, so p = 0.7 keeps three.
+    "t=0.5,top_p=0.5": (0.5, None, 0.5, [4]),
+    "t=2,top_p=0.7": (2.0, None, 0.7, [0, 1, 4]),
 }
 
 
