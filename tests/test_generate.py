@@ -76,6 +76,8 @@ GREEDY_CASES = {
     "window_wraps": (tiny(sliding_window=4), 10, 14),
     "window_eager": (tiny(sliding_window=4, attention_backend="eager"), 10, 14),
     "moe_window": (tiny(**MOE, sliding_window=3, n_kv_heads=1), 10, 12),
+    # 10 + 12 tokens against max_seq_len = 16: only the prompt is held to it; RoPE and the cache go on past it.
+    "past_max_seq_len": (tiny(max_seq_len=16, layer_windows=[4, None]), 10, 12),
     "tiny_moe_grouped": ("grouped", 8, 8),
     "tiny_moe_loop": ("loop", 8, 8),
 }
