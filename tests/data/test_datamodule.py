@@ -91,6 +91,16 @@ def test_seed_determines_batches(sources, tmp_path):
     a, b, c = first_batches(1), first_batches(1), first_batches(2)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    # The held-out split follows the seed too.
+    val = [[w.tolist() for w in make(sources, tmp_path, seed=seed)._val_windows] for seed in (1, 1, 2)]
+    assert val[0] == val[1] and all(x != y for x, y in zip(val[0], val[2]))
+
+
+def test_mixture_follows_the_source_weights(sources, tmp_path):
+    module = make(sources, tmp_path)
+    block = module._schedule.block_size
+    counts = Counter(module._schedule(k)[0] for k in range(2 * block))
+    assert counts[0] == 2 * block // 4 and counts[1] == 2 * block * 3 // 4  # weights 1 and 3
 
 
 def test_validation_windows_never_train(sources, tmp_path):
@@ -188,7 +198,14 @@ def original_kwargs(module):
 
 
 @pytest.mark.parametrize(
-    "change,field", [({"seq_len": 8}, "seq_len"), ({"seed": 8}, "seed"), ({"batch_size": 2}, "global_batch_size")]
+    "change,field",
+    [
+        ({"seq_len": 8}, "seq_len"),
+        ({"seed": 8}, "seed"),
+        ({"batch_size": 2}, "global_batch_size"),
+        ({"val_fraction": 0.2}, "val_fraction"),
+        ({"vocab_size": 300}, "tokenizer"),
+    ],
 )
 def test_resume_with_changed_pipeline_says_what_changed(sources, tmp_path, change, field):
     state = make(sources, tmp_path).state_dict()

@@ -62,8 +62,15 @@ def test_seed_determines_schedule():
         schedule = MixtureSchedule(windows_of([13, 29]), [0.4, 0.6], seed=seed)
         return [schedule(k) for k in range(300)]
 
+    def per_source_order(samples):
+        return [[w for s, w in samples if s == source] for source in (0, 1)]
+
     assert stream(1) == stream(1)
-    assert stream(1) != stream(2)
+    # Both random choices follow the seed: which source fills each slot, and each source's window order.
+    assert [s for s, _ in stream(1)] != [s for s, _ in stream(2)]
+    for a, b in zip(per_source_order(stream(1)), per_source_order(stream(2))):
+        n = min(len(a), len(b))  # a partial block holds a seed-dependent number of each source's samples
+        assert a[:n] != b[:n]
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,9 @@ class RecordingModel(pl.LightningModule):
         self.seen.append((batch["index"].tolist(), batch["input_ids"].clone()))
         return self.embedding(batch["input_ids"]).square().mean()
 
+    def validation_step(self, batch, batch_idx):
+        pass
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
@@ -38,8 +41,10 @@ def fit(data_kwargs, max_steps, root, ckpt_path=None, every=None):
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
+        # Validation mid-epoch and a sanity check: their batches must not count as consumed training batches.
+        limit_val_batches=2,
+        val_check_interval=3,
+        num_sanity_val_steps=1,
         callbacks=callbacks,
         enable_checkpointing=bool(every),
     )
@@ -56,7 +61,7 @@ def test_trainer_resume_continues_the_stream(tmp_path, helpers, where):
         "seq_len": 16,
         "batch_size": 4,
         "num_workers": 0,
-        "val_fraction": 0.0,
+        "val_fraction": 0.1,
         "cache_dir": str(tmp_path / "cache"),
     }
     per_epoch = TextDataModule(**data_kwargs)
