@@ -1,6 +1,12 @@
 """The LightningModule: objective, schedule inside a Trainer, configure_model, init_from, checkpointing, logs."""
 
+import inspect
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -71,6 +77,10 @@ def test_objective_is_cross_entropy_plus_weighted_router_losses():
     aux = torch.stack([s.load_balancing_loss for s in out.moe]).mean()
     z = torch.stack([s.z_loss for s in out.moe]).mean()
     torch.testing.assert_close(loss, ce + 0.3 * aux + 0.05 * z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16-mixed: bf16 logits, cross-entropy in fp32
+        out = module.model(batch["input_ids"])
+        parts = module.objective(out, batch["labels"])
+    assert out.logits.dtype == torch.bfloat16 and parts["ce"].dtype == parts["loss"].dtype == torch.float32
 
 
 def test_configure_model_twice_keeps_the_model():
@@ -120,6 +130,36 @@ def test_short_fit_lowers_the_loss_and_logs():
                  "train/tokens_seen", "experts/max_over_mean", "experts/idle", "experts/layer_1/idle"):
         assert name in t.callback_metrics, name
     assert float(t.callback_metrics["train/tokens_seen"]) == 40 * 8 * 32
+    # The rate of the last update (step 39), as the optimizer used it.
+    assert float(t.callback_metrics["train/lr"]) == pytest.approx(3e-3 * warmup_cosine(39, 5, 40, 0.1))
+
+
+def test_grad_norm_is_logged_before_clipping():
+    t = trainer(max_steps=1, gradient_clip_val=1e-3, log_every_n_steps=1, limit_val_batches=0)
+    t.fit(LanguageModel(TINY, warmup_steps=1), datamodule=PatternData())
+    assert float(t.callback_metrics["train/grad_norm"]) > 0.1
+
+
+def test_validation_loss_is_the_token_mean_over_the_whole_set():
+    module = LanguageModel(TINY)
+    data = PatternData(batch_size=6)  # 16 validation rows: batches of 6, 6 and 4
+    t = trainer()
+    t.validate(module, datamodule=data)
+    rows = data.tokens[:16]
+    with torch.no_grad():
+        full = F.cross_entropy(module.model(rows[:, :-1]).logits.flatten(0, 1), rows[:, 1:].flatten())
+    assert float(t.callback_metrics["val/loss"]) == pytest.approx(float(full), rel=1e-6)
+
+
+def test_sampling_is_seeded():
+    module = LanguageModel(TINY)
+    module.configure_model()
+    module.sampling.temperature, module.sampling.top_k, module.sampling.top_p = 1.0, None, None
+    prompt = torch.tensor([1, 2, 3])
+    first = module.complete(prompt, eos_id=None)
+    assert module.complete(prompt, eos_id=None) == first
+    module.sampling.seed = 1
+    assert module.complete(prompt, eos_id=None) != first
 
 
 def test_expert_load_logs_match_the_counts():
@@ -147,6 +187,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in module.model.named_parameters()})
         assert [n for n, _ in module.model.named_parameters()] == list(grads[0])  # names unchanged
+    # The backward pass recomputed the block: its attention ran twice.
+    calls = []
+    module.model.layers[0].self_attn.register_forward_hook(lambda *args: calls.append(1))
+    module.objective(module.model(batch["input_ids"]), batch["labels"])["loss"].backward()
+    assert len(calls) == 2
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
 
@@ -209,6 +254,7 @@ def test_compiled_blocks_match_eager():
     eager.configure_model()
     compiled.configure_model()
     compiled.model.load_state_dict(eager.model.state_dict())
+    assert all(block._compiled_call_impl is not None for block in compiled.model.layers)
     batch = next(iter(PatternData().train_dataloader()))
     results = []
     for module in (eager, compiled):
@@ -289,3 +335,26 @@ def test_samples_after_optimizer_steps_and_once_at_the_end(capsys):
     t.fit(module, datamodule=PatternData())
     titles = [line for line in capsys.readouterr().out.splitlines() if line.startswith("----- sample")]
     assert titles == ["----- sample at step 2 -----", "----- sample after 4 steps -----"]
+
+
+def test_defaults_are_the_llama_recipe():
+    # Touvron et al. 2023, section 2.2: AdamW (0.9, 0.95), eps 1e-8 (our choice, torch's default), weight decay
+    # 0.1, 2000 warmup steps, cosine decay to 10% of the peak.
+    defaults = {name: p.default for name, p in inspect.signature(LanguageModel).parameters.items()}
+    assert defaults["betas"] == (0.9, 0.95) and defaults["eps"] == 1e-8 and defaults["weight_decay"] == 0.1
+    assert defaults["warmup_steps"] == 2000 and defaults["schedule"] == "cosine" and defaults["min_lr_ratio"] == 0.1
+
+
+def test_ddp_reduces_loss_expert_load_and_tokens_over_processes(tmp_path):
+    """Two CPU processes (gloo): the validation loss is the one of the whole validation set, the expert load and
+    tokens seen count both processes' batches, and no metric is left unsynchronised."""
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(Path(__file__).parent / "ddp_worker.py"), str(out)], cwd=tmp_path, env=env,
+                   check=True, timeout=300, capture_output=True)
+    seen = json.loads(out.read_text())
+    assert seen["val_loss"] == pytest.approx(seen["full_val_loss"], rel=1e-5)
+    tokens_per_step = 2 * 4 * 32  # processes x batch x sequence
+    assert seen["tokens_seen"] == 4 * tokens_per_step
+    assert seen["expert_tokens"] == [2 * tokens_per_step * TINY.top_k * TINY.n_layers] * 2  # two reports
+    assert not [w for w in seen["warnings"] if "sync_dist" in w]
