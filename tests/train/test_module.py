@@ -81,6 +81,8 @@ def test_objective_is_cross_entropy_plus_weighted_router_losses():
         out = module.model(batch["input_ids"])
         parts = module.objective(out, batch["labels"])
     assert out.logits.dtype == torch.bfloat16 and parts["ce"].dtype == parts["loss"].dtype == torch.float32
+    module.model.to(torch.bfloat16)  # bf16-true: no autocast to upcast the cross-entropy
+    assert module.objective(module.model(batch["input_ids"]), batch["labels"])["ce"].dtype == torch.float32
 
 
 def test_configure_model_twice_keeps_the_model():
