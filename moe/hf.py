@@ -99,7 +99,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
         return {key: path / name for key, name in weight_map.items()}
     if (path / SINGLE_FILE).is_file():
         with safe_open(path / SINGLE_FILE, framework="pt") as f:
-            return {key: path / SINGLE_FILE for key in f.keys()}
+            return {key: path / SINGLE_FILE for key in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
     raise FileNotFoundError(f"no safetensors weights found: neither {path / SINGLE_FILE} nor {path / INDEX_FILE} "
                             "exists (only safetensors checkpoints are supported)")
 

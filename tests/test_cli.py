@@ -140,3 +140,12 @@ def test_presets_command(workdir, capsys):
     cli.main(["presets"])
     out = capsys.readouterr().out
     assert "mixtral-8x7b" in out and "46.7B" in out and "12.9B" in out
+
+
+def test_help_documents_model_fields_and_module_arguments(workdir, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Width of the residual stream (HF: hidden_size)." in out  # a ModelConfig field docstring
+    assert "Peak learning rate." in out  # LanguageModel's docstring
+    assert "Tokens per training sequence." in out  # TextDataModule's docstring
