@@ -5,13 +5,16 @@ composed with repeated `--config` (configs/model, configs/data, configs/trainer,
 overrides such as `--model.lr 1e-3` or `--trainer.max_steps 100`. The model's vocabulary size is linked to the
 data module's tokenizer and the data's sequence length to the model's `max_seq_len`, so neither is repeated.
 
-`moe presets` prints every model preset with its total and active parameter counts, computed from the config.
+`moe presets` prints every model preset with its total and active parameter counts, computed from the config;
+`moe export CKPT DIR` writes a checkpoint as an HF model directory.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
+import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
@@ -19,6 +22,9 @@ from moe.config import format_count
 from moe.data import TextDataModule
 from moe.presets import get_preset, preset_names
 from moe.train import LanguageModel
+from moe.train.export import export_to_hf
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def print_presets() -> None:
@@ -72,10 +78,27 @@ def build_cli(argv: list[str] | None = None, run: bool = True) -> MoECLI:
     )
 
 
+def export(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="moe export", description="Write a Lightning checkpoint of this "
+                                     "project as an HF model directory (weights, config.json, tokenizer).")
+    parser.add_argument("checkpoint", help="a .ckpt written by `fit`, e.g. runs/quickstart/version_0/checkpoints/last.ckpt")
+    parser.add_argument("out_dir", help="directory to write; AutoModelForCausalLM/AutoTokenizer load it")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: float32)")
+    args = parser.parse_args(argv)
+    try:
+        out = export_to_hf(args.checkpoint, args.out_dir, DTYPES.get(args.dtype))
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     # Returns None: the installed `moe` script exits with main()'s return value.
-    if (sys.argv[1:] if argv is None else argv)[:1] == ["presets"]:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["presets"]:
         print_presets()
+    elif args[:1] == ["export"]:
+        export(args[1:])
     else:
         build_cli(argv)
 

@@ -11,8 +11,10 @@ import pytest
 import torch
 import yaml
 from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cli
+from moe.train.export import load_lightning_checkpoint
 
 ROOT = Path(__file__).parent.parent
 QUICKSTART = ["--config", str(ROOT / "configs/model/tiny-moe.yaml"), "--config", str(ROOT / "configs/data/stdlib.yaml"),
@@ -134,6 +136,25 @@ def test_fit_validate_test_predict(workdir, capsys):
         assert f"{'val' if command == 'validate' else 'test'}/loss" in capsys.readouterr().out
     cli.main(["predict", *tiny_run_args(workdir), "--ckpt_path", ckpt])
     assert "----- 'def ' -----" in capsys.readouterr().out
+
+    # Export: transformers loads the directory and computes the checkpoint's logits with its tokenizer.
+    cli.main(["export", ckpt, str(workdir / "hf")])
+    hf_model = AutoModelForCausalLM.from_pretrained(workdir / "hf")
+    hf_tokenizer = AutoTokenizer.from_pretrained(workdir / "hf")
+    model, tokenizer = load_lightning_checkpoint(ckpt)
+    text = "def value(self):\n    return count"
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    assert hf_tokenizer.encode(text) == ids
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(torch.tensor([ids])).logits, model(torch.tensor([ids])).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_export_errors_name_the_file(workdir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["export", str(workdir / "missing.ckpt"), str(workdir / "out")])
+    assert exit_.value.code == 2 and "missing.ckpt" in capsys.readouterr().err
+    assert not (workdir / "out").exists()
 
 
 def test_presets_command(workdir, capsys):
