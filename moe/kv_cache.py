@@ -15,6 +15,8 @@ Shapes: B batch, T new tokens, K key/value heads, S slots, C head dim.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 # Position recorded in an empty slot. It is larger than any query position, so the causal test (key position
@@ -60,6 +62,15 @@ class LayerKVCache:
         used = min(self.length, self.n_slots)  # slots past `used` are empty; skip them
         return self.keys[:, :, :used], self.values[:, :, :used], self.positions[:used]
 
+    def select_rows(self, rows: torch.Tensor) -> LayerKVCache:
+        """A new layer cache whose row i is a copy of this one's row rows[i] (rows: (B',) indices, repeats
+        allowed); slot positions and length are shared by all rows, so they carry over unchanged."""
+        selected = copy.copy(self)
+        selected.keys = self.keys.index_select(0, rows)
+        selected.values = self.values.index_select(0, rows)
+        selected.positions = self.positions.clone()
+        return selected
+
     def _write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, first: int) -> None:
         """Write k, v (B, K, T, C) as tokens number first .. first + T - 1, T <= S."""
         T = k.shape[2]
@@ -102,6 +113,11 @@ class KVCache:
             for i in range(config.n_layers)
         ]
         return cls(layers, max_len)
+
+    def select_rows(self, rows: torch.Tensor) -> KVCache:
+        """A new cache whose row i continues this cache's row rows[i] (rows: (B',) indices into the batch,
+        repeats allowed): e.g. one prefilled context repeated once per candidate continuation."""
+        return KVCache([layer.select_rows(rows) for layer in self.layers], self.max_len)
 
     @property
     def length(self) -> int:

@@ -172,6 +172,27 @@ def test_chunked_forward_matches_forward_without_cache(name, schedule):
     torch.testing.assert_close(torch.cat(logits, dim=1), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", MODELS)
+@torch.no_grad()
+def test_select_rows_continues_each_selected_row(name):
+    """Prefill two prompts, repeat their rows (0, 0, 1, 1, 1) and append a different chunk to each copy: every
+    row must match the whole sequence run without a cache (the rolling window of moe_window included)."""
+    torch.manual_seed(0)
+    model = build_model(tiny(**MODELS[name])).eval()
+    gen = torch.Generator().manual_seed(3)
+    prompts = torch.randint(0, V, (2, 7), generator=gen)
+    rows = torch.tensor([0, 0, 1, 1, 1])
+    chunks = torch.randint(0, V, (5, 4), generator=gen)
+    cache = KVCache.for_model(model, batch_size=2, max_len=11)
+    model(prompts, cache=cache)
+    selected = cache.select_rows(rows)
+    assert selected.length == 7 and cache.layers[0].keys.shape[0] == 2
+    logits = model(chunks, cache=selected).logits  # (5, 4, V)
+    expected = model(torch.cat([prompts[rows], chunks], dim=1)).logits[:, 7:]
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert selected.length == 11 and cache.length == 7  # the original cache is left as it was
+
+
 EXPLICIT_POSITIONS = {
     # Shifted: RoPE is relative, so only the cache's own bookkeeping (masks from stored positions) is at stake.
     "shifted_window": ({"sliding_window": 3}, list(range(100, 110))),
