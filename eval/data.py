@@ -1,0 +1,92 @@
+"""Rows of an evaluation task: from a local file or folder when one is given, else from the HF Hub dataset that
+lm-evaluation-harness uses for the task.
+
+Local layouts: a `.jsonl` / `.json` file of one JSON object per line (read here, so that a malformed line is
+reported with its file and line number), any other file `datasets` can read by extension (parquet, csv), or a
+folder holding `<split>.jsonl` or `<task>/<split>.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from eval.tasks import Task
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
+    """One dict per non-blank line of `path`, and the line numbers they came from; a bad line raises a
+    ValueError naming the file and line."""
+    rows, line_numbers = [], []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+            line_numbers.append(line_number)
+    return rows, line_numbers
+
+
+def resolve_local(task: Task, path: str | Path) -> Path:
+    """The data file for `task` at `path`: the file itself, or inside a folder `<split>.jsonl` or
+    `<task>/<split>.jsonl`. A FileNotFoundError lists the places looked at."""
+    path = Path(path)
+    candidates = [path] if not path.is_dir() else [path / f"{task.split}.jsonl",
+                                                    path / task.name / f"{task.split}.jsonl"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no data for task {task.name!r}; looked for: {', '.join(map(str, candidates))}")
+
+
+def _read(task: Task, path: Path | None) -> tuple[list[dict], list[str]]:
+    """Rows and where each came from ("file:line" or "dataset row i"), for error messages."""
+    if path is not None and path.suffix in (".jsonl", ".json"):
+        rows, line_numbers = read_jsonl(path)
+        return rows, [f"{path}:{n}" for n in line_numbers]
+    import datasets
+
+    if path is not None:
+        rows = list(datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train"))
+        source = str(path)
+    else:
+        rows = list(datasets.load_dataset(task.hf_path, task.hf_name, split=task.split))
+        source = f"{task.hf_path} {task.hf_name or ''} {task.split}".replace("  ", " ")
+    return rows, [f"{source} row {i}" for i in range(len(rows))]
+
+
+def load_docs(task: Task, path: str | Path | None = None) -> list[dict]:
+    """The task's rows, preprocessed, in file order: from `path` (see resolve_local) or the HF Hub.
+
+    Every row is checked by building its context, choices and gold answer now, so that a row lacking a field
+    fails here with its file and line rather than in the middle of scoring."""
+    rows, places = _read(task, None if path is None else resolve_local(task, path))
+    docs = []
+    for row, place in zip(rows, places):
+        try:
+            doc = task.preprocess(row) if task.preprocess is not None else row
+            choices = task.choices(doc)
+            gold = task.gold(doc)
+            if task.partial:
+                task.continuation(doc)
+            else:
+                task.context(doc)
+            if not 0 <= gold < len(choices):
+                raise ValueError(f"gold answer {gold} is not one of the {len(choices)} choices")
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
+            raise ValueError(f"{place}: malformed {task.name} row ({type(error).__name__}: {error})") from None
+        docs.append(doc)
+    return docs
+
+
+def data_path(task: Task, data_dir: str | Path | None, data_files: dict | None) -> Path | None:
+    """Where `task`'s rows come from: its entry in data_files, else data_dir, else None (the HF Hub)."""
+    if data_files and task.name in data_files:
+        return Path(data_files[task.name])
+    return None if data_dir is None else Path(data_dir)

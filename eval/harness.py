@@ -1,0 +1,122 @@
+"""Zero-shot evaluation of a causal LM on multiple-choice tasks, scored as lm-evaluation-harness 0.4 scores them
+(see eval/requests.py for the requests, eval/scoring.py for the forward passes and eval/metrics.py for the
+metrics)."""
+
+from __future__ import annotations
+
+import random
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from eval.data import data_path, load_docs
+from eval.metrics import TaskScores, item_scores
+from eval.requests import Item, build_items
+from eval.scoring import plan_batches, run_plan
+from eval.tasks import get_task
+from moe.generate import _dropless, _eval_mode  # the same eval-mode and dropless routing as generation
+
+EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+
+
+def default_eos_id(tokenizer) -> int:
+    """The id of the first of EOS_TOKENS in the tokenizer's vocabulary."""
+    for token in EOS_TOKENS:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    raise ValueError(f"the tokenizer has none of {', '.join(EOS_TOKENS)}; pass eos_id")
+
+
+def subsample(n: int, limit: int | None, seed: int) -> list[int]:
+    """All of range(n), or `limit` of them drawn with a fixed seed, in ascending order."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    if limit < 1:
+        raise ValueError(f"limit must be positive, got {limit}")
+    return sorted(random.Random(seed).sample(range(n), limit))
+
+
+def _supports_cache(model) -> bool:
+    return hasattr(model, "config") and hasattr(model, "embed_tokens")
+
+
+def _gather(obj, world_size: int) -> list:
+    """obj from every rank when torch.distributed runs this world, else just this rank's."""
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+    return [obj]
+
+
+def build_task_items(tasks: list[str], encode, prefix_id: int, data_dir=None, data_files=None,
+                     limit: int | None = None, seed: int = 1234) -> list[Item]:
+    """Tokenized items of every task, in task then document order."""
+    items = []
+    for name in tasks:
+        task = get_task(name)
+        docs = load_docs(task, data_path(task, data_dir, data_files))
+        items += build_items(task, docs, subsample(len(docs), limit, seed), encode, prefix_id)
+    return items
+
+
+def evaluate(model, tokenizer, tasks: list[str], data_dir: str | Path | None = None,
+             data_files: dict[str, str | Path] | None = None, limit: int | None = None, seed: int = 1234,
+             batch_tokens: int = 8192, share_context: bool = True, eos_id: int | None = None,
+             max_length: int | None = None, rank: int = 0, world_size: int = 1, return_requests: bool = False):
+    """Zero-shot scores {task: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr",] "n"}}.
+
+    model: called as model(ids) -> object with .logits (B, T, V); a moe.Transformer also shares contexts
+    through its KV cache. tokenizer: a `tokenizers.Tokenizer`. Rows come from data_files[task], else from
+    data_dir (holding <task>/validation.jsonl), else from the HF Hub. limit: score a fixed-seed subsample of
+    that many items per task. batch_tokens: tokens per forward pass, padding included. max_length: the
+    model's context (default model.config.max_seq_len); longer requests are left-truncated as in lm-eval.
+    share_context=False scores every choice's whole sequence (slower; same numbers).
+
+    Sharded: every rank passes its rank and world_size and all ranks must call this together; each runs its
+    share of one global plan and the same number of forward passes, and the scores are summed over ranks when
+    torch.distributed is initialised (else each rank returns its own share's scores).
+
+    return_requests=True returns (scores, requests) with requests {task: [{"index", "choice", "context",
+    "continuation", "loglikelihood"}, ...]} for every request scored (all ranks' when distributed).
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    eos_id = default_eos_id(tokenizer) if eos_id is None else eos_id
+    if max_length is None:
+        max_length = model.config.max_seq_len
+    share_context = share_context and _supports_cache(model)
+    tasks = list(dict.fromkeys(tasks))
+    for name in tasks:
+        get_task(name)  # an unknown name fails before any data is read
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    items = build_task_items(tasks, encode, eos_id, data_dir, data_files, limit, seed)
+    plan = plan_batches(items, max_length, batch_tokens, share_context)
+    stance = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
+    with torch.inference_mode(), _eval_mode(model), _dropless(model), stance:
+        lls, _ = run_plan(model, items, plan, max_length, eos_id, rank, world_size)
+
+    sync = world_size > 1 and dist.is_available() and dist.is_initialized()
+    scores = {name: TaskScores(get_task(name).metrics, sync) for name in tasks}
+    for i, item_lls in lls.items():
+        item = items[i]
+        scores[item.task].update(item_scores(item_lls, item.choice_chars, item.gold))
+    results = {name: scores[name].compute() for name in tasks}
+    if not return_requests:
+        return results
+    requests = {name: [] for name in tasks}
+    for rank_lls in _gather(lls, world_size):
+        for i, item_lls in rank_lls.items():
+            item = items[i]
+            for choice, ((context, continuation), ll) in enumerate(zip(item.requests, item_lls)):
+                requests[item.task].append({"index": item.index, "choice": choice, "context": context,
+                                            "continuation": continuation, "loglikelihood": ll})
+    for rows in requests.values():
+        rows.sort(key=lambda row: (row["index"], row["choice"]))
+    return results, requests

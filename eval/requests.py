@@ -1,0 +1,72 @@
+"""Log-likelihood requests of a multiple-choice task, as lm-evaluation-harness 0.4 builds and tokenizes them
+(lm_eval/api/task.py ConfigurableTask.construct_requests; lm_eval/api/model.py TemplateLM.loglikelihood and
+_encode_pair for causal models).
+
+A request is (context, continuation). Its tokens are those of the whole string: trailing whitespace of the
+context moves to the continuation (so " Paris" stays one word), and the continuation's tokens are
+encode(context + continuation)[len(encode(context)):], which keeps merges across the boundary exactly as the
+whole text tokenizes. An empty context is replaced by the prefix token (EOS here, as lm-eval's HF backend uses
+for tokenizers without BOS) unless the continuation already starts with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from eval.tasks import Doc, Task
+
+
+@dataclass(frozen=True)
+class Item:
+    """One document's requests: strings, tokens and what scoring needs (gold index, choice lengths)."""
+
+    task: str
+    index: int  # position of the document in the task's rows
+    requests: list[tuple[str, str]]  # (context, continuation) per choice
+    tokens: list[tuple[list[int], list[int]]]  # (context ids, continuation ids) per choice
+    gold: int
+    choice_chars: list[int]  # length in characters of each choice, the acc_norm divisor
+
+
+def doc_requests(task: Task, doc: Doc) -> list[tuple[str, str]]:
+    """(context, continuation) per choice of one document, zero-shot."""
+    choices = task.choices(doc)
+    if task.partial:
+        continuation = task.target_delimiter + task.continuation(doc)
+        return [(choice, continuation) for choice in choices]
+    context = task.context(doc)
+    return [(context, task.target_delimiter + choice) for choice in choices]
+
+
+def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str,
+                prefix_id: int) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) of one request, as lm-eval tokenizes it for a causal model."""
+    if context == "":
+        continuation_ids = encode(continuation)
+        if continuation_ids and continuation_ids[0] == prefix_id:
+            return continuation_ids[:1], continuation_ids[1:]
+        return [prefix_id], continuation_ids
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = encode(context + continuation)
+    context_ids = encode(context)
+    return context_ids, whole[len(context_ids):]
+
+
+def build_items(task: Task, docs: list[Doc], indices: list[int], encode: Callable[[str], list[int]],
+                prefix_id: int) -> list[Item]:
+    """Items for the documents at `indices`; a request whose continuation has no tokens is an error (lm-eval
+    asserts the same), as it would score 0 for every choice."""
+    items = []
+    for index in indices:
+        doc = docs[index]
+        requests = doc_requests(task, doc)
+        tokens = [encode_pair(encode, context, continuation, prefix_id) for context, continuation in requests]
+        for (context, continuation), (_, continuation_ids) in zip(requests, tokens):
+            if not continuation_ids:
+                raise ValueError(f"{task.name} row {index}: continuation {continuation!r} has no tokens")
+        items.append(Item(task.name, index, requests, tokens, task.gold(doc),
+                          [len(choice) for choice in task.choices(doc)]))
+    return items

@@ -1,0 +1,193 @@
+"""Log-likelihoods of tokenized multiple-choice items under a causal LM: the batching plan and the forward passes.
+
+Each request's input is lm-eval's: whole = context ids + continuation ids, input = whole[:-1] left-truncated to
+the model's max length ((whole)[-(max_length + 1):][:-1], lm_eval/models/huggingface.py
+HFLM._loglikelihood_tokens), and its score is the summed log-probability of the continuation ids at the last
+len(continuation) input positions.
+
+Two ways to run an item (all its choices together, so that an item is always complete on one rank):
+- shared: the inputs of all choices start with the same p tokens (p <= every context length). Those p tokens
+  are prefilled once into a KV cache, the cache row is repeated once per choice (KVCache.select_rows) and the
+  rest of every input runs right-padded in one batch: under causal attention padding after a token cannot
+  change it. A choice's first continuation token is scored from the prefill's last logit when its context is
+  exactly p tokens long. Items of one batch share a single p (all cache rows share positions): the smallest of
+  theirs, the rest of a longer shared part simply runs with the remainders.
+- full: every choice's whole input, right-padded, in one forward pass. Used when truncation applies (the
+  inputs then no longer start with the context), when the inputs share no first token, without a KV cache, or
+  when sharing is switched off.
+
+The plan is a deterministic list of batches computed identically on every rank; rank r runs batches r::world
+and then dummy forward passes until it has made as many calls as the busiest rank, so that collectives inside
+a sharded model's forward (FSDP's all-gathers) pair up on every rank.
+Shapes: B items, R requests (rows), T tokens, V vocabulary, N scored tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from eval.requests import Item
+from moe.kv_cache import KVCache
+
+SHARED, FULL = "shared", "full"
+FORWARD_CALLS = {SHARED: 2, FULL: 1}
+
+
+@dataclass(frozen=True)
+class Batch:
+    kind: str  # SHARED or FULL
+    items: tuple[int, ...]  # indices into the item list
+    prefix_len: int = 0  # p, shared batches only
+
+
+def _inputs(item: Item, max_length: int) -> list[list[int]]:
+    """lm-eval's model input per choice: (context + continuation)[-(max_length + 1):][:-1]."""
+    return [(context + continuation)[-(max_length + 1):][:-1] for context, continuation in item.tokens]
+
+
+def shareable_prefix(item: Item, max_length: int) -> int:
+    """Tokens p that every choice's input starts with and that precede every continuation (0: run in full)."""
+    if any(len(context) + len(continuation) > max_length + 1 for context, continuation in item.tokens):
+        return 0  # truncated inputs start mid-context, differently per choice
+    inputs = _inputs(item, max_length)
+    p = min(len(context) for context, _ in item.tokens)
+    for other in inputs[1:]:
+        common = next((i for i, (a, b) in enumerate(zip(inputs[0], other)) if a != b), min(len(inputs[0]),
+                                                                                           len(other)))
+        p = min(p, common)
+    return p
+
+
+def _pack(order: list[int], cost, batch_tokens: int) -> list[list[int]]:
+    """Consecutive runs of `order`, each as long as cost(run) <= batch_tokens allows (at least one item)."""
+    batches, current = [], []
+    for i in order:
+        if current and cost(current + [i]) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def plan_batches(items: list[Item], max_length: int, batch_tokens: int, share_context: bool) -> list[Batch]:
+    """The global list of batches: shared batches (longest shared prefix first), then full batches (longest
+    input first), each holding whole items and at most batch_tokens tokens per forward pass (padding
+    included) unless a single item needs more."""
+    lengths = [[len(x) for x in _inputs(item, max_length)] for item in items]
+    prefix = [shareable_prefix(item, max_length) if share_context else 0 for item in items]
+    shared = sorted((i for i in range(len(items)) if prefix[i] > 0), key=lambda i: (-prefix[i], -max(lengths[i]), i))
+    full = sorted((i for i in range(len(items)) if prefix[i] == 0), key=lambda i: (-max(lengths[i]), i))
+
+    def shared_cost(run):
+        p = min(prefix[i] for i in run)
+        rows = sum(len(lengths[i]) for i in run)
+        return max(len(run) * p, rows * max(max(lengths[i]) - p for i in run))
+
+    def full_cost(run):
+        return sum(len(lengths[i]) for i in run) * max(max(lengths[i]) for i in run)
+
+    plan = [Batch(SHARED, tuple(run), min(prefix[i] for i in run)) for run in _pack(shared, shared_cost, batch_tokens)]
+    plan += [Batch(FULL, tuple(run)) for run in _pack(full, full_cost, batch_tokens)]
+    return plan
+
+
+def forward_calls(plan: list[Batch], rank: int, world_size: int) -> int:
+    """Forward passes rank `rank` makes for its share of the plan (dummy passes not counted)."""
+    return sum(FORWARD_CALLS[batch.kind] for batch in plan[rank::world_size])
+
+
+def _right_pad(rows: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    width = max(1, max(len(row) for row in rows))
+    return torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long, device=device)
+
+
+def _sum_log_probs(logits: torch.Tensor, targets: list[int], request_of_token: list[int], n_requests: int):
+    """Per-request sums of log p(target) over scored positions: logits (N, V) -> (R,) float64 on the CPU."""
+    device = logits.device
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    picked = log_probs.gather(1, torch.tensor(targets, device=device)[:, None]).squeeze(1)  # (N,)
+    sums = torch.zeros(n_requests, dtype=torch.float64, device=device)
+    return sums.index_add_(0, torch.tensor(request_of_token, device=device), picked.double()).cpu()
+
+
+def _scored_positions(inputs: list[list[list[int]]], items: list[Item]):
+    """Per request: its input, the first scored input position and the continuation ids (the targets)."""
+    for item, item_inputs in zip(items, inputs):
+        for (_, continuation), x in zip(item.tokens, item_inputs):
+            yield x, len(x) - len(continuation), continuation
+
+
+def run_full(model, items: list[Item], max_length: int, pad_id: int, device) -> torch.Tensor:
+    """(R,) log-likelihoods of all choices of `items`, in item then choice order, one forward pass."""
+    inputs = [_inputs(item, max_length) for item in items]
+    flat = [x for item_inputs in inputs for x in item_inputs]
+    logits = model(_right_pad(flat, pad_id, device)).logits  # (R, T, V)
+    rows, positions, targets, owner = [], [], [], []
+    for r, (x, start, continuation) in enumerate(_scored_positions(inputs, items)):
+        rows += [r] * len(continuation)
+        positions += range(start, len(x))
+        targets += continuation
+        owner += [r] * len(continuation)
+    selected = logits[torch.tensor(rows, device=device), torch.tensor(positions, device=device)]  # (N, V)
+    return _sum_log_probs(selected, targets, owner, len(flat))
+
+
+def run_shared(model, items: list[Item], prefix_len: int, max_length: int, pad_id: int, device) -> torch.Tensor:
+    """As run_full, prefilling the first prefix_len tokens of each item once (see the module docstring)."""
+    p = prefix_len
+    inputs = [_inputs(item, max_length) for item in items]
+    prefixes = [item_inputs[0][:p] for item_inputs in inputs]
+    row_item = [b for b, item_inputs in enumerate(inputs) for _ in item_inputs]
+    remainders = [x[p:] for item_inputs in inputs for x in item_inputs]
+    width = max(1, max(len(r) for r in remainders))
+    cache = KVCache.for_model(model, len(items), p + width)
+    last = model(_right_pad(prefixes, pad_id, device), cache=cache).logits[:, -1]  # (B, V)
+    cache = cache.select_rows(torch.tensor(row_item, device=device))
+    logits = model(_right_pad(remainders, pad_id, device), cache=cache).logits  # (R, T', V)
+    # Input position t of a request is the prefill's last logit when t = p - 1, else remainder position t - p.
+    from_prefill, from_rest, rest_rows, rest_positions, targets, owner = [], [], [], [], [], []
+    prefill_targets, prefill_owner = [], []
+    for r, (x, start, continuation) in enumerate(_scored_positions(inputs, items)):
+        offset = 0
+        if start == p - 1:
+            from_prefill.append(row_item[r])
+            prefill_targets.append(continuation[0])
+            prefill_owner.append(r)
+            offset = 1
+        rest_rows += [r] * (len(continuation) - offset)
+        rest_positions += range(start + offset - p, len(x) - p)
+        targets += continuation[offset:]
+        owner += [r] * (len(continuation) - offset)
+    selected = torch.cat([last[torch.tensor(from_prefill, dtype=torch.long, device=device)],
+                          logits[torch.tensor(rest_rows, dtype=torch.long, device=device),
+                                 torch.tensor(rest_positions, dtype=torch.long, device=device)]])  # (N, V)
+    return _sum_log_probs(selected, prefill_targets + targets, prefill_owner + owner, len(remainders))
+
+
+def run_plan(model, items: list[Item], plan: list[Batch], max_length: int, pad_id: int,
+             rank: int = 0, world_size: int = 1) -> tuple[dict[int, list[float]], int]:
+    """Run rank `rank`'s batches: {item index: log-likelihood per choice}, and the forward calls made
+    (dummy ones included: the same number on every rank)."""
+    device = next(model.parameters()).device
+    results, calls = {}, 0
+    for batch in plan[rank::world_size]:
+        batch_items = [items[i] for i in batch.items]
+        if batch.kind == SHARED:
+            lls = run_shared(model, batch_items, batch.prefix_len, max_length, pad_id, device)
+        else:
+            lls = run_full(model, batch_items, max_length, pad_id, device)
+        calls += FORWARD_CALLS[batch.kind]
+        start = 0
+        for i, item in zip(batch.items, batch_items):
+            results[i] = lls[start:start + len(item.tokens)].tolist()
+            start += len(item.tokens)
+    busiest = max(forward_calls(plan, r, world_size) for r in range(world_size))
+    for _ in range(busiest - calls):  # a rank short of work keeps its peers' collectives company
+        model(torch.tensor([[pad_id]], device=device))
+        calls += 1
+    return results, calls
