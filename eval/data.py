@@ -27,7 +27,7 @@ def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")  # noqa: TRY004 (bad data, not a bad argument)
             rows.append(row)
             line_numbers.append(line_number)
     return rows, line_numbers

@@ -58,5 +58,5 @@ class TaskScores:
             correct = float(self.correct[m].compute())
             out[m] = correct / n if n else math.nan
             out[f"{m}_stderr"] = binary_mean_stderr(correct, n)
-        out["n"] = int(round(n))
+        out["n"] = round(n)
         return out

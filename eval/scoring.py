@@ -78,6 +78,10 @@ def plan_batches(items: list[Item], max_length: int, batch_tokens: int, share_co
     """The global list of batches: shared batches (longest shared prefix first), then full batches (longest
     input first), each holding whole items and at most batch_tokens tokens per forward pass (padding
     included) unless a single item needs more."""
+    for item in items:
+        if any(len(continuation) > max_length for _, continuation in item.tokens):
+            raise ValueError(f"{item.task} row {item.index}: a continuation is longer than max_length={max_length} "
+                             "tokens, so no context fits before it")
     lengths = [[len(x) for x in _inputs(item, max_length)] for item in items]
     prefix = [shareable_prefix(item, max_length) if share_context else 0 for item in items]
     shared = sorted((i for i in range(len(items)) if prefix[i] > 0), key=lambda i: (-prefix[i], -max(lengths[i]), i))
@@ -150,7 +154,7 @@ def run_shared(model, items: list[Item], prefix_len: int, max_length: int, pad_i
     cache = cache.select_rows(torch.tensor(row_item, device=device))
     logits = model(_right_pad(remainders, pad_id, device), cache=cache).logits  # (R, T', V)
     # Input position t of a request is the prefill's last logit when t = p - 1, else remainder position t - p.
-    from_prefill, from_rest, rest_rows, rest_positions, targets, owner = [], [], [], [], [], []
+    from_prefill, rest_rows, rest_positions, targets, owner = [], [], [], [], []
     prefill_targets, prefill_owner = [], []
     for r, (x, start, continuation) in enumerate(_scored_positions(inputs, items)):
         offset = 0
