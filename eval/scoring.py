@@ -78,10 +78,6 @@ def plan_batches(items: list[Item], max_length: int, batch_tokens: int, share_co
     """The global list of batches: shared batches (longest shared prefix first), then full batches (longest
     input first), each holding whole items and at most batch_tokens tokens per forward pass (padding
     included) unless a single item needs more."""
-    for item in items:
-        if any(len(continuation) > max_length for _, continuation in item.tokens):
-            raise ValueError(f"{item.task} row {item.index}: a continuation is longer than max_length={max_length} "
-                             "tokens, so no context fits before it")
     lengths = [[len(x) for x in _inputs(item, max_length)] for item in items]
     prefix = [shareable_prefix(item, max_length) if share_context else 0 for item in items]
     shared = sorted((i for i in range(len(items)) if prefix[i] > 0), key=lambda i: (-prefix[i], -max(lengths[i]), i))
@@ -120,10 +116,14 @@ def _sum_log_probs(logits: torch.Tensor, targets: list[int], request_of_token: l
 
 
 def _scored_positions(inputs: list[list[list[int]]], items: list[Item]):
-    """Per request: its input, the first scored input position and the continuation ids (the targets)."""
+    """Per request: its input, the first scored input position and the continuation ids it scores (the targets).
+
+    A continuation longer than the max length (where lm-eval asserts) keeps only its last max_length tokens, so
+    that a small model's in-loop evaluation degrades instead of failing."""
     for item, item_inputs in zip(items, inputs):
         for (_, continuation), x in zip(item.tokens, item_inputs):
-            yield x, len(x) - len(continuation), continuation
+            start = max(0, len(x) - len(continuation))
+            yield x, start, continuation[len(continuation) - (len(x) - start):]
 
 
 def run_full(model, items: list[Item], max_length: int, pad_id: int, device) -> torch.Tensor:

@@ -114,3 +114,21 @@ def test_evaluate_on_two_ranks_sums_to_one_rank(model, tokenizer, evaldata):
         assert parts[0][task]["n"] + parts[1][task]["n"] == whole[task]["n"] == 10
         correct = sum(p[task]["acc"] * p[task]["n"] for p in parts if p[task]["n"])
         assert correct == pytest.approx(whole[task]["acc"] * 10)
+
+
+def test_continuation_longer_than_max_length_scores_its_last_tokens(model):
+    """Where lm-eval asserts, the last max_length continuation tokens are scored on the whole-sequence logits."""
+    import torch
+
+    from eval.requests import Item
+
+    context, continuation = [5, 6, 7], list(range(10, 22))  # 12 continuation tokens, max_length 8
+    item = Item("t", 0, [("c", "x")], [(context, continuation)], 0, [1])
+    plan = plan_batches([item], 8, batch_tokens=100, share_context=True)
+    assert [b.kind for b in plan] == [FULL]
+    lls, _ = run_plan(model, [item], plan, 8, pad_id=0)
+    whole = torch.tensor([context + continuation])
+    x = whole[:, -9:-1]  # the last 8 input tokens, which predict the last 8 continuation tokens
+    log_probs = model(x).logits.float().log_softmax(-1)[0]
+    expected = log_probs.gather(1, whole[0, -8:, None]).sum().item()
+    assert lls[0] == pytest.approx([expected], abs=1e-4)
