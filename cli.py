@@ -18,6 +18,7 @@ import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
+from eval.callback import ZeroShotEvaluation
 from moe.config import format_count
 from moe.data import TextDataModule
 from moe.presets import get_preset, preset_names
@@ -53,6 +54,9 @@ class MoECLI(LightningCLI):
         parser.link_arguments("data", "model.config.vocab_size", compute_fn=tokenizer_vocab_size,
                               apply_on="instantiate")
         parser.link_arguments("model.config.max_seq_len", "data.seq_len")
+        # Zero-shot evaluation is always registered and off until tasks are given (configs/eval/), so eval
+        # settings compose with any experiment's callback list instead of replacing it.
+        parser.add_lightning_class_args(ZeroShotEvaluation, "eval")
 
     def instantiate_classes(self) -> None:
         # Values that parse but do not make sense together (a config field, a data file) are reported like a

@@ -14,9 +14,11 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cli
+from eval import evaluate
 from moe.train.export import load_lightning_checkpoint
 
 ROOT = Path(__file__).parent.parent
+EVALDATA = ROOT.parent / "shared" / "evaldata"
 QUICKSTART = ["--config", str(ROOT / "configs/model/tiny-moe.yaml"), "--config", str(ROOT / "configs/data/stdlib.yaml"),
               "--config", str(ROOT / "configs/trainer/cpu.yaml"), "--config",
               str(ROOT / "configs/experiment/quickstart.yaml")]
@@ -113,7 +115,10 @@ def test_unknown_key_in_a_config_file_is_named(workdir, capsys):
 
 
 def test_fit_validate_test_predict(workdir, capsys):
-    cli.main(["fit", *tiny_run_args(workdir)])
+    in_loop_eval = ["--config", str(ROOT / "configs/eval/zero-shot.yaml"), "--eval.tasks", "[arc_easy, winogrande]",
+                    "--eval.limit", "8", "--eval.data_dir", str(EVALDATA), "--eval.at_validation", "false",
+                    "--eval.every_n_steps", "3"]
+    cli.main(["fit", *tiny_run_args(workdir), *in_loop_eval])
     out = capsys.readouterr().out
     assert "sample after 6 steps" in out and "unigram baseline" in out
     run = workdir / "runs" / "quickstart" / "version_0"
@@ -124,6 +129,11 @@ def test_fit_validate_test_predict(workdir, capsys):
     train_losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(train_losses) == 3
     assert any(r.get("val/loss") for r in rows) and any(r.get("perf/tokens_per_s") for r in rows)
+    # In-loop zero-shot evaluation at steps 3 and 6, logged and appended to the run's JSON lines.
+    assert len([r for r in rows if r.get("eval/arc_easy/acc_norm")]) == 2
+    assert "zero-shot (train, step 3)" in out
+    records = [json.loads(line) for line in (run / "zero_shot.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6] and records[0]["results"]["winogrande"]["n"] == 8
     # The vocabulary size was linked from the trained tokenizer.
     checkpoint = torch.load(checkpoints / "last.ckpt", weights_only=False)
     tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
@@ -134,6 +144,17 @@ def test_fit_validate_test_predict(workdir, capsys):
     for command in ("validate", "test"):
         cli.main([command, *tiny_run_args(workdir), "--ckpt_path", ckpt])
         assert f"{'val' if command == 'validate' else 'test'}/loss" in capsys.readouterr().out
+
+    # Evaluation-only run: the same scores as eval.evaluate on the checkpoint's model and tokenizer.
+    cli.main(["validate", *tiny_run_args(workdir), "--ckpt_path", ckpt, "--config",
+              str(ROOT / "configs/eval/zero-shot.yaml"), "--eval.tasks", "[arc_challenge, boolq]", "--eval.limit", "10",
+              "--eval.data_dir", str(EVALDATA)])
+    out = capsys.readouterr().out
+    assert "zero-shot (validate" in out and "eval/arc_challenge/acc_norm" in out
+    model, tokenizer = load_lightning_checkpoint(ckpt)
+    expected = evaluate(model, tokenizer, ["arc_challenge", "boolq"], data_dir=EVALDATA, limit=10)
+    record = json.loads((workdir / "runs/quickstart/version_3/zero_shot.jsonl").read_text().splitlines()[-1])
+    assert record["stage"] == "validate" and record["results"] == expected
     cli.main(["predict", *tiny_run_args(workdir), "--ckpt_path", ckpt])
     assert "----- 'def ' -----" in capsys.readouterr().out
 
