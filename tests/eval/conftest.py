@@ -4,6 +4,7 @@ repository), a small byte-level BPE trained on some of their text, and a seeded 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from eval import task_names
 from moe import build_model
 
-EVALDATA = Path(__file__).resolve().parents[3] / "shared" / "evaldata"
+# ../shared/evaldata beside the repository (the workspace layout); $MOE_EVAL_DATA where a clone lives elsewhere.
+_CANDIDATES = [os.environ.get("MOE_EVAL_DATA"), Path(__file__).resolve().parents[3] / "shared" / "evaldata",
+               "/work/shared/evaldata"]
+EVALDATA = next((Path(p) for p in _CANDIDATES if p and Path(p).is_dir()), Path(__file__).resolve().parents[3]
+                / "shared" / "evaldata")
 MAX_SEQ_LEN = 256
 
 
