@@ -7,12 +7,12 @@ a max length short enough that BoolQ passages are left-truncated."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 
 from eval import evaluate, task_names
 from eval.harness import subsample
+from eval.lm_eval_tasks import write_lm_eval_tasks
 from moe.hf import save_hf_checkpoint
 from moe.hf_tokenizer import save_hf_tokenizer
 
@@ -20,24 +20,6 @@ from .conftest import rows
 
 LIMIT, SEED = 24, 1234
 MAX_LENGTH = 224  # below the model's 256 and many BoolQ passages (truncation), above every continuation (PIQA: 203)
-# lm-eval's YAML for each task (relative to lm_eval/tasks), plus overrides where our file's layout differs.
-LM_EVAL_YAML = {"arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
-                "hellaswag": "hellaswag/hellaswag.yaml", "piqa": "piqa/piqa.yaml",
-                "winogrande": "winogrande/default.yaml", "boolq": "super_glue/boolq/default.yaml"}
-OVERRIDES = {"boolq": "doc_to_target: '{{answer | int}}'\n"}  # google/boolq's bool answer, super_glue's label
-
-
-def write_task_yamls(folder: Path, evaldata: Path) -> None:
-    import lm_eval
-
-    tasks_dir = Path(lm_eval.__file__).parent / "tasks"
-    for task, yaml in LM_EVAL_YAML.items():
-        (folder / f"ours_{task}.yaml").write_text(
-            f"include: {tasks_dir / yaml}\ntask: ours_{task}\ntag: []\ndataset_path: json\ndataset_name: null\n"
-            f"dataset_kwargs:\n  data_files:\n    validation: {evaldata / task / 'validation.jsonl'}\n"
-            f"training_split: null\ntest_split: null\n" + OVERRIDES.get(task, ""))
-
-
 @pytest.fixture(scope="module")
 def lm_eval_run(model, tokenizer, evaldata, tmp_path_factory):
     """lm-eval's results and logged samples for every shipped task on our fixed-seed subsample."""
@@ -49,9 +31,9 @@ def lm_eval_run(model, tokenizer, evaldata, tmp_path_factory):
     save_hf_checkpoint(model, hf_dir)
     save_hf_tokenizer(tokenizer, hf_dir, "<|endoftext|>", model.config.max_seq_len)
     yaml_dir = tmp_path_factory.mktemp("tasks")
-    write_task_yamls(yaml_dir, evaldata)
+    write_lm_eval_tasks(yaml_dir, evaldata)
     lm = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=32, max_length=MAX_LENGTH)
-    samples = {f"ours_{t}": subsample(len(rows(t)), LIMIT, SEED) for t in task_names()}
+    samples = {f"local_{t}": subsample(len(rows(t)), LIMIT, SEED) for t in task_names()}
     out = simple_evaluate(model=lm, tasks=list(samples), task_manager=TaskManager(include_path=str(yaml_dir)),
                           samples=samples, log_samples=True, num_fewshot=0, bootstrap_iters=1)  # mean: closed-form stderr
     return out
@@ -66,7 +48,7 @@ def ours(request, model, tokenizer, evaldata):
 def lm_eval_requests(lm_eval_run, task: str) -> list[tuple[int, int, str, str, float]]:
     """(doc index, choice, context, continuation, log-likelihood) per request lm-eval logged."""
     out = []
-    for sample in lm_eval_run["samples"][f"ours_{task}"]:
+    for sample in lm_eval_run["samples"][f"local_{task}"]:
         for choice, (args, resp) in enumerate(zip(sample["arguments"], sample["resps"])):
             out.append((sample["doc_id"], choice, args[0], args[1], resp[0][0]))
     return sorted(out)
@@ -87,7 +69,7 @@ def test_requests_and_loglikelihoods_match_lm_eval(lm_eval_run, ours, task):
 @pytest.mark.parametrize("task", task_names())
 def test_metrics_match_lm_eval(lm_eval_run, ours, task):
     results, _ = ours
-    theirs = lm_eval_run["results"][f"ours_{task}"]
+    theirs = lm_eval_run["results"][f"local_{task}"]
     assert results[task]["n"] == LIMIT
     metrics = [m for m in ("acc", "acc_norm") if f"{m},none" in theirs]
     assert metrics == (["acc"] if task in ("winogrande", "boolq") else ["acc", "acc_norm"])
