@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 NORM_TYPES = ("rmsnorm", "layernorm", "layernorm_nonparam")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "eager")
-EXPERT_BACKENDS = ("loop", "grouped", "megablocks")
+EXPERT_BACKENDS = ("auto", "loop", "grouped", "megablocks")
 
 
 @dataclass
@@ -75,8 +75,8 @@ class ModelConfig:
     """Weight of the router z-loss in the training objective."""
     capacity_factor: float | None = None
     """Expert capacity as a multiple of the even share of assignments; None = dropless."""
-    expert_backend: str = "grouped"
-    """'loop' (reference), 'grouped' (torch grouped matmul) or 'megablocks' (GPU, optional dependency)."""
+    expert_backend: str = "auto"
+    """'auto' (grouped on GPU, loop on CPU), 'loop' (reference), 'grouped' (torch grouped matmul) or 'megablocks'."""
 
     extra: dict = field(default_factory=dict)
     """Free-form metadata (for example the HF config a model was imported from); not used by the model."""

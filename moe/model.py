@@ -27,7 +27,7 @@ from moe.rope import RotaryEmbedding
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor  # (B, T, V), or (N, V) at the positions selected by forward's logits_at
     moe: list[MoEStats] = field(default_factory=list)  # one entry per MoE layer; empty for dense models
 
     @property
@@ -101,11 +101,14 @@ class Transformer(nn.Module):
             self.rotary.reset_parameters()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> ModelOutput:
+                cache: KVCache | None = None, logits_at: torch.Tensor | None = None) -> ModelOutput:
         """input_ids (B, T) -> logits (B, T, V) and the MoE layers' statistics.
 
         positions (T,) default to 0 .. T - 1, or with a cache to the T positions after the cached tokens.
-        With a cache the T tokens are appended to it and attend to everything cached before them."""
+        With a cache the T tokens are appended to it and attend to everything cached before them.
+        logits_at, a boolean (B, T) mask, computes logits only there: (N, V) for its N True entries in row-major
+        order. Scoring needs a few positions per sequence, and the output layer is a large share of a small
+        model's work."""
         T = input_ids.shape[1]
         if cache is not None:
             cache.check_room(T)
@@ -123,6 +126,8 @@ class Transformer(nn.Module):
                 x, stats = block(x, cos, sin, cache.layers[i], positions)
             if stats is not None:
                 moe_stats.append(stats)
+        if logits_at is not None:
+            x = x[logits_at]  # (N, D)
         x = self.norm(x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return ModelOutput(logits=F.linear(x, head), moe=moe_stats)

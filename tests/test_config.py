@@ -25,7 +25,7 @@ def tiny(**overrides) -> ModelConfig:
         (dict(norm_type="batchnorm"), "norm_type"),
         (dict(attention_backend="xformers"), "attention_backend"),
         (dict(n_experts=4, expert_backend="triton"), "expert_backend"),
-        (dict(n_experts=4, expert_ffn_dim=20), "expert_ffn_dim"),  # grouped matmul alignment
+        (dict(n_experts=4, expert_ffn_dim=20, expert_backend="grouped"), "expert_ffn_dim"),  # grouped matmul alignment
         (dict(vocab_size=0), "vocab_size"),
         (dict(d_model=30), "d_model"),  # not divisible by n_heads
         (dict(n_experts=4, capacity_factor=0.0), "capacity_factor"),

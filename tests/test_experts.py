@@ -114,3 +114,19 @@ def test_experts_store_weights_in_linear_layout():
     assert experts.n_experts == E
     assert experts.gate_proj.shape == experts.up_proj.shape == (E, FFN, D)
     assert experts.down_proj.shape == (E, D, FFN)
+
+
+def test_auto_backend_takes_the_loop_on_cpu(monkeypatch):
+    import moe.experts as experts_module
+
+    calls = []
+    for name in ("loop_experts", "grouped_experts"):
+        original = getattr(experts_module, name)
+        monkeypatch.setattr(experts_module, name,
+                            lambda *args, _name=name, _f=original: calls.append(_name) or _f(*args))
+    x = torch.randn(6, 16)
+    counts = torch.tensor([2, 0, 4])
+    weights = [torch.randn(3, 8, 16), torch.randn(3, 8, 16), torch.randn(3, 16, 8)]
+    torch.testing.assert_close(experts_module.auto_experts(x, counts, *weights),
+                               experts_module.loop_experts(x, counts, *weights))
+    assert calls[0] == "loop_experts"

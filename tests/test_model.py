@@ -188,3 +188,16 @@ def test_layer_windows_compose_reach():
     with torch.no_grad():
         diff = (model(x).logits - model(changed).logits)[0].abs().amax(-1)
     assert [t for t in range(12) if diff[t] > 1e-5] == [2, 3, 4, 5]
+
+
+def test_logits_at_selects_positions_of_the_full_output():
+    torch.manual_seed(0)
+    model = build_model("tiny-moe", n_layers=2, expert_backend="loop")
+    ids = torch.randint(0, 4096, (3, 9))
+    mask = torch.zeros(3, 9, dtype=torch.bool)
+    mask[0, [2, 8]] = True
+    mask[2, 0] = True
+    full = model(ids).logits
+    selected = model(ids, logits_at=mask).logits
+    assert selected.shape == (3, 4096)
+    torch.testing.assert_close(selected, full[mask])
