@@ -29,7 +29,7 @@ class ZeroShotEvaluation(pl.Callback):
         limit: int | None = None,
         seed: int = 1234,
         data_dir: str | None = None,
-        batch_tokens: int = 8192,
+        batch_tokens: int | None = None,
         output: str | None = None,
     ):
         """
@@ -41,7 +41,7 @@ class ZeroShotEvaluation(pl.Callback):
             seed: Seed of that subsample, so every evaluation of a run scores the same items.
             data_dir: Folder with <task>/validation.jsonl; None reads $MOE_EVAL_DATA, else the HF Hub datasets
                 lm-eval uses.
-            batch_tokens: Tokens per scoring batch (memory bound).
+            batch_tokens: Tokens per scoring batch; None picks one for the device (4096 on CPU, 65536 on GPU).
             output: JSON-lines file the results are appended to; None writes zero_shot.jsonl in the run's log
                 directory.
         """

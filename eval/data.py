@@ -61,28 +61,34 @@ def _read(task: Task, path: Path | None) -> tuple[list[dict], list[str]]:
     return rows, [f"{source} row {i}" for i in range(len(rows))]
 
 
-def load_docs(task: Task, path: str | Path | None = None) -> list[dict]:
-    """The task's rows, preprocessed, in file order: from `path` (see resolve_local) or the HF Hub.
+def read_rows(task: Task, path: str | Path | None = None) -> tuple[list[dict], list[str]]:
+    """The task's raw rows in file order, and where each came from ("file:line" or "dataset row i"): from `path`
+    (see resolve_local) or the HF Hub. A line that is not a JSON object fails here, naming file and line."""
+    return _read(task, None if path is None else resolve_local(task, path))
 
-    Every row is checked by building its context, choices and gold answer now, so that a row lacking a field
-    fails here with its file and line rather than in the middle of scoring."""
-    rows, places = _read(task, None if path is None else resolve_local(task, path))
-    docs = []
-    for row, place in zip(rows, places):
-        try:
-            doc = task.preprocess(row) if task.preprocess is not None else row
-            choices = task.choices(doc)
-            gold = task.gold(doc)
-            if task.partial:
-                task.continuation(doc)
-            else:
-                task.context(doc)
-            if not 0 <= gold < len(choices):
-                raise ValueError(f"gold answer {gold} is not one of the {len(choices)} choices")
-        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
-            raise ValueError(f"{place}: malformed {task.name} row ({type(error).__name__}: {error})") from None
-        docs.append(doc)
-    return docs
+
+def check_doc(task: Task, row: dict, place: str) -> dict:
+    """The preprocessed row, checked by building its context, choices and gold answer now, so that a row lacking
+    a field fails with its file and line rather than in the middle of scoring."""
+    try:
+        doc = task.preprocess(row) if task.preprocess is not None else row
+        choices = task.choices(doc)
+        gold = task.gold(doc)
+        if task.partial:
+            task.continuation(doc)
+        else:
+            task.context(doc)
+        if not 0 <= gold < len(choices):
+            raise ValueError(f"gold answer {gold} is not one of the {len(choices)} choices")
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
+        raise ValueError(f"{place}: malformed {task.name} row ({type(error).__name__}: {error})") from None
+    return doc
+
+
+def load_docs(task: Task, path: str | Path | None = None) -> list[dict]:
+    """Every row of the task, preprocessed and checked (check_doc), in file order."""
+    rows, places = read_rows(task, path)
+    return [check_doc(task, row, place) for row, place in zip(rows, places)]
 
 
 def data_path(task: Task, data_dir: str | Path | None, data_files: dict | None) -> Path | None:

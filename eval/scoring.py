@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from eval.requests import Item
 from moe.kv_cache import KVCache
+from moe.model import Transformer
 
 SHARED, FULL = "shared", "full"
 FORWARD_CALLS = {SHARED: 2, FULL: 1}
@@ -126,19 +127,28 @@ def _scored_positions(inputs: list[list[list[int]]], items: list[Item]):
             yield x, start, continuation[len(continuation) - (len(x) - start):]
 
 
+def _logits_at(model, ids: torch.Tensor, rows: list[int], positions: list[int], **kwargs) -> torch.Tensor:
+    """(N, V) logits at (rows[i], positions[i]), which must be in row-major order. Our Transformer computes the
+    output layer only there; any other causal LM computes all logits and they are picked afterwards."""
+    rows_t, positions_t = torch.tensor(rows, device=ids.device), torch.tensor(positions, device=ids.device)
+    if isinstance(model, Transformer):
+        mask = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        mask[rows_t, positions_t] = True
+        return model(ids, logits_at=mask, **kwargs).logits
+    return model(ids, **kwargs).logits[rows_t, positions_t]
+
+
 def run_full(model, items: list[Item], max_length: int, pad_id: int, device) -> torch.Tensor:
     """(R,) log-likelihoods of all choices of `items`, in item then choice order, one forward pass."""
     inputs = [_inputs(item, max_length) for item in items]
     flat = [x for item_inputs in inputs for x in item_inputs]
-    logits = model(_right_pad(flat, pad_id, device)).logits  # (R, T, V)
-    rows, positions, targets, owner = [], [], [], []
+    rows, positions, targets = [], [], []
     for r, (x, start, continuation) in enumerate(_scored_positions(inputs, items)):
         rows += [r] * len(continuation)
         positions += range(start, len(x))
         targets += continuation
-        owner += [r] * len(continuation)
-    selected = logits[torch.tensor(rows, device=device), torch.tensor(positions, device=device)]  # (N, V)
-    return _sum_log_probs(selected, targets, owner, len(flat))
+    selected = _logits_at(model, _right_pad(flat, pad_id, device), rows, positions)  # (N, V)
+    return _sum_log_probs(selected, targets, rows, len(flat))
 
 
 def run_shared(model, items: list[Item], prefix_len: int, max_length: int, pad_id: int, device) -> torch.Tensor:
@@ -150,9 +160,11 @@ def run_shared(model, items: list[Item], prefix_len: int, max_length: int, pad_i
     remainders = [x[p:] for item_inputs in inputs for x in item_inputs]
     width = max(1, max(len(r) for r in remainders))
     cache = KVCache.for_model(model, len(items), p + width)
-    last = model(_right_pad(prefixes, pad_id, device), cache=cache).logits[:, -1]  # (B, V)
+    prefix_ids = _right_pad(prefixes, pad_id, device)
+    last_column = torch.zeros(prefix_ids.shape, dtype=torch.bool, device=device)
+    last_column[:, -1] = True
+    last = model(prefix_ids, cache=cache, logits_at=last_column).logits  # (B, V)
     cache = cache.select_rows(torch.tensor(row_item, device=device))
-    logits = model(_right_pad(remainders, pad_id, device), cache=cache).logits  # (R, T', V)
     # Input position t of a request is the prefill's last logit when t = p - 1, else remainder position t - p.
     from_prefill, rest_rows, rest_positions, targets, owner = [], [], [], [], []
     prefill_targets, prefill_owner = [], []
@@ -167,9 +179,8 @@ def run_shared(model, items: list[Item], prefix_len: int, max_length: int, pad_i
         rest_positions += range(start + offset - p, len(x) - p)
         targets += continuation[offset:]
         owner += [r] * (len(continuation) - offset)
-    selected = torch.cat([last[torch.tensor(from_prefill, dtype=torch.long, device=device)],
-                          logits[torch.tensor(rest_rows, dtype=torch.long, device=device),
-                                 torch.tensor(rest_positions, dtype=torch.long, device=device)]])  # (N, V)
+    rest = _logits_at(model, _right_pad(remainders, pad_id, device), rest_rows, rest_positions, cache=cache)
+    selected = torch.cat([last[torch.tensor(from_prefill, dtype=torch.long, device=device)], rest])  # (N, V)
     return _sum_log_probs(selected, prefill_targets + targets, prefill_owner + owner, len(remainders))
 
 
