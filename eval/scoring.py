@@ -84,15 +84,16 @@ def plan_batches(items: list[Item], max_length: int, batch_tokens: int, share_co
     shared = sorted((i for i in range(len(items)) if prefix[i] > 0), key=lambda i: (-prefix[i], -max(lengths[i]), i))
     full = sorted((i for i in range(len(items)) if prefix[i] == 0), key=lambda i: (-max(lengths[i]), i))
 
-    def shared_cost(run):
+    def shared_cost(run):  # tokens computed: the prefill, then every choice's remainder padded to the longest
         p = min(prefix[i] for i in run)
         rows = sum(len(lengths[i]) for i in run)
-        return max(len(run) * p, rows * max(max(lengths[i]) - p for i in run))
+        return len(run) * p + rows * max(max(lengths[i]) - p for i in run)
 
     def full_cost(run):
         return sum(len(lengths[i]) for i in run) * max(max(lengths[i]) for i in run)
 
-    plan = [Batch(SHARED, tuple(run), min(prefix[i] for i in run)) for run in _pack(shared, shared_cost, batch_tokens)]
+    plan = [Batch(SHARED, tuple(run), min(prefix[i] for i in run))
+            for run in _pack(shared, shared_cost, batch_tokens)]
     plan += [Batch(FULL, tuple(run)) for run in _pack(full, full_cost, batch_tokens)]
     return plan
 
@@ -130,7 +131,8 @@ def _scored_positions(inputs: list[list[list[int]]], items: list[Item]):
 def _logits_at(model, ids: torch.Tensor, rows: list[int], positions: list[int], **kwargs) -> torch.Tensor:
     """(N, V) logits at (rows[i], positions[i]), which must be in row-major order. Our Transformer computes the
     output layer only there; any other causal LM computes all logits and they are picked afterwards."""
-    rows_t, positions_t = torch.tensor(rows, device=ids.device), torch.tensor(positions, device=ids.device)
+    rows_t = torch.tensor(rows, dtype=torch.long, device=ids.device)
+    positions_t = torch.tensor(positions, dtype=torch.long, device=ids.device)
     if isinstance(model, Transformer):
         mask = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
         mask[rows_t, positions_t] = True

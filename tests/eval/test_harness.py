@@ -132,3 +132,16 @@ def test_continuation_longer_than_max_length_scores_its_last_tokens(model):
     log_probs = model(x).logits.float().log_softmax(-1)[0]
     expected = log_probs.gather(1, whole[0, -8:, None]).sum().item()
     assert lls[0] == pytest.approx([expected], abs=1e-4)
+
+
+def test_shared_batch_of_single_token_continuations(model):
+    """A shared batch whose every continuation is one token scores it all from the prefill, leaving no position
+    for the remainder pass (BoolQ's ' yes' / ' no' with a tokenizer that has them as single tokens)."""
+    from eval.requests import Item
+
+    items = [Item("boolq", 0, [("a", " no"), ("a", " yes")], [([5, 6, 7], [8]), ([5, 6, 7], [9])], 1, [2, 3])]
+    plan = plan_batches(items, MAX_SEQ_LEN, batch_tokens=1024, share_context=True)
+    assert [batch.kind for batch in plan] == [SHARED]
+    shared, _ = run_plan(model, items, plan, MAX_SEQ_LEN, pad_id=0)
+    full, _ = run_plan(model, items, plan_batches(items, MAX_SEQ_LEN, 1024, share_context=False), MAX_SEQ_LEN, 0)
+    assert shared[0] == pytest.approx(full[0], abs=1e-4)
