@@ -100,9 +100,11 @@ class ZeroShotEvaluation(pl.Callback):
                     # Lightning from warning about an unsynchronised epoch-level metric.
                     pl_module.log(f"eval/{task}/{metric}", metrics[metric], sync_dist=True)
         if trainer.is_global_zero:
-            print(f"\nzero-shot ({stage}, step {trainer.global_step}):\n{format_table(results)}\n", flush=True)
+            # validate/test on a checkpoint do not restore the step counter; name the checkpoint instead.
+            where = f"step {trainer.global_step}" if stage == "train" or not trainer.ckpt_path else trainer.ckpt_path
+            print(f"\nzero-shot ({stage}, {where}):\n{format_table(results)}\n", flush=True)
             append_results(self._output_path(trainer), {"stage": stage, "step": trainer.global_step,
-                                                         "results": results})
+                                                         "checkpoint": trainer.ckpt_path, "results": results})
         return results
 
     def _output_path(self, trainer) -> Path:
