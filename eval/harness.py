@@ -100,7 +100,7 @@ def default_batch_tokens(device: torch.device) -> int:
 
 def evaluate(model, tokenizer, tasks: list[str], data_dir: str | Path | None = None,
              data_files: dict[str, str | Path] | None = None, limit: int | None = None, seed: int = 1234,
-             batch_tokens: int | None = None, share_context: bool | None = None, eos_id: int | None = None,
+             batch_tokens: int | None = None, share_context: bool = True, eos_id: int | None = None,
              max_length: int | None = None, rank: int = 0, world_size: int = 1, return_requests: bool = False):
     """Zero-shot scores {task: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr",] "n"}}.
 
@@ -110,7 +110,7 @@ def evaluate(model, tokenizer, tasks: list[str], data_dir: str | Path | None = N
     that many items per task. batch_tokens: tokens per forward pass, padding included (None: by device,
     see default_batch_tokens). max_length: the
     model's context (default model.config.max_seq_len); longer requests are left-truncated as in lm-eval.
-    share_context=False scores every choice's whole sequence (same numbers; None: shared on GPU only).
+    share_context=False scores every choice's whole sequence (slower; same numbers).
 
     Sharded: every rank passes its rank and world_size and all ranks must call this together; each runs its
     share of one global plan and the same number of forward passes, and the scores are summed over ranks when
@@ -125,10 +125,6 @@ def evaluate(model, tokenizer, tasks: list[str], data_dir: str | Path | None = N
     if max_length is None:
         max_length = model.config.max_seq_len
     device = next(model.parameters()).device
-    if share_context is None:
-        # Sharing saves the contexts' FLOPs but costs a second forward call and cache copies per batch; on CPUs
-        # with small models that overhead wins (tiny-moe on 2 cores: 100 vs 119 items/s), on GPUs the FLOPs do.
-        share_context = device.type == "cuda"
     share_context = share_context and _supports_cache(model)
     tasks = list(dict.fromkeys(tasks))
     for name in tasks:

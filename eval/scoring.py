@@ -81,7 +81,11 @@ def plan_batches(items: list[Item], max_length: int, batch_tokens: int, share_co
     included) unless a single item needs more."""
     lengths = [[len(x) for x in _inputs(item, max_length)] for item in items]
     prefix = [shareable_prefix(item, max_length) if share_context else 0 for item in items]
-    shared = sorted((i for i in range(len(items)) if prefix[i] > 0), key=lambda i: (-prefix[i], -max(lengths[i]), i))
+    # Shared items in bands of 16 prefix tokens, longest remainder first within a band: a batch runs its
+    # smallest prefix, so prefixes must be close, and its remainders are padded to the longest, so those must be
+    # close too (on the six tasks: 200K tokens computed against 261K sorted by prefix alone, 129K without padding).
+    shared = sorted((i for i in range(len(items)) if prefix[i] > 0),
+                    key=lambda i: (-(prefix[i] // 16), -(max(lengths[i]) - prefix[i]), i))
     full = sorted((i for i in range(len(items)) if prefix[i] == 0), key=lambda i: (-max(lengths[i]), i))
 
     def shared_cost(run):  # tokens computed: the prefill, then every choice's remainder padded to the longest
