@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from eval.metrics import TaskScores, item_scores
 from eval.requests import Item, build_items
 from eval.scoring import plan_batches, run_plan
 from eval.tasks import get_task
-from moe.generate import _dropless, _eval_mode  # the same eval-mode and dropless routing as generation
+from moe.generate import inference_context  # eval mode, dropless routing, eager: as generation runs
 
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 
@@ -138,8 +137,7 @@ def evaluate(model, tokenizer, tasks: list[str], data_dir: str | Path | None = N
     if batch_tokens is None:
         batch_tokens = default_batch_tokens(device)
     plan = plan_batches(items, max_length, batch_tokens, share_context)
-    stance = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
-    with torch.inference_mode(), _eval_mode(model), _dropless(model), stance:
+    with torch.inference_mode(), inference_context(model):
         lls, _ = run_plan(model, items, plan, max_length, eos_id, rank, world_size)
 
     sync = world_size > 1 and dist.is_available() and dist.is_initialized()

@@ -11,7 +11,7 @@ Shapes: B batch, T prompt length, V vocabulary, n generated tokens.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -86,6 +86,16 @@ def _dropless(model: torch.nn.Module) -> Iterator[None]:
             layer.capacity_factor = capacity_factor
 
 
+@contextmanager
+def inference_context(model: torch.nn.Module) -> Iterator[None]:
+    """How the model runs for generation and scoring: eval mode, dropless routing (a token's output must not
+    depend on its batch-mates) and eager execution (compiled blocks would compile a graph for every new prompt
+    length and cache layout, and share the recompile limit with training). The model's state is restored."""
+    stance = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
+    with _eval_mode(model), _dropless(model), stance:
+        yield
+
+
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
@@ -118,7 +128,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     if max_new_tokens == 0:
         return input_ids.clone()
 
-    with _eval_mode(model), _dropless(model), torch.compiler.set_stance("force_eager"):
+    with inference_context(model):
         cache = KVCache.for_model(model, B, T + max_new_tokens)
         logits = model(input_ids, cache=cache).logits[:, -1]  # (B, V)
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
