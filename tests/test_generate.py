@@ -19,23 +19,7 @@ from moe.hf import save_hf_checkpoint
 from moe.kv_cache import KVCache
 from moe.model import Transformer, build_model
 
-V = 64
-
-
-def tiny(**overrides) -> ModelConfig:
-    values = {"name": "tiny", "vocab_size": V, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-              "ffn_dim": 64, "max_seq_len": 64, "expert_backend": "loop"}
-    values.update(overrides)
-    return ModelConfig(**values)
-
-
-@torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Weights of std 0.1 (norms around one): logits spread enough that greedy choices are not near-ties."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if "norm" in name else 0.0))
-    return model.eval()
+from .tiny_models import V, randomize, tiny
 
 
 def prompt(batch: int = 2, length: int = 10, vocab: int = V, seed: int = 1) -> torch.Tensor:

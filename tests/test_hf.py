@@ -21,6 +21,8 @@ from moe.config import ModelConfig
 from moe.hf import config_from_hf, hf_key_map, load_hf_checkpoint, save_hf_checkpoint
 from moe.model import Transformer
 
+from .tiny_models import randomize
+
 SEQ = 12  # longer than every window below, so the windows bind
 HF_DIMS = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64)
@@ -41,15 +43,6 @@ OUR_CONFIGS = {  # name: (overrides, HF architecture expected, max_shard_size)
                       "Qwen2ForCausalLM", "5GB"),
     "moe": (dict(n_experts=4, top_k=2, expert_ffn_dim=48, sliding_window=6), "MixtralForCausalLM", "20KB"),
 }
-
-
-@torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere, norms around one and non-zero biases, so a swapped tensor shows."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if "norm" in name else 0.0))
-    return model.eval()
 
 
 def input_ids(vocab_size: int = 96) -> torch.Tensor:

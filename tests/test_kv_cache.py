@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from moe.attention import Attention
-from moe.config import ModelConfig
 from moe.kv_cache import EMPTY, KVCache, LayerKVCache
 from moe.model import build_model
 from moe.rope import RotaryEmbedding, apply_rotary
+
+from .tiny_models import tiny
 
 V, N = 64, 16
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
@@ -25,13 +26,6 @@ HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 # first chunk, and a prefill followed by decoding.
 SCHEDULES = {"prefill": [16], "decode": [1] * 16, "mixed": [4, 1, 1, 6, 1, 3], "prefill+decode": [9] + [1] * 7}
 WINDOWS = [None, 1, 3, 5, 16, 40]
-
-
-def tiny(**overrides) -> ModelConfig:
-    values = {"name": "tiny", "vocab_size": V, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-              "ffn_dim": 64, "max_seq_len": 64, "expert_backend": "loop"}
-    values.update(overrides)
-    return ModelConfig(**values)
 
 
 def brute_force_attention(q, k, v, window: int | None) -> torch.Tensor:

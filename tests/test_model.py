@@ -13,15 +13,7 @@ import torch.nn.functional as F
 from moe.config import ModelConfig
 from moe.model import Transformer, build_model
 
-V = 64
-
-
-def tiny(**overrides) -> ModelConfig:
-    values = {"name": "tiny", "vocab_size": V, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-              "ffn_dim": 64, "max_seq_len": 64, "expert_backend": "loop"}
-    values.update(overrides)
-    return ModelConfig(**values)
-
+from .tiny_models import V, tiny
 
 MOE = {"n_experts": 4, "top_k": 2, "expert_ffn_dim": 32}
 CONFIGS = {
