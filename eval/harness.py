@@ -4,7 +4,6 @@ metrics)."""
 
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
 
@@ -16,18 +15,9 @@ from eval.metrics import TaskScores, item_scores
 from eval.requests import Item, build_items
 from eval.scoring import plan_batches, run_plan
 from eval.tasks import get_task
+from moe.data.tokenizer import eos_id as default_eos_id  # the token documents were separated by in training
+from moe.data.tokenizer import tokenizer_hash
 from moe.generate import inference_context  # eval mode, dropless routing, eager: as generation runs
-
-EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
-
-
-def default_eos_id(tokenizer) -> int:
-    """The id of the first of EOS_TOKENS in the tokenizer's vocabulary."""
-    for token in EOS_TOKENS:
-        token_id = tokenizer.token_to_id(token)
-        if token_id is not None:
-            return token_id
-    raise ValueError(f"the tokenizer has none of {', '.join(EOS_TOKENS)}; pass eos_id")
 
 
 def subsample(n: int, limit: int | None, seed: int) -> list[int]:
@@ -132,7 +122,7 @@ def evaluate(model, tokenizer, tasks: list[str], data_dir: str | Path | None = N
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False).ids
 
-    tokenizer_key = hashlib.sha256(tokenizer.to_str().encode()).hexdigest() if hasattr(tokenizer, "to_str") else None
+    tokenizer_key = tokenizer_hash(tokenizer) if hasattr(tokenizer, "to_str") else None
     items = build_task_items(tasks, encode, eos_id, data_dir, data_files, limit, seed, tokenizer_key)
     if batch_tokens is None:
         batch_tokens = default_batch_tokens(device)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cli
 from eval import evaluate
-from moe.train.export import load_lightning_checkpoint
+from moe.train.checkpoint import load_lightning_checkpoint
 
 ROOT = Path(__file__).parent.parent
 # ../shared/evaldata beside the repository (the workspace layout); $MOE_EVAL_DATA where a clone lives elsewhere.

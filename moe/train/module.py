@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moe.config import ModelConfig
 from moe.model import ModelOutput, Transformer
+from moe.train.checkpoint import checkpoint_config, checkpoint_weights, read_checkpoint
 from moe.train.optim import param_groups
 from moe.train.schedule import DECAY_SHAPES, SCHEDULES, lr_multiplier
 from moe.train.throughput import ThroughputMeter, device_peak_tflops
@@ -67,15 +68,6 @@ class _Checkpointed:
         if not torch.is_grad_enabled():
             return self.forward(*args)
         return checkpoint(self.forward, *args, use_reentrant=False)
-
-
-def config_from_checkpoint(path: Path) -> ModelConfig:
-    """The model config stored in a Lightning checkpoint written by this module."""
-    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    try:
-        return ModelConfig(**ckpt["model_config"])
-    except KeyError:
-        raise ValueError(f"{path} is not a checkpoint written by moe's LanguageModel (no model config in it)") from None
 
 
 class LanguageModel(pl.LightningModule):
@@ -170,7 +162,7 @@ class LanguageModel(pl.LightningModule):
 
             base = config_from_hf(read_hf_config(path))
         elif path.is_file():
-            base = config_from_checkpoint(path)
+            base = checkpoint_config(read_checkpoint(path))
         else:
             raise FileNotFoundError(f"--model.init_from={init_from}: no such HF model directory or checkpoint file")
         return base.replace(**{name: getattr(config, name) for name in RUNTIME_FIELDS})
@@ -197,8 +189,7 @@ class LanguageModel(pl.LightningModule):
             runtime = {name: getattr(self.model_config, name) for name in RUNTIME_FIELDS}
             return load_hf_checkpoint(path, device=device, dtype=torch.float32, **runtime)
         model = Transformer(self.model_config)
-        state = torch.load(path, map_location=device, mmap=True, weights_only=False)["state_dict"]
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        model.load_state_dict(checkpoint_weights(read_checkpoint(path, map_location=device)))
         return model
 
     def forward(self, input_ids: torch.Tensor) -> ModelOutput:
