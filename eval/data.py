@@ -8,29 +8,17 @@ folder holding `<split>.jsonl` or `<task>/<split>.jsonl`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from eval.tasks import Task
+from moe.data.sources import json_records
 
 
 def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
     """One dict per non-blank line of `path`, and the line numbers they came from; a bad line raises a
-    ValueError naming the file and line."""
-    rows, line_numbers = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")  # noqa: TRY004 (bad data, not a bad argument)
-            rows.append(row)
-            line_numbers.append(line_number)
-    return rows, line_numbers
+    ValueError naming the file and line (moe.data's reader: also catches non-UTF-8 and truncated lines)."""
+    records = list(json_records(path))
+    return [record for _, record in records], [line_number for line_number, _ in records]
 
 
 def resolve_local(task: Task, path: str | Path) -> Path:

@@ -225,7 +225,9 @@ def _decode(data: bytes, where: str) -> str:
         raise DataError(f"{where}: not valid UTF-8 (byte offset {e.start})") from None
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+def json_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSON-lines file. A line that is not UTF-8 text or not
+    a JSON object raises a DataError naming the file and line (also used by the evaluation harness)."""
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
             where = f"{path}:{line_number}"
@@ -239,12 +241,18 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
                 raise DataError(f"{where}: malformed JSON{truncated}: {e.msg}") from None
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            if text_field not in record:
-                raise DataError(f"{where}: record has no field {text_field!r} (fields: {sorted(record)})")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
-            yield text
+            yield line_number, record
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    for line_number, record in json_records(path):
+        where = f"{path}:{line_number}"
+        if text_field not in record:
+            raise DataError(f"{where}: record has no field {text_field!r} (fields: {sorted(record)})")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
+        yield text
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:

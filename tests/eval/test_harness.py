@@ -20,7 +20,7 @@ from .conftest import MAX_SEQ_LEN
 def test_malformed_line_names_file_and_line(tmp_path):
     path = tmp_path / "piqa.jsonl"
     path.write_text('{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}\n\n{"goal": "g", "sol1": \n')
-    with pytest.raises(ValueError, match=rf"{path}:3: not valid JSON"):
+    with pytest.raises(ValueError, match=rf"{path}:3: malformed JSON"):
         load_docs(get_task("piqa"), path)
 
 
