@@ -84,6 +84,28 @@ def test_linked_values_reach_the_instances(workdir):
     assert parsed.model.model_config.vocab_size != 4096  # the preset file's value was replaced by the link
 
 
+@pytest.mark.parametrize("extra", sorted(str(p.relative_to(ROOT)) for folder in ("data", "trainer", "eval")
+                                   for p in (ROOT / "configs" / folder).glob("*.yaml")))
+def test_every_config_file_composes(workdir, capsys, extra):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["fit", *QUICKSTART, "--config", str(ROOT / extra), "--print_config"])
+    assert exit_.value.code == 0
+    assert_contains(yaml.safe_load(capsys.readouterr().out), yaml.safe_load((ROOT / extra).read_text()), extra)
+
+
+def assert_contains(printed, given, where: str) -> None:
+    """Every value the file sets is in the composed config (which adds defaults around them)."""
+    if isinstance(given, dict):
+        for key, value in given.items():
+            assert_contains(printed[key], value, f"{where}.{key}")
+    elif isinstance(given, list) and given and isinstance(given[0], dict):
+        assert len(printed) == len(given), where
+        for i, (p, g) in enumerate(zip(printed, given)):
+            assert_contains(p, g, f"{where}[{i}]")
+    else:
+        assert printed == given, where
+
+
 @pytest.mark.parametrize("args,names", [
     (["--model.config.d_modle", "64"], "d_modle"),
     (["--model.config.d_model", "wide"], "model.config.d_model"),
