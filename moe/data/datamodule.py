@@ -29,8 +29,10 @@ from moe.data.tokenizer import (
     cached_trained_tokenizer,
     eos_id,
     load_tokenizer,
+    n_token_ids,
     tokenizer_hash,
 )
+from moe.errors import IncompatibleResume
 
 # Whole stdlib of CPython 3.11 without tests is ~12 MB; training a 4096-token BPE on it and tokenizing it takes
 # ~8 s on 2 cores. The cap bounds that on Pythons with a larger stdlib.
@@ -42,6 +44,16 @@ DEFAULT_PROMPTS = ["def fibonacci(n):\n", "import os\n\n", "class Stack:\n    "]
 # Tokens per read of the unigram baseline's counting, bounding its memory on any corpus size.
 _BASELINE_CHUNK_TOKENS = 1 << 24
 _VAL_SPLIT_STREAM = 0  # SeedSequence tag; the mixture schedule uses 1 and 2
+# How each part of the resume fingerprint is set, for the message that refuses a resume.
+_FINGERPRINT_LABELS = {
+    "sources": "--data.sources (name, content hash, weight)",
+    "tokenizer": "tokenizer (hash of its JSON)",
+    "seq_len": "--data.seq_len",
+    "seed": "--data.seed",
+    "val_fraction": "--data.val_fraction",
+    "global_batch_size": "global batch size (--data.batch_size x devices x nodes)",
+    "schedule": "mixture schedule version",
+}
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -100,6 +112,7 @@ class TextDataModule(pl.LightningDataModule):
         self.prompts = list(prompts)
         self._resolved: list[ResolvedSource] | None = None
         self._tokenizer: Tokenizer | None = None
+        self._n_vocab: int | None = None
         self._files: list[TokenFile] = []
         self._metas: list[TokenCacheMeta] = []
         self._train_windows: list[np.ndarray] = []
@@ -142,7 +155,10 @@ class TextDataModule(pl.LightningDataModule):
 
     @property
     def n_vocab(self) -> int:
-        return self.tokenizer.get_vocab_size()
+        """Ids the model's embedding must cover (the model's vocab_size is linked to this)."""
+        if self._n_vocab is None:
+            self._n_vocab = n_token_ids(self.tokenizer)
+        return self._n_vocab
 
     @property
     def eos_id(self) -> int:
@@ -193,7 +209,7 @@ class TextDataModule(pl.LightningDataModule):
             if n == 0:
                 raise DataError(
                     f"source {source.name!r} ({source.description}) has {meta.n_tokens} tokens, fewer than one "
-                    f"sequence of seq_len + 1 = {self.seq_len + 1}"
+                    f"sequence of seq_len + 1 = {self.seq_len + 1}; add text to it, lower seq_len, or leave it out"
                 )
             rng = np.random.default_rng([self.seed, _VAL_SPLIT_STREAM, index])
             train, val = split_windows(n, self.val_fraction, rng)
@@ -216,10 +232,13 @@ class TextDataModule(pl.LightningDataModule):
         n_train = sum(len(w) for w in self._train_windows)
         batches = n_train // self.global_batch_size()
         if batches == 0:
+            per_source = ", ".join(
+                f"{r.description}: {len(w)}" for r, w in zip(self.resolved_sources(), self._train_windows)
+            )
             raise DataError(
-                f"the corpus is smaller than one batch: {n_train} training sequences of {self.seq_len} tokens, but "
-                f"one global batch needs {self.global_batch_size()} (batch_size {self.batch_size} x "
-                f"{self._rank_and_world()[1]} devices); add data or lower seq_len / batch_size"
+                f"the corpus is smaller than one batch: {n_train} training sequences of {self.seq_len} tokens "
+                f"({per_source}), but one global batch needs {self.global_batch_size()} (batch_size "
+                f"{self.batch_size} x {self._rank_and_world()[1]} devices); add data or lower seq_len / batch_size"
             )
         return batches
 
@@ -235,6 +254,10 @@ class TextDataModule(pl.LightningDataModule):
             batch_size=batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
+            # Each new iterator draws its workers' base seed from this generator, not from torch's global one: a
+            # resumed run creates iterators the uninterrupted run did not, and must not shift the training's
+            # random stream by doing so (the batches themselves do not depend on any seed drawn here).
+            generator=torch.Generator().manual_seed(self.seed),
             **kwargs,
         )
 
@@ -299,12 +322,12 @@ class TextDataModule(pl.LightningDataModule):
     def _check_fingerprint(self, saved: dict) -> None:
         current = self.fingerprint()
         changed = [
-            f"{key}: checkpoint {saved.get(key)!r}, now {current[key]!r}"
+            f"{_FINGERPRINT_LABELS.get(key, key)}: checkpoint {saved.get(key)!r}, now {current[key]!r}"
             for key in current
             if saved.get(key) != current[key]
         ]
         if changed:
-            raise ValueError(
+            raise IncompatibleResume(
                 "the data pipeline differs from the checkpoint's, so resuming would not continue the "
                 "same stream:\n  " + "\n  ".join(changed)
             )

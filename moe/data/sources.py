@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe.data.locking import atomic_write_bytes
+from moe.errors import InputError
 
 STDLIB = "stdlib"
 HF_PREFIX = "hf:"
@@ -31,7 +32,7 @@ PARQUET_SUFFIXES = {".parquet"}
 _STDLIB_SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Input data that cannot be used; the message names the file (and line) at fault."""
 
 
@@ -206,7 +207,7 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
             n_documents += 1
             yield text
     if n_documents == 0:
-        raise DataError(f"{path}: empty file (no text)")
+        raise DataError(f"{path}: empty file (no text); add text to it or leave it out of the source")
 
 
 def _read_text(path: Path, text_field: str) -> Iterator[str]:
@@ -218,11 +219,11 @@ def _decode(data: bytes, where: str) -> str:
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise DataError(f"{where}: UTF-16 text (byte-order mark); convert it to UTF-8")
     if b"\0" in data:
-        raise DataError(f"{where}: contains NUL bytes, so it is binary or UTF-16/32 text, not UTF-8")
+        raise DataError(f"{where}: contains NUL bytes, so it is binary or UTF-16/32 text; convert it to UTF-8")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not valid UTF-8 (byte offset {e.start})") from None
+        raise DataError(f"{where}: not valid UTF-8 (byte offset {e.start}); convert it to UTF-8") from None
 
 
 def json_records(path: Path) -> Iterator[tuple[int, dict]]:
@@ -238,10 +239,21 @@ def json_records(path: Path) -> Iterator[tuple[int, dict]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 truncated = " (truncated last line?)" if not raw.endswith(b"\n") else ""
-                raise DataError(f"{where}: malformed JSON{truncated}: {e.msg}") from None
+                if line_number == 1 and line.lstrip().startswith("["):
+                    fix = _ONE_ARRAY
+                else:
+                    fix = "each line must be one complete JSON object; fix or delete this line"
+                raise DataError(f"{where}: malformed JSON{truncated}: {e.msg} (column {e.colno}); {fix}") from None
             if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                kind = _JSON_KINDS.get(type(record), type(record).__name__)
+                fix = _ONE_ARRAY if isinstance(record, list) else "write one object per line"
+                raise DataError(f'{where}: expected a JSON object like {{"text": ...}}, got {kind}; {fix}')
             yield line_number, record
+
+
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
+_ONE_ARRAY = "if the file is one JSON array, write its objects one per line instead (jq -c '.[]' does that)"
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from moe.data.locking import atomic_output, atomic_write_bytes, file_lock
 from moe.data.sources import ResolvedSource
+from moe.data.tokenizer import n_token_ids
 
 CACHE_FORMAT = 1
 # Documents are batched by bytes: large enough to keep every core busy, small enough to bound the memory of ids.
@@ -73,7 +74,7 @@ def tokenize_source(
     with file_lock(bin_path.with_suffix(".lock")):
         if (cached := load_cached(bin_path, meta_path)) is not None:  # built by another process meanwhile
             return cached
-        dtype = token_dtype(tokenizer.get_vocab_size())
+        dtype = token_dtype(n_token_ids(tokenizer))
         n_tokens = n_docs = max_token_id = 0
         progress = tqdm(
             total=source.n_bytes, unit="B", unit_scale=True, desc=f"tokenizing {source.name}", disable=not show_progress

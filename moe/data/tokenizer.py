@@ -67,6 +67,14 @@ def eos_id(tokenizer: Tokenizer) -> int:
     raise ValueError(f"the tokenizer has none of the end-of-text tokens {EOS_CANDIDATES}")
 
 
+def n_token_ids(tokenizer: Tokenizer) -> int:
+    """Embedding rows the tokenizer needs: one more than its largest id. Usually its vocabulary size, but a
+    tokenizer.json may leave gaps (e.g. special tokens placed beyond the base vocabulary), and a model sized by
+    the count alone would index past its embedding on those ids."""
+    largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    return max(tokenizer.get_vocab_size(), largest + 1)
+
+
 def tokenizer_hash(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
 

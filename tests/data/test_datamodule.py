@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moe.data import DataError, Source, TextDataModule
+from moe.errors import IncompatibleResume
 
 SEQ_LEN, BATCH = 16, 4
 
@@ -200,17 +201,17 @@ def original_kwargs(module):
 @pytest.mark.parametrize(
     "change,field",
     [
-        ({"seq_len": 8}, "seq_len"),
-        ({"seed": 8}, "seed"),
-        ({"batch_size": 2}, "global_batch_size"),
-        ({"val_fraction": 0.2}, "val_fraction"),
-        ({"vocab_size": 300}, "tokenizer"),
+        ({"seq_len": 8}, r"--data.seq_len: checkpoint 16, now 8"),
+        ({"seed": 8}, r"--data.seed: checkpoint 7, now 8"),
+        ({"batch_size": 2}, r"global batch size \(--data.batch_size x devices x nodes\): checkpoint 4, now 2"),
+        ({"val_fraction": 0.2}, r"--data.val_fraction: checkpoint 0.1, now 0.2"),
+        ({"vocab_size": 300}, r"tokenizer \(hash of its JSON\): checkpoint '\w+', now '\w+'"),
     ],
 )
 def test_resume_with_changed_pipeline_says_what_changed(sources, tmp_path, change, field):
     state = make(sources, tmp_path).state_dict()
     changed = make(sources, tmp_path, **change)
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(IncompatibleResume, match=field):
         changed.load_state_dict(state)
 
 
@@ -218,7 +219,7 @@ def test_changed_source_content_is_caught(sources, tmp_path):
     state = make(sources, tmp_path, tokenizer=None).state_dict()
     with open(sources[1].path, "a") as f:
         f.write('{"text": "one more document"}\n')
-    with pytest.raises(ValueError, match="sources"):
+    with pytest.raises(IncompatibleResume, match=r"--data.sources \(name, content hash, weight\)"):
         make(sources, tmp_path).load_state_dict(state)
 
 
