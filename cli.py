@@ -12,18 +12,23 @@ data module's tokenizer and the data's sequence length to the model's `max_seq_l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
 
 import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from eval.callback import ZeroShotEvaluation
-from moe.config import format_count
+from moe.config import ModelConfig, format_count
 from moe.data import TextDataModule
+from moe.errors import InputError, TrainingStopped
 from moe.presets import get_preset, preset_names
 from moe.train import LanguageModel
+from moe.train.checkpoint_io import verify_checkpoint
 from moe.train.export import export_to_hf
+from moe.train.preemption import CheckpointOnSigterm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,6 +62,36 @@ class MoECLI(LightningCLI):
         # Zero-shot evaluation is always registered and off until tasks are given (configs/eval/), so eval
         # settings compose with any experiment's callback list instead of replacing it.
         parser.add_lightning_class_args(ZeroShotEvaluation, "eval")
+        # On by default in every run: a preempted job saves and exits instead of losing its progress.
+        parser.add_lightning_class_args(CheckpointOnSigterm, "preemption")
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if subcommand == "fit":
+            # Lightning would replace the model arguments with the checkpoint's. A resumed fit continues the run
+            # in the checkpoint, so LanguageModel compares them instead and refuses a changed run by name (and
+            # the checkpoint is verified when the Trainer loads it).
+            return
+        # validate/test/predict: the checkpoint defines the model, so its config files may be left out. Lightning
+        # reads it here with torch.load, which checks no checksum and names no file when it fails: verify first.
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            try:
+                verify_checkpoint(ckpt_path)
+            except InputError as error:
+                self.parser.error(f"--ckpt_path: {error}")
+        super()._parse_ckpt_path()
+
+    def before_instantiate_classes(self) -> None:
+        # Every ModelConfig field has a default, so a command that names no model parses, and would build the
+        # defaults (a LLaMA-7B shape) only to run out of memory: naming the model is required.
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        given = config.model.config.as_dict()
+        unset = all(given.get(f.name, f.default) == f.default for f in dataclasses.fields(ModelConfig)
+                    if f.default is not dataclasses.MISSING and f.name != "vocab_size")
+        if config.model.init_from is None and unset:
+            self.parser.error("no model given: add a model config file (--config configs/model/<name>.yaml), "
+                              "--model.config.* values or --model.init_from")
 
     def instantiate_classes(self) -> None:
         # Values that parse but do not make sense together (a config field, a data file) are reported like a
@@ -64,7 +99,21 @@ class MoECLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, FileNotFoundError) as error:
-            self.parser.error(str(error))
+            # jsonargparse wraps an error raised while computing the vocab_size link in one that prints the whole
+            # data module; the cause alone says what is wrong.
+            cause = error.__cause__ if isinstance(error.__cause__, (InputError, FileNotFoundError)) else error
+            self.parser.error(str(cause))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # Errors whose message says what to do (bad data, a checkpoint that does not fit, a diverged run) end
+        # with that message and a non-zero status; anything else is a bug and keeps its traceback.
+        try:
+            super()._run_subcommand(subcommand)
+        except InputError as error:  # exit status 2, as for a bad flag
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        except TrainingStopped as error:
+            sys.exit(f"training stopped: {error}")  # exit status 1
 
 
 def build_cli(argv: list[str] | None = None, run: bool = True) -> MoECLI:

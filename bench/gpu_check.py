@@ -43,7 +43,7 @@ def section(fn):
     def run():
         try:
             fn()
-        except Exception:  # a failed section is a result, not the end of the lease
+        except Exception:  # noqa: BLE001 (a failed section is a result, not the end of the lease)
             record(fn.__name__, "EXCEPTION", traceback.format_exc(limit=6))
     return run
 
@@ -107,7 +107,7 @@ def experts():
             try:
                 out = fn(x, counts, *weights)
                 grads = torch.autograd.grad(out, [x] + weights, grad_out)
-            except Exception as err:  # fp32 grouped matmul may be unsupported on this torch
+            except Exception as err:  # noqa: BLE001 (fp32 grouped matmul may be unsupported on this torch)
                 record("experts", f"{str(dtype)[6:]} {name}", f"unsupported: {str(err).splitlines()[0][:160]}")
                 continue
             errs = [rel_err(out, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]

@@ -1,12 +1,8 @@
-"""The command line: LightningCLI fit / validate / test / predict on a tiny corpus, config composition, links,
-and the errors a typo in a config produces."""
+"""The command line: LightningCLI fit / validate / test / predict on a tiny corpus, config composition and links.
+The errors a bad flag, config file, data file or checkpoint produces are in tests/test_cli_errors.py."""
 
 import csv
 import json
-import os
-import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,46 +14,7 @@ import cli
 from eval import evaluate
 from moe.train.checkpoint import load_lightning_checkpoint
 
-ROOT = Path(__file__).parent.parent
-# ../shared/evaldata beside the repository (the workspace layout); $MOE_EVAL_DATA where a clone lives elsewhere.
-EVALDATA = next((Path(p) for p in (os.environ.get("MOE_EVAL_DATA"), ROOT.parent / "shared" / "evaldata",
-                                   "/work/shared/evaldata") if p and Path(p).is_dir()), None)
-needs_evaldata = pytest.mark.skipif(EVALDATA is None, reason="no ../shared/evaldata and no $MOE_EVAL_DATA")
-QUICKSTART = ["--config", str(ROOT / "configs/model/tiny-moe.yaml"), "--config", str(ROOT / "configs/data/stdlib.yaml"),
-              "--config", str(ROOT / "configs/trainer/cpu.yaml"), "--config",
-              str(ROOT / "configs/experiment/quickstart.yaml")]
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["cli.py"])
-    monkeypatch.setenv("MOE_CACHE_DIR", str(tmp_path / "cache"))
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    rng = random.Random(0)
-    words = ["def", "return", "class", "import", "self", "value", "index", "count", "items", "print", "if", "else", "for", "while", "in", "not"]
-    for i in range(40):
-        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(30)]
-        (corpus / f"doc{i:02d}.txt").write_text("\n".join(lines) + "\n")
-    # A later --config replaces the experiment's callback list: checkpoint every 3 steps instead of 100.
-    experiment = yaml.safe_load((ROOT / "configs/experiment/quickstart.yaml").read_text())
-    callbacks = experiment["trainer"]["callbacks"]
-    callbacks[0]["init_args"]["every_n_train_steps"] = 3
-    (tmp_path / "tiny-callbacks.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
-    return tmp_path
-
-
-def tiny_run_args(workdir: Path) -> list[str]:
-    """The quickstart configs with a smaller model, corpus and run, so the test takes seconds."""
-    return QUICKSTART + [
-        "--model.config.d_model", "64", "--model.config.n_layers", "2", "--model.config.max_seq_len", "32",
-        "--data.sources", json.dumps([{"path": str(workdir / "corpus")}]), "--data.vocab_size", "320",
-        "--data.batch_size", "4", "--data.num_workers", "0", "--data.prompts", '["def "]',
-        "--model.warmup_steps", "2", "--model.sampling.max_new_tokens", "8",
-        "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
-        "--trainer.log_every_n_steps", "2", "--config", str(workdir / "tiny-callbacks.yaml"),
-    ]
+from .cli_runs import EVALDATA, QUICKSTART, ROOT, needs_evaldata, tiny_run_args
 
 
 def test_print_config_composes_files_and_links_values(workdir, capsys):
@@ -104,40 +61,6 @@ def assert_contains(printed, given, where: str) -> None:
             assert_contains(p, g, f"{where}[{i}]")
     else:
         assert printed == given, where
-
-
-@pytest.mark.parametrize("args,names", [
-    (["--model.config.d_modle", "64"], "d_modle"),
-    (["--model.config.d_model", "wide"], "model.config.d_model"),
-    (["--trainer.max_stepz", "3"], "max_stepz"),
-    (["--data.batch_size", "1.5"], "data.batch_size"),
-])
-def test_bad_config_exits_non_zero_naming_the_key(workdir, capsys, args, names):
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["fit", *QUICKSTART, *args, "--print_config"])
-    assert exit_.value.code not in (0, None)
-    assert names in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--model.config.n_heads", "3"], "n_heads=3"),
-    (["--model.schedule", "linear"], "--model.schedule='linear'"),
-    (["--data.sources", '[{"path": "no/such/dir"}]'], "no/such/dir"),
-])
-def test_inconsistent_values_exit_non_zero_with_the_reason(workdir, capsys, args, message):
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["fit", *tiny_run_args(workdir), *args])
-    assert exit_.value.code not in (0, None)
-    assert message in capsys.readouterr().err
-
-
-def test_unknown_key_in_a_config_file_is_named(workdir, capsys):
-    bad = workdir / "bad.yaml"
-    bad.write_text("model:\n  config:\n    n_expertz: 4\n")
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["fit", *QUICKSTART, "--config", str(bad), "--print_config"])
-    assert exit_.value.code not in (0, None)
-    assert "n_expertz" in capsys.readouterr().err
 
 
 @needs_evaldata
@@ -196,13 +119,6 @@ def test_fit_validate_test_predict(workdir, capsys):
     with torch.no_grad():
         torch.testing.assert_close(hf_model(torch.tensor([ids])).logits, model(torch.tensor([ids])).logits,
                                    rtol=1e-4, atol=1e-4)
-
-
-def test_export_errors_name_the_file(workdir, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["export", str(workdir / "missing.ckpt"), str(workdir / "out")])
-    assert exit_.value.code == 2 and "missing.ckpt" in capsys.readouterr().err
-    assert not (workdir / "out").exists()
 
 
 def test_presets_command(workdir, capsys):

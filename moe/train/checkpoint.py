@@ -12,17 +12,23 @@ import torch
 from tokenizers import Tokenizer
 
 from moe.config import ModelConfig
+from moe.errors import InputError
 from moe.model import Transformer
+from moe.train.checkpoint_io import verify_checkpoint
 
 
-def read_checkpoint(path: str | Path, map_location: torch.device | str = "cpu") -> dict:
-    """The checkpoint's contents (memory-mapped, so the weights are read only when used)."""
+def read_checkpoint(path: str | Path, map_location: torch.device | str = "cpu", verify: bool = True) -> dict:
+    """The checkpoint's contents (memory-mapped, so the weights are read only when used), after checking that the
+    file is whole (`verify_checkpoint`; `verify=False` for a file this process has just verified): torch.load
+    would map a damaged file's tensors without a word."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
+    if verify:
+        verify_checkpoint(path)
     checkpoint = torch.load(path, map_location=map_location, mmap=True, weights_only=False)
     if "model_config" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a checkpoint written by moe's LanguageModel (no model_config/state_dict)")
+        raise InputError(f"{path} is not a checkpoint written by moe's LanguageModel (no model_config/state_dict)")
     return checkpoint
 
 

@@ -14,18 +14,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.checkpoint import checkpoint
 
 from moe.config import ModelConfig
+from moe.errors import InputError
 from moe.model import ModelOutput, Transformer
 from moe.train.checkpoint import checkpoint_config, checkpoint_weights, read_checkpoint
+from moe.train.checkpoint_io import install_atomic_checkpoint_io
+from moe.train.guard import StepGuard
 from moe.train.optim import param_groups
+from moe.train.resume import check_resume, rng_states, set_rng_states
 from moe.train.schedule import DECAY_SHAPES, SCHEDULES, lr_multiplier
 from moe.train.throughput import ThroughputMeter, device_peak_tflops
 
@@ -89,6 +95,10 @@ class LanguageModel(pl.LightningModule):
         compile: bool = False,
         peak_tflops: float | None = None,
         sampling: Sampling | None = None,
+        on_nonfinite: str = "stop",
+        spike_zscore: float | None = None,
+        spike_window: int = 128,
+        max_consecutive_skips: int = 8,
     ):
         """
         Args:
@@ -116,6 +126,12 @@ class LanguageModel(pl.LightningModule):
             peak_tflops: Peak TFLOP/s of one device for MFU; None looks the device up in a datasheet table (no MFU
                 on CPU or unknown devices).
             sampling: Generation settings for predict and for the sample printed after training.
+            on_nonfinite: What a non-finite loss or gradient norm does: 'stop' (raise before the update, naming the
+                step) or 'skip' (drop that update and count it).
+            spike_zscore: Drop an update whose loss is more than this many standard deviations above the mean of
+                the last spike_window applied steps, and count it; None turns the spike guard off.
+            spike_window: Applied steps the spike guard's mean and deviation are taken over.
+            max_consecutive_skips: Stop training when this many updates in a row are dropped.
         """
         super().__init__()
         # Checkpoints hold these two as plain dicts (see below), which is what load_from_checkpoint passes back.
@@ -132,6 +148,8 @@ class LanguageModel(pl.LightningModule):
                 raise ValueError(f"--model.{name}={value} is out of range")
         if warmup_steps < 0:
             raise ValueError(f"--model.warmup_steps={warmup_steps} must be >= 0")
+        self.guard = StepGuard(on_nonfinite, spike_zscore, spike_window, min(32, spike_window),
+                               max_consecutive_skips)
         self.save_hyperparameters()
         self.sampling = sampling or Sampling()
         self.init_from = init_from
@@ -149,6 +167,11 @@ class LanguageModel(pl.LightningModule):
         self._expert_tokens: torch.Tensor | None = None  # (L, E) assignments since the last report
         self._last_report_step = -1
         self._tokens_seen_before = 0  # tokens seen by the run this one resumes, from its checkpoint
+        self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses
+        self._rng_to_restore: dict | None = None
+        self._schedule_total: int | None = None  # optimizer steps the learning-rate schedule spans
+        self._schedule_total_before: int | None = None  # ... in the run a resumed one continues
+        self._resumed_step = 0
 
     # ------------------------------------------------------------------------------------------------ model
     @staticmethod
@@ -189,7 +212,8 @@ class LanguageModel(pl.LightningModule):
             runtime = {name: getattr(self.model_config, name) for name in RUNTIME_FIELDS}
             return load_hf_checkpoint(path, device=device, dtype=torch.float32, **runtime)
         model = Transformer(self.model_config)
-        model.load_state_dict(checkpoint_weights(read_checkpoint(path, map_location=device)))
+        # Verified when __init__ read its config (_resolve_config): one read of a large file, not two.
+        model.load_state_dict(checkpoint_weights(read_checkpoint(path, map_location=device, verify=False)))
         return model
 
     def forward(self, input_ids: torch.Tensor) -> ModelOutput:
@@ -197,18 +221,23 @@ class LanguageModel(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
+        # A crash while saving must leave the previous checkpoint whole (see checkpoint_io).
+        install_atomic_checkpoint_io(self.trainer)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "max_token_id"):
             return
         vocab = self.model_config.vocab_size
+        # With init_from the vocabulary is the checkpoint's, not linked to the tokenizer's, so it may be too small.
+        origin = f" (from --model.init_from={self.init_from})" if self.init_from else ""
         if datamodule.n_vocab > vocab:
-            raise ValueError(f"the tokenizer has {datamodule.n_vocab} tokens but the model's vocab_size is {vocab}; "
-                             "use the model's own tokenizer (--data.tokenizer) or a larger --model.config.vocab_size")
+            raise InputError(f"the tokenizer has {datamodule.n_vocab} token ids but the model's vocab_size is "
+                             f"{vocab}{origin}, so ids past it have no embedding; use the tokenizer the model was "
+                             f"trained with (--data.tokenizer) or a model with vocab_size >= {datamodule.n_vocab}")
         if stage == "predict":
             return  # prompts are encoded by the tokenizer just checked; no token arrays are loaded
         max_id = datamodule.max_token_id()
         if max_id >= vocab:
-            raise ValueError(f"the data holds token id {max_id}, beyond the model's vocab_size={vocab} "
+            raise InputError(f"the data holds token id {max_id}, beyond the model's vocab_size={vocab}{origin} "
                              "(ids must be < vocab_size); was the cache built with another tokenizer?")
 
     def on_fit_start(self) -> None:
@@ -227,10 +256,28 @@ class LanguageModel(pl.LightningModule):
         if datamodule is not None and hasattr(datamodule, "tokenizer"):
             checkpoint["tokenizer"] = datamodule.tokenizer.to_str()
         checkpoint["tokens_seen"] = self._meter.tokens_seen if self._meter is not None else self._tokens_seen_before
+        # What exact resume needs beyond Lightning's state (moe/train/resume.py).
+        checkpoint["step_guard"] = self.guard.state_dict()
+        checkpoint["rng_states"] = rng_states()
+        checkpoint["seed"] = os.environ.get("PL_GLOBAL_SEED")
+        checkpoint["schedule_total_steps"] = self._schedule_total
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # train/tokens_seen continues across a resume instead of restarting at zero.
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            check_resume(checkpoint, self.hparams, os.environ.get("PL_GLOBAL_SEED"))
+        # train/tokens_seen and the guard's window and counters continue across a resume.
         self._tokens_seen_before = int(checkpoint.get("tokens_seen", 0))
+        if "step_guard" in checkpoint:
+            self.guard.load_state_dict(checkpoint["step_guard"])
+        self._schedule_total_before = checkpoint.get("schedule_total_steps")
+        self._resumed_step = int(checkpoint.get("global_step", 0))
+        # Put back right before the first step: validation and loader set-up in between must not see them.
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     # ------------------------------------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
@@ -245,11 +292,22 @@ class LanguageModel(pl.LightningModule):
             raise ValueError(f"--model.warmup_steps={hp.warmup_steps} exceeds the {total} optimizer steps of the "
                              "run; lower it or raise --trainer.max_steps")
 
-        def multiplier(step: int) -> float:
-            return lr_multiplier(step, schedule=hp.schedule, warmup_steps=hp.warmup_steps, total_steps=total,
+        def multiplier_for(total_steps: int, step: int) -> float:
+            return lr_multiplier(step, schedule=hp.schedule, warmup_steps=hp.warmup_steps, total_steps=total_steps,
                                  min_ratio=hp.min_lr_ratio, decay_fraction=hp.decay_fraction,
                                  decay_shape=hp.decay_shape)
 
+        def multiplier(step: int) -> float:
+            return multiplier_for(total, step)
+
+        saved_total = self._schedule_total_before
+        if saved_total is not None and saved_total != total:
+            step = self._resumed_step
+            before, after = hp.lr * multiplier_for(saved_total, step), hp.lr * multiplier(step)
+            rank_zero_warn(f"the schedule now spans {total} optimizer steps instead of the checkpoint's {saved_total}, "
+                           f"so the learning rate at step {step} changes from {before:.4g} to {after:.4g}; pass "
+                           f"--model.total_steps {saved_total} to keep it")
+        self._schedule_total = total
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -277,6 +335,7 @@ class LanguageModel(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.model(batch["input_ids"])
         parts = self.objective(out, batch["labels"])
+        self._step_losses.append(parts["loss"].detach())
         self.log("train/loss", parts["ce"], prog_bar=True)
         if out.moe:
             self.log("train/aux_loss", parts["aux"])
@@ -306,10 +365,29 @@ class LanguageModel(pl.LightningModule):
             self._meter.resume()
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        # Runs after the last micro-batch's backward (gradients unscaled under fp16) and before clipping and the
+        # update: the one place to decide whether the update happens.
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        loss = torch.stack(self._step_losses).mean() if self._step_losses else torch.zeros((), device=self.device)
+        self._step_losses = []
+        # Every process must reach the same verdict: decide on the mean over processes (a non-finite value on one
+        # process makes the mean non-finite too).
+        both = torch.stack([loss.float(), grad_norm.float()])
+        loss, norm = self.trainer.strategy.reduce(both, reduce_op="mean").tolist()
+        # fp16's gradient scaler skips overflowing steps itself and lowers its scale; that is not a divergence.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        verdict = self.guard.check(self.trainer.global_step, loss, None if scaler is not None else norm)
+        if not verdict.apply:
+            # With no gradients the optimizer leaves every parameter and its moments untouched; the step still
+            # counts for the schedule and global_step, as a skipped batch does in PaLM and Megatron.
+            optimizer.zero_grad(set_to_none=True)
+            self.print(f"step {self.trainer.global_step}: update dropped ({verdict.reason}; "
+                       f"loss {loss:.4g}, gradient norm {norm:.4g})")
+        self.log("train/grad_norm", grad_norm)
         self.log("train/lr", optimizer.param_groups[0]["lr"])
+        self.log("train/skipped_nonfinite", float(self.guard.skipped_nonfinite))
+        self.log("train/skipped_spikes", float(self.guard.skipped_spikes))
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         step = self.trainer.global_step

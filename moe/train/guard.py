@@ -1,0 +1,116 @@
+"""Whether to apply an optimizer step: non-finite losses and gradients, and loss spikes.
+
+A non-finite loss or gradient norm stops training by default (a `TrainingStopped` naming the step, raised before
+the update, so the weights and the last checkpoint stay as they were) or, with `on_nonfinite="skip"`, drops that
+update. The spike guard, off unless `spike_zscore` is set, drops an update whose loss lies more than `spike_zscore`
+standard deviations above the mean of the last `spike_window` applied steps (PaLM, Chowdhery et al. 2022, skipped
+batches around spikes; OLMo 2 and Megatron-LM guard the same way). Dropped steps are counted, and too many in a
+row stop the run: a loss that stays high is a new level or a divergence, not a spike.
+
+The window and the counters are part of the checkpoint, so a resumed run makes the same decisions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from moe.errors import TrainingStopped
+
+NONFINITE_ACTIONS = ("stop", "skip")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    apply: bool
+    reason: str = ""  # why a step was dropped: "nonfinite" or "spike"
+
+
+APPLY = Verdict(True)
+
+
+class StepGuard:
+    def __init__(
+        self,
+        on_nonfinite: str = "stop",
+        spike_zscore: float | None = None,
+        spike_window: int = 128,
+        spike_min_steps: int = 32,
+        max_consecutive_skips: int = 8,
+    ):
+        if on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"--model.on_nonfinite={on_nonfinite!r} is not one of {NONFINITE_ACTIONS}")
+        if spike_zscore is not None and spike_zscore <= 0:
+            raise ValueError(f"--model.spike_zscore={spike_zscore} must be positive (or null to turn the guard off)")
+        if not 2 <= spike_min_steps <= spike_window:
+            raise ValueError(f"--model.spike_window={spike_window} must be at least spike_min_steps={spike_min_steps}"
+                             " (and that at least 2)")
+        if max_consecutive_skips < 1:
+            raise ValueError(f"--model.max_consecutive_skips={max_consecutive_skips} must be >= 1")
+        self.on_nonfinite = on_nonfinite
+        self.spike_zscore = spike_zscore
+        self.spike_min_steps = spike_min_steps
+        self.max_consecutive_skips = max_consecutive_skips
+        self.recent: deque[float] = deque(maxlen=spike_window)  # losses of applied steps
+        self.skipped_nonfinite = 0
+        self.skipped_spikes = 0
+        self.consecutive_skips = 0
+
+    def check(self, step: int, loss: float, grad_norm: float | None) -> Verdict:
+        """The verdict on optimizer step `step` (0-based: the trainer's global_step before it) given its loss and
+        gradient norm (None when the gradient scaler of fp16 training handles overflowing gradients itself)."""
+        nonfinite = [name for name, value in (("loss", loss), ("gradient norm", grad_norm))
+                     if value is not None and not math.isfinite(value)]
+        if nonfinite:
+            if self.on_nonfinite == "stop":
+                raise TrainingStopped(
+                    f"non-finite {' and '.join(nonfinite)} (loss {loss}, gradient norm {grad_norm}) at step {step}: "
+                    f"training stopped before applying it, so the weights are those of the {step} steps before and "
+                    "the last checkpoint is intact. Lower the learning rate or resume from an earlier checkpoint; "
+                    f"--model.on_nonfinite skip drops such steps instead"
+                )
+            self.skipped_nonfinite += 1
+            return self._skip(step, "nonfinite", f"non-finite {' and '.join(nonfinite)}")
+        z = self.zscore(loss)
+        if z is not None and z > self.spike_zscore:
+            self.skipped_spikes += 1
+            return self._skip(step, "spike", f"loss {loss:.4f} is {z:.1f} standard deviations above the recent mean")
+        self.consecutive_skips = 0
+        self.recent.append(loss)
+        return APPLY
+
+    def zscore(self, loss: float) -> float | None:
+        """How many standard deviations `loss` lies above the window's mean; None while the guard is off or the
+        window is too short to judge."""
+        if self.spike_zscore is None or len(self.recent) < self.spike_min_steps:
+            return None
+        n = len(self.recent)
+        mean = math.fsum(self.recent) / n
+        std = math.sqrt(math.fsum((x - mean) ** 2 for x in self.recent) / (n - 1))
+        return (loss - mean) / max(std, 1e-8)
+
+    def _skip(self, step: int, reason: str, why: str) -> Verdict:
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            raise TrainingStopped(
+                f"{self.consecutive_skips} consecutive optimizer steps were dropped, the last at step {step} ({why}): "
+                "training stopped. The loss is diverging or has moved to a new level; lower the learning rate, "
+                "resume from an earlier checkpoint, or raise --model.spike_zscore / --model.max_consecutive_skips"
+            )
+        return Verdict(False, reason)
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_nonfinite + self.skipped_spikes
+
+    def state_dict(self) -> dict:
+        return {"recent": list(self.recent), "skipped_nonfinite": self.skipped_nonfinite,
+                "skipped_spikes": self.skipped_spikes, "consecutive_skips": self.consecutive_skips}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recent.clear()
+        self.recent.extend(state["recent"])
+        self.skipped_nonfinite = int(state["skipped_nonfinite"])
+        self.skipped_spikes = int(state["skipped_spikes"])
+        self.consecutive_skips = int(state["consecutive_skips"])

@@ -1,0 +1,100 @@
+"""What a checkpoint holds beyond Lightning's own state so that a resumed run continues the interrupted one
+exactly, and the checks that refuse a resume that would not.
+
+Lightning saves weights, optimiser, scheduler, loop counters and the DataModule's state (our stream position);
+it does not save random number generator states. They are saved here after each step and put back right before
+the first step after a resume, so randomness in training (dropout in a user's model, sampling) continues
+as if never interrupted. Our data loaders draw their worker seeds from their own generators, so creating a
+loader (which the resumed run does and the uninterrupted one does not) leaves the global streams alone.
+
+A resumed `fit` continues the run in the checkpoint, so its settings must be the checkpoint's: a changed
+architecture, optimiser or schedule setting, or seed, is refused with the list of differences (see
+`RESUMABLE_CHANGES` for what may change). Data settings are checked by the DataModule's fingerprint.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from moe.errors import IncompatibleResume
+
+# Hyperparameters that change how a run executes or reports, not what it computes: a resume may change them.
+RESUMABLE_CHANGES = {
+    "init_from",  # the checkpoint's weights replace whatever it named
+    "activation_checkpointing",
+    "compile",
+    "peak_tflops",
+    "sampling",
+    "config.attention_backend",
+    "config.expert_backend",
+    # The guards decide about later steps; turning skipping on after a stop is what resuming is for.
+    "on_nonfinite",
+    "spike_zscore",
+    "spike_window",
+    "max_consecutive_skips",
+}
+
+
+def rng_states() -> dict:
+    """torch's (CPU and every CUDA device's), numpy's and Python's generator states, as tensors and plain values
+    so that torch.load(weights_only=True) reads them."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def hparam_changes(saved: dict, current: dict) -> list[str]:
+    """The hyperparameters whose values differ between a checkpoint and this run, as `--model.<key>` lines."""
+    saved, current = _flatten(dict(saved)), _flatten(dict(current))
+
+    def shown(values: dict, key: str) -> str:
+        return repr(values[key]) if key in values else "(absent)"
+
+    return [
+        f"--model.{key}: checkpoint {shown(saved, key)}, now {shown(current, key)}"
+        for key in sorted(saved.keys() | current.keys())
+        if not {key, key.split(".")[0]} & RESUMABLE_CHANGES and shown(saved, key) != shown(current, key)
+    ]
+
+
+def check_resume(checkpoint: dict, hparams: dict, seed: str | None) -> None:
+    """Refuse to resume `checkpoint` into a run with other model, optimiser or schedule settings or another seed."""
+    changes = hparam_changes(checkpoint.get("hyper_parameters", {}), hparams)
+    saved_seed = checkpoint.get("seed")
+    if saved_seed is not None and seed is not None and str(saved_seed) != str(seed):
+        changes.append(f"--seed_everything: checkpoint {saved_seed}, now {seed}")
+    if changes:
+        raise IncompatibleResume(
+            "this run's settings differ from the checkpoint's, so it would not continue the same run:\n  "
+            + "\n  ".join(changes)
+            + "\nResume with the settings the run was started with, or start a new run from these weights with "
+            "--model.init_from CHECKPOINT (weights only: fresh optimiser, schedule and data stream)"
+        )
