@@ -13,11 +13,15 @@ A signal that arrives during validation inside `fit` ends the validation at its 
 behaviour); the checkpoint is then written from `on_exception`, with the training loop at the step just finished.
 
 All processes must save together (a save is collective), so the decision is reduced over processes at each step:
-a signal received by any of them stops all of them at the same step.
+a signal received by any of them stops all of them at the same step. With several processes our own handler
+replaces Lightning's, which would deadlock them (see `_take_over_signal`); there a signal during validation is
+acted on after the next training step.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -52,9 +56,24 @@ class CheckpointOnSigterm(pl.Callback):
             folder = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
         return folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
 
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self._take_over_signal(trainer)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         self._step_seen = trainer.global_step
-        self._pending = False
+        self._take_over_signal(trainer)
+
+    def _take_over_signal(self, trainer: pl.Trainer) -> None:
+        # Called after Lightning registered its handlers (before the sanity check, or at the start of training).
+        if self.enabled and trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
+            # Lightning's handler (>= 2.5.2) calls dist.broadcast inside the signal handler: a collective that only
+            # the signalled process enters, wherever it is in the step, so the processes deadlock (one waits in the
+            # broadcast, the others in the gradient all-reduce). Only record the signal here; on_train_batch_end
+            # agrees on it over processes at the end of the step. Lightning's teardown restores the previous handler.
+            signal.signal(signal.SIGTERM, self._record_sigterm)
+
+    def _record_sigterm(self, signum, frame) -> None:
+        self._pending = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if not self.enabled:
