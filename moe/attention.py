@@ -145,13 +145,15 @@ class Attention(nn.Module):
         """x (B, T, D) -> (B, T, D). With a cache, x holds the T tokens that follow the cached ones, at
         `positions` (T,); their keys and values are appended to the cache."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, C)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, C)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, C)
+        # Head counts come from the projections' widths, not the config: under tensor parallelism each process
+        # holds H / tp query and K / tp key/value heads (moe/train/parallel.py).
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, C)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, C)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, C)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
             y = attend(q, k, v, self.window, self.backend)  # (B, H, T, C)
         else:
             keys, values, key_positions = cache.update(k, v, positions)  # (B, K, S, C), (S,)
             y = cached_attention(q, keys, values, positions, key_positions, self.window, self.backend)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*C) -> (B, T, D)

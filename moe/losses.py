@@ -5,6 +5,19 @@
   probability of expert e. Equals k for perfectly uniform routing (HF's normalisation). Computed per layer;
   for one layer it equals transformers' `load_balancing_loss_func`.
 - Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2; keeps logits small.
+
+Data parallelism. The z-loss is a mean over tokens, so the mean of the per-process losses is the global one. The
+load-balancing loss is not linear in the tokens: f_e must be counted over the global batch. During training,
+when torch.distributed is initialised, `load_balancing_loss(..., reduce_counts=True)` sums the (k, E) assignment
+counts (and the token count) over `ASSIGNMENT_COUNT_GROUP` before forming f_e: E*k+1 numbers per layer. P_e
+stays the local mean. Why that gives exactly the global loss's gradient: with R processes of N tokens each and
+p_ne the router probability of expert e for token n,
+    global loss      L   = E * sum_e f_e * (1 / RN) * sum_{all n} p_ne,   dL/dp_ne   = E * f_e / (RN)
+    process r's loss L_r = E * sum_e f_e * (1 / N)  * sum_{n in r} p_ne,  dL_r/dp_ne = E * f_e / N
+(f_e, the global fraction, carries no gradient). DDP averages gradients over the R processes, giving
+E * f_e / (RN) = dL/dp_ne; and the mean over processes of L_r is L itself.
+This module is the one place in `moe/` that touches torch.distributed (one all-reduce, skipped unless
+initialised); which group to use is set from outside, by the training code.
 Shapes: N tokens, E experts, k experts per token.
 """
 
@@ -13,19 +26,66 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+ASSIGNMENT_COUNT_GROUP: object = "world"
+"""Process group over which training-time assignment counts are summed: "world" (the default group whenever
+torch.distributed is initialised), a torch.distributed ProcessGroup such as the data-parallel group, or None to
+keep the counts local (single-process semantics). "world" is also right when ranks share their tokens, as
+tensor-parallel ranks do: the token count is summed with the assignment counts, so replicas scale both alike and
+the fractions are unchanged; a data-parallel group only saves the larger reduction. Evaluation never reduces."""
+
+
+def expert_assignment_counts(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(k, E) float number of tokens sending their j-th choice to each expert, for indices of shape (N, k)."""
+    return F.one_hot(experts, n_experts).float().sum(dim=0)  # (k, E)
+
 
 def expert_assignment_fraction(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
     """(k, E) fraction of tokens sending their j-th choice to each expert, for indices of shape (N, k)."""
-    one_hot = F.one_hot(experts, n_experts).float()  # (N, k, E)
-    return one_hot.mean(dim=0)
+    return expert_assignment_counts(experts, n_experts) / experts.shape[0]
 
 
-def load_balancing_loss(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Switch/Mixtral load-balancing loss of one layer from its (N, E) router logits."""
-    n_experts = router_logits.shape[-1]
+def all_reduce_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Sum of `counts` over ASSIGNMENT_COUNT_GROUP; `counts` itself when there is no such group."""
+    import torch.distributed as dist
+
+    group = ASSIGNMENT_COUNT_GROUP
+    if group is None or not (dist.is_available() and dist.is_initialized()):
+        return counts
+    counts = counts.detach().clone()
+    dist.all_reduce(counts, group=None if group == "world" else group)
+    return counts
+
+
+def load_balancing_loss_from_sums(counts: torch.Tensor, probability_sum: torch.Tensor,
+                                  n_tokens: torch.Tensor | float) -> torch.Tensor:
+    """Load-balancing loss from (..., k, E) assignment counts and (..., E) summed router probabilities of the
+    same `n_tokens` tokens (per leading index); what a logger uses to combine micro-batches and processes."""
+    n_experts = probability_sum.shape[-1]
+    n_tokens = torch.as_tensor(n_tokens, dtype=probability_sum.dtype, device=probability_sum.device)
+    fraction = counts / n_tokens[..., None, None]  # (..., k, E)
+    mean_probs = probability_sum / n_tokens[..., None]  # (..., E)
+    return n_experts * (fraction * mean_probs[..., None, :]).sum(dim=(-2, -1))
+
+
+def routing_sums(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, E) assignment counts (no gradient) and (N, E) float32 router probabilities of (N, E) logits."""
     probs = router_logits.float().softmax(dim=-1)  # (N, E)
     experts = probs.topk(top_k, dim=-1).indices  # (N, k)
-    fraction = expert_assignment_fraction(experts, n_experts)  # (k, E); no gradient flows through it
+    return expert_assignment_counts(experts, router_logits.shape[-1]), probs
+
+
+def load_balancing_loss(router_logits: torch.Tensor, top_k: int, reduce_counts: bool = False) -> torch.Tensor:
+    """Switch/Mixtral load-balancing loss of one layer from its (N, E) router logits. With `reduce_counts`, the
+    assignment fractions are those of all processes of ASSIGNMENT_COUNT_GROUP (see the module docstring)."""
+    n_tokens, n_experts = router_logits.shape
+    counts, probs = routing_sums(router_logits, top_k)  # (k, E), (N, E)
+    if reduce_counts:
+        # The token count travels with the counts, so processes with unequal batches still get the true fraction.
+        counts_and_n = all_reduce_counts(torch.cat([counts.flatten(), counts.new_tensor([n_tokens])]))
+        counts, n_total = counts_and_n[:-1].view_as(counts), counts_and_n[-1]
+        fraction = counts / n_total
+    else:
+        fraction = counts / n_tokens
     return n_experts * (fraction * probs.mean(dim=0)).sum()
 
 

@@ -32,12 +32,24 @@ class ModelOutput:
 
     @property
     def aux_loss(self) -> torch.Tensor | None:
-        """Load-balancing loss averaged over layers (each layer's loss is computed on its own routing)."""
+        """Load-balancing loss averaged over layers (each layer's loss is computed on its own routing). In training
+        under torch.distributed, each layer's assignment fractions are those of all data-parallel processes and its
+        mean probabilities this process's (moe/losses.py): the mean over processes is the global batch's loss."""
         return torch.stack([s.load_balancing_loss for s in self.moe]).mean() if self.moe else None
 
     @property
     def z_loss(self) -> torch.Tensor | None:
         return torch.stack([s.z_loss for s in self.moe]).mean() if self.moe else None
+
+    @property
+    def assignment_counts(self) -> torch.Tensor | None:
+        """(L, k, E) top-k choices per expert of each MoE layer on this process's tokens, before capacity drops."""
+        return torch.stack([s.assignment_counts for s in self.moe]) if self.moe else None
+
+    @property
+    def probability_sum(self) -> torch.Tensor | None:
+        """(L, E) router probabilities of each MoE layer summed over this process's tokens."""
+        return torch.stack([s.probability_sum for s in self.moe]) if self.moe else None
 
     @property
     def tokens_per_expert(self) -> torch.Tensor | None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from moe.config import ModelConfig
 from moe.experts import Experts
-from moe.losses import load_balancing_loss, router_z_loss
+from moe.losses import load_balancing_loss, router_z_loss, routing_sums
 from moe.mlp import SwiGLU
 from moe.router import TopKRouter
 
@@ -31,6 +31,10 @@ class MoEStats(NamedTuple):
     z_loss: torch.Tensor  # scalar
     tokens_per_expert: torch.Tensor  # (E,) assignments each expert processed (after any capacity drop)
     dropped: torch.Tensor  # scalar: assignments dropped by the capacity limit
+    # This process's routing sums, from which a logger recombines the load-balancing loss of a larger batch
+    # (micro-batches of an optimizer step, processes): see losses.load_balancing_loss_from_sums.
+    assignment_counts: torch.Tensor | None = None  # (k, E) top-k choices per expert, before any capacity drop
+    probability_sum: torch.Tensor | None = None  # (E,) float32 router probabilities summed over the N tokens
 
 
 def count_per_expert(indices: torch.Tensor, n_bins: int) -> torch.Tensor:
@@ -87,11 +91,17 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
 
+        # In training the assignment fractions are counted over the data-parallel processes (losses.py explains
+        # why that gives the global batch's gradient); evaluation keeps them local, so that one process may
+        # evaluate alone.
+        assignment_counts, probs = routing_sums(routing.logits.detach(), self.top_k)
         stats = MoEStats(
             router_logits=routing.logits,
-            load_balancing_loss=load_balancing_loss(routing.logits, self.top_k),
+            load_balancing_loss=load_balancing_loss(routing.logits, self.top_k, reduce_counts=self.training),
             z_loss=router_z_loss(routing.logits),
             tokens_per_expert=tokens_per_expert.detach(),
             dropped=dropped,
+            assignment_counts=assignment_counts,
+            probability_sum=probs.sum(dim=0),
         )
         return out.view(B, T, D), stats

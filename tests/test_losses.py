@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from moe.losses import expert_assignment_fraction, load_balancing_loss, router_z_loss
+from moe.losses import (
+    expert_assignment_fraction,
+    load_balancing_loss,
+    load_balancing_loss_from_sums,
+    router_z_loss,
+    routing_sums,
+)
 
 EXPERTS_AND_K = [(2, 1), (4, 1), (4, 2), (8, 2), (8, 3), (16, 4)]
 
@@ -42,6 +48,21 @@ def test_load_balancing_loss_grows_when_routing_collapses(n_experts, top_k):
     logits = torch.zeros(32, n_experts)
     logits[:, :top_k] = 20.0
     assert load_balancing_loss(logits, top_k).item() == pytest.approx(n_experts, rel=1e-3)
+
+
+@pytest.mark.parametrize("n_experts,top_k", EXPERTS_AND_K)
+def test_load_balancing_loss_of_a_batch_from_the_sums_of_its_parts(n_experts, top_k):
+    """What the training logs use: the summed counts and probabilities of unequal parts give the whole batch's loss;
+    without torch.distributed, reduce_counts changes nothing."""
+    logits = torch.randn(53, n_experts, generator=torch.Generator().manual_seed(n_experts * top_k)) * 2
+    parts = [routing_sums(chunk, top_k) for chunk in logits.split([20, 33])]
+    counts = sum(c for c, _ in parts)  # (k, E)
+    probability_sum = sum(p.sum(dim=0) for _, p in parts)  # (E,)
+    whole = load_balancing_loss(logits, top_k)
+    torch.testing.assert_close(load_balancing_loss_from_sums(counts, probability_sum, 53), whole)
+    torch.testing.assert_close(load_balancing_loss(logits, top_k, reduce_counts=True), whole)
+    halves = [load_balancing_loss(chunk, top_k) for chunk in logits.split([20, 33])]
+    assert not any(torch.allclose(h, whole) for h in halves)  # the loss is not a mean over tokens
 
 
 def test_expert_assignment_fraction_by_counting():

@@ -26,11 +26,13 @@ from torch.utils.checkpoint import checkpoint
 
 from moe.config import ModelConfig
 from moe.errors import InputError
+from moe.losses import load_balancing_loss_from_sums
 from moe.model import ModelOutput, Transformer
 from moe.train.checkpoint import checkpoint_config, checkpoint_weights, read_checkpoint
 from moe.train.checkpoint_io import install_atomic_checkpoint_io
 from moe.train.guard import StepGuard
 from moe.train.optim import param_groups
+from moe.train.parallel import clip_grad_norm_, data_parallel_size, total_norm
 from moe.train.resume import check_resume, rng_states, set_rng_states
 from moe.train.schedule import DECAY_SHAPES, SCHEDULES, lr_multiplier
 from moe.train.throughput import ThroughputMeter, device_peak_tflops
@@ -168,6 +170,7 @@ class LanguageModel(pl.LightningModule):
         self._last_report_step = -1
         self._tokens_seen_before = 0  # tokens seen by the run this one resumes, from its checkpoint
         self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses
+        self._router_sums: torch.Tensor | None = None  # this optimizer step's routing sums (_router_sums_of)
         self._rng_to_restore: dict | None = None
         self._schedule_total: int | None = None  # optimizer steps the learning-rate schedule spans
         self._schedule_total_before: int | None = None  # ... in the run a resumed one continues
@@ -194,7 +197,11 @@ class LanguageModel(pl.LightningModule):
         if self.model is not None:
             return
         self.model = self._build_model()
-        if self.hparams.activation_checkpointing:
+        if self.device_mesh is not None:  # set by ModelParallelStrategy: FSDP2, optionally tensor parallel
+            from moe.train.parallel import parallelize
+
+            parallelize(self.model, self.device_mesh, self.hparams.activation_checkpointing)
+        elif self.hparams.activation_checkpointing:
             checkpoint_blocks(self.model)
         if self.hparams.compile:
             for block in self.model.layers:
@@ -338,13 +345,47 @@ class LanguageModel(pl.LightningModule):
         self._step_losses.append(parts["loss"].detach())
         self.log("train/loss", parts["ce"], prog_bar=True)
         if out.moe:
-            self.log("train/aux_loss", parts["aux"])
-            self.log("train/z_loss", parts["z"])
+            # train/aux_loss and train/z_loss are logged once per optimizer step, over its whole global batch
+            # (_log_router_losses); the *_micro_batch values and train/total_loss are this process's micro-batch
+            # objective, the one differentiated (its fractions counted over the processes).
+            self.log("train/aux_loss_micro_batch", parts["aux"])
+            self.log("train/z_loss_micro_batch", parts["z"])
             self.log("train/total_loss", parts["loss"])
+            sums = self._router_sums_of(out)
+            self._router_sums = sums if self._router_sums is None else self._router_sums + sums
             counts = out.tokens_per_expert.detach().float()
             self._expert_tokens = counts if self._expert_tokens is None else self._expert_tokens + counts
-        self._throughput(batch["input_ids"]).update(batch["input_ids"].numel() * self.trainer.world_size)
+        # Tokens of the global batch: tensor-parallel processes share theirs, so count data-parallel ones only.
+        self._throughput(batch["input_ids"]).update(batch["input_ids"].numel() * data_parallel_size(self.trainer))
         return parts["loss"]
+
+    @staticmethod
+    def _router_sums_of(out: ModelOutput) -> torch.Tensor:
+        """This micro-batch's routing as one flat float64 tensor, summable over micro-batches and processes:
+        (L, k, E) assignment counts, (L, E) probability sums, the token count and the token-weighted z-loss."""
+        n_tokens = out.assignment_counts[0, 0].sum()  # each token makes exactly one first choice
+        return torch.cat([out.assignment_counts.flatten(), out.probability_sum.flatten(), n_tokens[None],
+                          (out.z_loss.detach() * n_tokens)[None]]).double()
+
+    def _log_router_losses(self) -> None:
+        """Log train/aux_loss and train/z_loss of the optimizer step's global batch (all micro-batches, all
+        processes). The z-loss is a token mean, so that is the token-weighted mean of the micro-batch values. The
+        load-balancing loss is not linear: it is recomputed from the summed assignment counts and probabilities,
+        which makes it exactly the loss of the global batch in one forward pass, whatever the world size and
+        gradient accumulation. (Its gradient, under accumulation, is that of each micro-batch's own loss with
+        fractions counted over the processes: a micro-batch cannot see the later ones' routing.)"""
+        if self._router_sums is None:
+            return
+        sums = self.trainer.strategy.reduce(self._router_sums, reduce_op="sum")
+        self._router_sums = None
+        config = self.model_config
+        n_layers, k, n_experts = config.n_layers, config.top_k, config.n_experts  # every layer is a MoE layer
+        counts, rest = sums[: n_layers * k * n_experts], sums[n_layers * k * n_experts:]
+        probability_sum, (n_tokens, z_weighted) = rest[: n_layers * n_experts], rest[n_layers * n_experts:]
+        aux = load_balancing_loss_from_sums(counts.view(n_layers, k, n_experts),
+                                            probability_sum.view(n_layers, n_experts), n_tokens).mean()
+        self.log("train/aux_loss", aux.float())
+        self.log("train/z_loss", (z_weighted / n_tokens).float())
 
     def _throughput(self, input_ids: torch.Tensor) -> ThroughputMeter:
         if self._meter is None:
@@ -368,7 +409,7 @@ class LanguageModel(pl.LightningModule):
         # Runs after the last micro-batch's backward (gradients unscaled under fp16) and before clipping and the
         # update: the one place to decide whether the update happens.
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        grad_norm = total_norm(grads) if grads else torch.zeros((), device=self.device)
         loss = torch.stack(self._step_losses).mean() if self._step_losses else torch.zeros((), device=self.device)
         self._step_losses = []
         # Every process must reach the same verdict: decide on the mean over processes (a non-finite value on one
@@ -384,10 +425,19 @@ class LanguageModel(pl.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             self.print(f"step {self.trainer.global_step}: update dropped ({verdict.reason}; "
                        f"loss {loss:.4g}, gradient norm {norm:.4g})")
+        self._log_router_losses()
         self.log("train/grad_norm", grad_norm)
         self.log("train/lr", optimizer.param_groups[0]["lr"])
         self.log("train/skipped_nonfinite", float(self.guard.skipped_nonfinite))
         self.log("train/skipped_spikes", float(self.guard.skipped_spikes))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Under ModelParallelStrategy gradients are DTensors on two meshes (data- and tensor-parallel), which
+        # torch's clip_grad_norm_ (Lightning's default) cannot add up.
+        if self.device_mesh is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         step = self.trainer.global_step
@@ -402,7 +452,9 @@ class LanguageModel(pl.LightningModule):
         if self._meter is not None:
             self.log("train/tokens_seen", torch.tensor(float(self._meter.tokens_seen), dtype=torch.float64))
         if self._expert_tokens is not None:
-            self._log_expert_load(self.trainer.strategy.reduce(self._expert_tokens, reduce_op="sum"))
+            # Summed over processes, tensor-parallel replicas (which route the same tokens) counted once.
+            replicas = self.trainer.world_size // data_parallel_size(self.trainer)
+            self._log_expert_load(self.trainer.strategy.reduce(self._expert_tokens, reduce_op="sum") / replicas)
             self._expert_tokens = None
 
     def _log_expert_load(self, tokens: torch.Tensor) -> None:

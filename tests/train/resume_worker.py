@@ -66,8 +66,8 @@ class StepRecorder(pl.Callback):
         metrics = trainer.callback_metrics
         self._micro_batches.append({
             "loss": float(outputs["loss"]).hex(),
-            "aux": float(metrics["train/aux_loss"]).hex(),
-            "z": float(metrics["train/z_loss"]).hex(),
+            "aux": float(metrics["train/aux_loss_micro_batch"]).hex(),
+            "z": float(metrics["train/z_loss_micro_batch"]).hex(),
             "index": batch["index"].tolist(),
             "rows": [hash(tuple(row)) for row in batch["input_ids"].tolist()],
         })

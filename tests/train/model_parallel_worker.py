@@ -1,0 +1,56 @@
+"""Run by test_model_parallel.py as one of 2 CPU processes (gloo); the test sets the torch.distributed env vars.
+
+Fits tiny MoE and dense models with our ModelParallelStrategy as FSDP2 data parallel (dp=2, tp=1) and tensor
+parallel (dp=1, tp=2), some with activation checkpointing (test_model_parallel.CASES), and writes each rank's
+per-step losses and full final weights to argv[1]/<run_name>.
+"""
+
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_model_parallel import CASES, MODELS, MODES, MODULE_KWARGS, fit_kwargs, run_name, tiny_data
+
+from moe.train import LanguageModel
+from moe.train.parallel import ModelParallelStrategy, full_state
+
+
+def instrument(module: LanguageModel) -> list[float]:
+    """Seed right before the model is built, so every run starts from the same weights whatever the strategy
+    drew from the generator before; return the list each micro-batch's loss is appended to."""
+    losses, step, configure = [], module.training_step, module.configure_model
+
+    def configure_model():
+        torch.manual_seed(0)
+        configure()
+
+    def training_step(batch, batch_idx):
+        loss = step(batch, batch_idx)
+        losses.append(loss.item())
+        return loss
+
+    module.configure_model, module.training_step = configure_model, training_step
+    return losses
+
+
+def main(out: Path) -> None:
+    warnings.filterwarnings("ignore")
+    for mode, kind, activation_checkpointing in CASES:
+        dp, tp = MODES[mode]
+        module = LanguageModel(MODELS[kind], activation_checkpointing=activation_checkpointing, **MODULE_KWARGS)
+        losses = instrument(module)
+        strategy = ModelParallelStrategy(tensor_parallel_size=tp)  # data_parallel_size 'auto' = 2 / tp
+        t = pl.Trainer(devices=2, strategy=strategy, **fit_kwargs())
+        t.fit(module, datamodule=tiny_data(batch_size=8 // dp))
+        assert t.strategy.device_mesh["data_parallel"].size() == dp
+        weights = full_state(module.model)
+        grad_norm = float(t.callback_metrics["train/grad_norm"])  # the last step's
+        torch.save({"losses": losses, "weights": weights, "grad_norm": grad_norm}, out / run_name(mode, kind, activation_checkpointing,
+                                                                          t.global_rank))
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
