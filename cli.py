@@ -6,7 +6,8 @@ overrides such as `--model.lr 1e-3` or `--trainer.max_steps 100`. The model's vo
 data module's tokenizer and the data's sequence length to the model's `max_seq_len`, so neither is repeated.
 
 `moe presets` prints every model preset with its total and active parameter counts, computed from the config;
-`moe export CKPT DIR` writes a checkpoint as an HF model directory.
+`moe export CKPT DIR` writes a checkpoint as an HF model directory; `moe consolidate SHARDED_DIR FILE` writes a
+sharded checkpoint (FSDP, ModelParallel) as one file.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from moe.data import TextDataModule
 from moe.errors import InputError, TrainingStopped
 from moe.presets import get_preset, preset_names
 from moe.train import LanguageModel
+from moe.train.checkpoint import consolidate_checkpoint
 from moe.train.checkpoint_io import verify_checkpoint
 from moe.train.export import export_to_hf
 from moe.train.preemption import CheckpointOnSigterm
+from moe.train.strategies import check_strategy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -92,6 +95,11 @@ class MoECLI(LightningCLI):
         if config.model.init_from is None and unset:
             self.parser.error("no model given: add a model config file (--config configs/model/<name>.yaml), "
                               "--model.config.* values or --model.init_from")
+        # A GPU-only strategy on a machine without one, named by flag before any data is prepared.
+        try:
+            check_strategy(config.trainer)
+        except InputError as error:
+            self.parser.error(str(error))
 
     def instantiate_classes(self) -> None:
         # Values that parse but do not make sense together (a config field, a data file) are reported like a
@@ -134,12 +142,27 @@ def build_cli(argv: list[str] | None = None, run: bool = True) -> MoECLI:
 def export(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="moe export", description="Write a Lightning checkpoint of this "
                                      "project as an HF model directory (weights, config.json, tokenizer).")
-    parser.add_argument("checkpoint", help="a .ckpt written by `fit`, e.g. runs/quickstart/version_0/checkpoints/last.ckpt")
+    parser.add_argument("checkpoint", help="a .ckpt written by `fit` (e.g. runs/quickstart/version_0/checkpoints/"
+                        "last.ckpt) or a sharded checkpoint directory")
     parser.add_argument("out_dir", help="directory to write; AutoModelForCausalLM/AutoTokenizer load it")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: float32)")
     args = parser.parse_args(argv)
     try:
         out = export_to_hf(args.checkpoint, args.out_dir, DTYPES.get(args.dtype))
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    print(f"wrote {out}")
+
+
+def consolidate(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="moe consolidate", description="Write a sharded checkpoint directory "
+                                     "(FSDPStrategy with state_dict_type sharded, ModelParallelStrategy) as one "
+                                     ".ckpt file, which resumes under any strategy or world size.")
+    parser.add_argument("src", help="sharded checkpoint directory, e.g. runs/x/version_0/checkpoints/last.ckpt/")
+    parser.add_argument("dst", help=".ckpt file to write")
+    args = parser.parse_args(argv)
+    try:
+        out = consolidate_checkpoint(args.src, args.dst)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     print(f"wrote {out}")
@@ -152,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         print_presets()
     elif args[:1] == ["export"]:
         export(args[1:])
+    elif args[:1] == ["consolidate"]:
+        consolidate(args[1:])
     else:
         build_cli(argv)
 

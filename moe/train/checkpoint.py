@@ -2,11 +2,20 @@
 ("model_config"), the model's weights (state_dict keys prefixed "model.") and the tokenizer's JSON ("tokenizer").
 
 One reader for `--model.init_from`, `moe export` and tests, so the checkpoint layout is known in one place.
+
+A sharded checkpoint is a directory in torch.distributed.checkpoint (DCP) format, as Lightning's
+FSDPStrategy(state_dict_type="sharded") and ModelParallelStrategy write it: the weights under "model" (FSDP) or
+"state_dict" (ModelParallel), optimizer states under "optimizer_0", "optimizer_1", ... keyed by parameter name, and
+everything else in meta.pt. `read_checkpoint` reads one into the single-file layout, and `consolidate_checkpoint`
+writes that as one .ckpt (what lightning.pytorch.utilities.consolidate_checkpoint does, plus the optimizer states
+keyed by position so a single-device Trainer resumes from it).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
@@ -14,7 +23,10 @@ from tokenizers import Tokenizer
 from moe.config import ModelConfig
 from moe.errors import InputError
 from moe.model import Transformer
-from moe.train.checkpoint_io import verify_checkpoint
+from moe.train.checkpoint_io import atomic_save, verify_checkpoint
+
+_DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a checkpoint directory
+_LIGHTNING_METADATA = "meta.pt"  # Lightning's file beside it: the checkpoint minus weights and optimizer states
 
 
 def read_checkpoint(path: str | Path, map_location: torch.device | str = "cpu", verify: bool = True) -> dict:
@@ -22,6 +34,14 @@ def read_checkpoint(path: str | Path, map_location: torch.device | str = "cpu", 
     file is whole (`verify_checkpoint`; `verify=False` for a file this process has just verified): torch.load
     would map a damaged file's tensors without a word."""
     path = Path(path)
+    if path.is_dir():
+        if not is_sharded_checkpoint(path):
+            raise InputError(f"{path} is a directory but not a sharded checkpoint (no {_DCP_METADATA} file of "
+                             "torch.distributed.checkpoint in it)")
+        checkpoint = read_sharded_checkpoint(path)
+        if "model_config" not in checkpoint or "state_dict" not in checkpoint:
+            raise InputError(f"{path} is not a checkpoint written by moe's LanguageModel (no model_config/state_dict)")
+        return checkpoint
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if verify:
@@ -51,3 +71,51 @@ def load_lightning_checkpoint(path: str | Path) -> tuple[Transformer, Tokenizer 
     model.rotary.reset_parameters()
     tokenizer = Tokenizer.from_str(checkpoint["tokenizer"]) if checkpoint.get("tokenizer") else None
     return model.float(), tokenizer
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / _DCP_METADATA).is_file()
+
+
+def read_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A sharded checkpoint directory as the dict a single-device Trainer saves (all of it in CPU memory):
+    weights under "state_dict", optimizer states as the "optimizer_states" list, keyed by parameter position."""
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise InputError(f"{path} is not a sharded checkpoint directory (no {_DCP_METADATA} file in it)")
+    checkpoint = _load_distributed_checkpoint(path)  # DCP shards + meta.pt, read without a process group
+    if "model" in checkpoint:  # FSDPStrategy's name for the weights; ModelParallelStrategy uses "state_dict"
+        checkpoint["state_dict"] = checkpoint.pop("model")
+    optimizer_keys = sorted((k for k in checkpoint if re.fullmatch(r"optimizer_\d+", k)), key=lambda k: int(k[10:]))
+    if optimizer_keys:
+        checkpoint["optimizer_states"] = [_keyed_by_position(checkpoint.pop(k)) for k in optimizer_keys]
+    return checkpoint
+
+
+def _keyed_by_position(optimizer_state: dict) -> dict:
+    """An optimizer state dict keyed by parameter name (as torch.distributed.checkpoint stores it) keyed by the
+    parameter's position in the param groups instead, as `torch.optim.Optimizer.state_dict` keys it."""
+    groups = optimizer_state.get("param_groups", [])
+    names = [name for group in groups for name in group["params"]]
+    if not names or not all(isinstance(name, str) for name in names):
+        return optimizer_state
+    position = {name: i for i, name in enumerate(names)}
+    return {
+        "state": {position[name]: value for name, value in optimizer_state.get("state", {}).items()},
+        "param_groups": [{**group, "params": [position[name] for name in group["params"]]} for group in groups],
+    }
+
+
+def consolidate_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Write the sharded checkpoint directory `src` as one checkpoint file `dst` (written atomically) that
+    `read_checkpoint`, `moe export`, `--model.init_from` and `Trainer.fit(ckpt_path=...)` accept."""
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise FileNotFoundError(f"no sharded checkpoint directory at {src}")
+    if dst.resolve() == src.resolve() or dst.is_dir():
+        raise InputError(f"{dst} is a directory: give the path of the .ckpt file to write")
+    atomic_save(read_checkpoint(src), dst)
+    return dst
