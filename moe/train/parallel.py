@@ -36,6 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 import moe.losses
 from moe.config import ModelConfig
+from moe.errors import InputError
 from moe.mlp import SwiGLU
 from moe.model import Transformer
 
@@ -57,7 +58,7 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
         sizes.append(("ffn_dim", config.ffn_dim))
     for name, size in sizes:
         if size % tp:
-            raise ValueError(f"{TP_FLAG}={tp} does not divide --model.config.{name}={size}: tensor parallelism "
+            raise InputError(f"{TP_FLAG}={tp} does not divide --model.config.{name}={size}: tensor parallelism "
                              f"gives each process {name} / tensor_parallel_size of them; pick a tensor-parallel "
                              f"size that divides {name} (and the other head counts)")
 
@@ -102,7 +103,7 @@ class ModelParallelStrategy(_LightningModelParallelStrategy):
         tp = self._tensor_parallel_size
         if tp != "auto":
             if world_size % tp:
-                raise ValueError(f"{TP_FLAG}={tp} does not divide the {world_size} devices (--trainer.devices x "
+                raise InputError(f"{TP_FLAG}={tp} does not divide the {world_size} devices (--trainer.devices x "
                                  "--trainer.num_nodes); each tensor-parallel group needs tensor_parallel_size of them")
             if self._data_parallel_size == "auto":
                 self._data_parallel_size = world_size // tp

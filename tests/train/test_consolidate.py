@@ -3,10 +3,14 @@ and exports like the file a single-device fit writes (moe/train/checkpoint.py, m
 
 The directory is written from one process (no process group) in the layout Lightning's strategies use: FSDPStrategy
 puts the weights under "model", ModelParallelStrategy under "state_dict"; both store "optimizer_<i>" keyed by
-parameter name and the rest in meta.pt. The oracle is the single-file checkpoint of a tiny CPU fit.
+parameter name and the rest in meta.pt. The oracle is the single-file checkpoint of a tiny CPU fit. The last test
+uses a real directory, from two CPU processes under ModelParallelStrategy (FSDP2).
 """
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -26,7 +30,7 @@ from moe.train.checkpoint import (
 from moe.train.export import export_to_hf
 from moe.train.optim import param_groups
 
-from ..cli_runs import tiny_run_args
+from ..cli_runs import ROOT, tiny_run_args
 
 
 @pytest.fixture
@@ -102,3 +106,29 @@ def test_a_directory_that_is_no_sharded_checkpoint_is_refused(workdir):
         read_checkpoint(workdir / "empty")
     with pytest.raises(FileNotFoundError):
         consolidate_checkpoint(workdir / "missing", workdir / "out.ckpt")
+
+
+def test_a_real_fsdp2_checkpoint_resumes_on_one_process(workdir):
+    """Two CPU processes under configs/strategy/fsdp2.yaml write last.ckpt as a sharded directory; `moe consolidate`
+    makes it one file, which resumes on a single process (same global batch: batch 8 instead of 2 x 4)."""
+    args = tiny_run_args(workdir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOE_CACHE_DIR": str(workdir / "cache")}
+    command = [sys.executable, str(ROOT / "cli.py"), "fit", *args, "--config", str(ROOT / "configs/strategy/fsdp2.yaml"),
+               "--trainer.devices", "2"]
+    done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sharded = workdir / "runs/quickstart/version_0/checkpoints/last.ckpt"
+    assert is_sharded_checkpoint(sharded)
+
+    single = workdir / "one.ckpt"
+    cli.main(["consolidate", str(sharded), str(single)])
+    from_file, _ = load_lightning_checkpoint(single)
+    from_shards, _ = load_lightning_checkpoint(sharded)
+    for name, tensor in from_shards.state_dict().items():
+        assert torch.equal(from_file.state_dict()[name], tensor), name
+
+    args[args.index("--trainer.max_steps") + 1] = "8"
+    args[args.index("--data.batch_size") + 1] = "8"
+    cli.main(["fit", *args, "--ckpt_path", str(single)])
+    resumed = torch.load(workdir / "runs/quickstart/version_1/checkpoints/last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 8 and resumed["TextDataModule"]["consumed_batches"] == 8
