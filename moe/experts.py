@@ -26,10 +26,13 @@ _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 
 def loop_experts(x, counts, gate_proj, up_proj, down_proj) -> torch.Tensor:
     """x (M, D) grouped by expert, counts (E,) -> (M, D). Experts with no rows still enter the graph."""
+    # unbind, not gate_proj[e]: indexing expert e has a backward that fills a zero (E, F, D) gradient and adds it
+    # into the accumulated one, E times per weight; unbind's backward stacks the E slices' gradients once.
     outputs = []
-    for e, rows in enumerate(x.split(counts.tolist())):
-        hidden = F.silu(rows @ gate_proj[e].T) * (rows @ up_proj[e].T)  # (M_e, F)
-        outputs.append(hidden @ down_proj[e].T)  # (M_e, D)
+    weights = zip(gate_proj.unbind(0), up_proj.unbind(0), down_proj.unbind(0))
+    for rows, (gate, up, down) in zip(x.split(counts.tolist()), weights):
+        hidden = F.silu(rows @ gate.T) * (rows @ up.T)  # (M_e, F)
+        outputs.append(hidden @ down.T)  # (M_e, D)
     return torch.cat(outputs)
 
 
