@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-from moe.data import Source, TextDataModule
+from .launch import code_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "ddp_resilience_worker.py"
@@ -149,15 +148,7 @@ def runs(tmp_path_factory) -> Iterator[dict[str, Run]]:
     """Every run of the file, side by side: the uninterrupted reference and one run per SIGNALLED case; then, once
     `sigterm-rank1` has ended, its resumption and the two step-guard runs."""
     tmp_path = tmp_path_factory.mktemp("ddp")
-    # A JSON lines corpus and its cache folder, shared by every process so the tokenizer is trained once.
-    rng = random.Random(0)
-    words = ["def", "return", "class", "import", "self", "value", "index", "for", "in", "if", "else", "print"]
-    path = tmp_path / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 40)))})
-                            + "\n" for _ in range(16)))
-    TextDataModule([Source(str(path))], vocab_size=300, seq_len=SEQ_LEN, batch_size=BATCH, num_workers=0,
-                   val_fraction=0.1, cache_dir=str(tmp_path / "cache")).setup("fit")
-    corpus = (path, tmp_path / "cache")
+    corpus = code_corpus(tmp_path, SEQ_LEN, BATCH)[:2]  # shared by every process: one tokenizer, one cache
 
     runs = {"reference": Run(tmp_path, corpus, "reference", TOTAL)}
     try:

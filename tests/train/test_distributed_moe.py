@@ -3,7 +3,6 @@ would (torchrun, a cluster scheduler): an expert idle on one rank, router losses
 global batch is split over processes and micro-batches, and a multi-node run simulated on localhost."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +12,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from distributed_moe_worker import IDLE, SHORT_RUN, PatternData, fit_run
+from launch import free_port
 from test_module import TINY
 
 from moe.train import LanguageModel
 
 WORKER = Path(__file__).parent / "distributed_moe_worker.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args: list[str], cwd: Path, multi_node: bool, timeout: float) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from moe.data import Source, TextDataModule
+from .launch import code_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "resume_worker.py"
@@ -32,18 +31,7 @@ SEQ_LEN, BATCH = 16, 4
 def corpus(tmp_path_factory) -> tuple[Path, Path, int]:
     """A JSON lines corpus, its cache folder (shared by every process, so the tokenizer is trained once) and the
     number of optimizer steps in one epoch."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = ["def", "return", "class", "import", "self", "value", "index", "for", "in", "if", "else", "print"]
-    path = root / "corpus.jsonl"
-    with open(path, "w") as f:
-        for _ in range(16):
-            document = " ".join(rng.choice(words) for _ in range(rng.randint(20, 40)))
-            f.write(json.dumps({"text": document}) + "\n")
-    data = TextDataModule([Source(str(path))], vocab_size=300, seq_len=SEQ_LEN, batch_size=BATCH, num_workers=0,
-                          val_fraction=0.1, cache_dir=str(root / "cache"))
-    data.setup("fit")
-    return path, root / "cache", data.batches_per_epoch()
+    return code_corpus(tmp_path_factory.mktemp("corpus"), SEQ_LEN, BATCH)
 
 
 class Finished:

@@ -6,7 +6,6 @@ over the data-parallel processes, so the oracle reads the rows in the order that
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).parent))
+from launch import free_port
 from test_module import PatternData
 
 from moe import get_preset
@@ -79,9 +79,7 @@ def single_process(kind: str, mode: str) -> tuple[torch.Tensor, dict[str, torch.
 @pytest.fixture(scope="module")
 def parallel_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("model_parallel")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     worker = Path(__file__).parent / "model_parallel_worker.py"
     base = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             "WORLD_SIZE": "2", "NODE_RANK": "0", "PL_GLOBAL_SEED": "0"}
