@@ -9,7 +9,7 @@
 Data parallelism. The z-loss is a mean over tokens, so the mean of the per-process losses is the global one. The
 load-balancing loss is not linear in the tokens: f_e must be counted over the global batch. During training,
 when torch.distributed is initialised, `load_balancing_loss(..., reduce_counts=True)` sums the (k, E) assignment
-counts (and the token count) over `ASSIGNMENT_COUNT_GROUP` before forming f_e: E*k+1 numbers per layer. P_e
+counts (and the token count) over all processes before forming f_e: E*k+1 numbers per layer. P_e
 stays the local mean. Why that gives exactly the global loss's gradient: with R processes of N tokens each and
 p_ne the router probability of expert e for token n,
     global loss      L   = E * sum_e f_e * (1 / RN) * sum_{all n} p_ne,   dL/dp_ne   = E * f_e / (RN)
@@ -26,13 +26,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ASSIGNMENT_COUNT_GROUP: object = "world"
-"""Process group over which training-time assignment counts are summed: "world" (the default group whenever
-torch.distributed is initialised), a torch.distributed ProcessGroup such as the data-parallel group, or None to
-keep the counts local (single-process semantics). "world" is also right when ranks share their tokens, as
-tensor-parallel ranks do: the token count is summed with the assignment counts, so replicas scale both alike and
-the fractions are unchanged; a data-parallel group only saves the larger reduction. Evaluation never reduces."""
-
 
 def expert_assignment_counts(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
     """(k, E) float number of tokens sending their j-th choice to each expert, for indices of shape (N, k)."""
@@ -45,14 +38,15 @@ def expert_assignment_fraction(experts: torch.Tensor, n_experts: int) -> torch.T
 
 
 def all_reduce_counts(counts: torch.Tensor) -> torch.Tensor:
-    """Sum of `counts` over ASSIGNMENT_COUNT_GROUP; `counts` itself when there is no such group."""
+    """Sum of `counts` over all processes; `counts` itself without torch.distributed. All processes, even when
+    some share their tokens (tensor-parallel ranks): the token count is summed with the assignment counts, so
+    replicas scale both alike and the fractions are unchanged."""
     import torch.distributed as dist
 
-    group = ASSIGNMENT_COUNT_GROUP
-    if group is None or not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()):
         return counts
     counts = counts.detach().clone()
-    dist.all_reduce(counts, group=None if group == "world" else group)
+    dist.all_reduce(counts)
     return counts
 
 
@@ -76,7 +70,7 @@ def routing_sums(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor,
 
 def load_balancing_loss(router_logits: torch.Tensor, top_k: int, reduce_counts: bool = False) -> torch.Tensor:
     """Switch/Mixtral load-balancing loss of one layer from its (N, E) router logits. With `reduce_counts`, the
-    assignment fractions are those of all processes of ASSIGNMENT_COUNT_GROUP (see the module docstring)."""
+    assignment fractions are those of all processes (see the module docstring)."""
     n_tokens, n_experts = router_logits.shape
     counts, probs = routing_sums(router_logits, top_k)  # (k, E), (N, E)
     if reduce_counts:

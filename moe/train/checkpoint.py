@@ -35,18 +35,13 @@ def read_checkpoint(path: str | Path, map_location: torch.device | str = "cpu", 
     would map a damaged file's tensors without a word."""
     path = Path(path)
     if path.is_dir():
-        if not is_sharded_checkpoint(path):
-            raise InputError(f"{path} is a directory but not a sharded checkpoint (no {_DCP_METADATA} file of "
-                             "torch.distributed.checkpoint in it)")
         checkpoint = read_sharded_checkpoint(path)
-        if "model_config" not in checkpoint or "state_dict" not in checkpoint:
-            raise InputError(f"{path} is not a checkpoint written by moe's LanguageModel (no model_config/state_dict)")
-        return checkpoint
-    if not path.is_file():
+    elif not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
-    if verify:
-        verify_checkpoint(path)
-    checkpoint = torch.load(path, map_location=map_location, mmap=True, weights_only=False)
+    else:
+        if verify:
+            verify_checkpoint(path)
+        checkpoint = torch.load(path, map_location=map_location, mmap=True, weights_only=False)
     if "model_config" not in checkpoint or "state_dict" not in checkpoint:
         raise InputError(f"{path} is not a checkpoint written by moe's LanguageModel (no model_config/state_dict)")
     return checkpoint
@@ -85,7 +80,8 @@ def read_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     if not is_sharded_checkpoint(path):
-        raise InputError(f"{path} is not a sharded checkpoint directory (no {_DCP_METADATA} file in it)")
+        raise InputError(f"{path} is a directory but not a sharded checkpoint (no {_DCP_METADATA} file of "
+                         "torch.distributed.checkpoint in it)")
     checkpoint = _load_distributed_checkpoint(path)  # DCP shards + meta.pt, read without a process group
     if "model" in checkpoint:  # FSDPStrategy's name for the weights; ModelParallelStrategy uses "state_dict"
         checkpoint["state_dict"] = checkpoint.pop("model")

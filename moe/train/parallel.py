@@ -34,7 +34,6 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy as _LightningModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh
 
-import moe.losses
 from moe.config import ModelConfig
 from moe.errors import InputError
 from moe.mlp import SwiGLU
@@ -84,9 +83,6 @@ def parallelize(model: Transformer, device_mesh: DeviceMesh, activation_checkpoi
 
         checkpoint_blocks(model)
     dp_mesh = device_mesh["data_parallel"]
-    # The load-balancing loss counts expert assignments over the processes that hold different tokens: the
-    # data-parallel group, not the tensor-parallel ranks that share them (moe/losses.py).
-    moe.losses.ASSIGNMENT_COUNT_GROUP = dp_mesh.get_group()
     for block in model.layers:
         fully_shard(block, mesh=dp_mesh)
     fully_shard(model, mesh=dp_mesh)

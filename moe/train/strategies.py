@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from moe.errors import InputError
 
-STRATEGY_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "strategy"
 _GPU_ONLY = ("FSDPStrategy", "DeepSpeedStrategy")  # torch FSDP1 and DeepSpeed need CUDA (NCCL) in Lightning
 
 
@@ -72,22 +71,14 @@ def check_strategy(trainer_config: Any) -> None:
     name = strategy if isinstance(strategy, str) else _get(strategy, "class_path", gpu_only)
     where = (f"--trainer.accelerator {accelerator}" if on_cpu
              else f"--trainer.accelerator {accelerator} on a machine with no CUDA GPU")
-    fsdp2 = sorted((p.name for p in STRATEGY_CONFIGS.glob("fsdp2*.yaml")), key=lambda n: (len(n), n))
-    instead = "--config configs/strategy/ddp.yaml (or --trainer.strategy auto for one process)"
-    if fsdp2:
-        instead += f", or for sharding --config configs/strategy/{fsdp2[0]} (FSDP2, ModelParallelStrategy)"
+    instead = ("--config configs/strategy/ddp.yaml (or --trainer.strategy auto for one process), or for sharding "
+               "--config configs/strategy/fsdp2.yaml (FSDP2, ModelParallelStrategy)")
     raise InputError(f"--trainer.strategy {name} ({gpu_only}) runs on CUDA GPUs only, but this run has "
                      f"{where}. On a CPU use {instead}; to use {gpu_only}, run on GPUs with "
                      "--trainer.accelerator gpu (configs/trainer/gpu.yaml).")
 
 
-def _deepspeed_strategy_class() -> type:
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    return DeepSpeedStrategy
-
-
-class OffloadDeepSpeedStrategy(_deepspeed_strategy_class()):
+class OffloadDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeedStrategy that lets ZeRO-Offload run the optimizer `LanguageModel` builds (torch's AdamW).
 
     DeepSpeed refuses a client optimizer with offload unless its config sets `zero_force_ds_cpu_optimizer: false`,
