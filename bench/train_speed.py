@@ -8,7 +8,8 @@ MFU, and writes bench/results/train_speed_<config>.json.
     PYTHONPATH=. python bench/train_speed.py --config dense-bench --dry-run  # the plan only
 
 Every variant starts from the same seeded weights, sees the same batches and uses the same AdamW settings (lr 3e-4,
-betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices only; fused on GPU). The objective is next-token
+betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices only; torch's fused AdamW on CPU and GPU alike, what
+LanguageModel uses and what the issue's baselines use). The objective is next-token
 cross-entropy plus each implementation's router losses (ours: load balancing + z-loss; HF Mixtral: its load
 balancing loss, output_router_logits=True). The first step's cross-entropy must agree across variants before any
 speed is reported: a fast wrong answer is no result.
@@ -17,11 +18,12 @@ Variants:
 - ours-lightning: moe.train.module.LanguageModel in a Trainer (max_steps, no logger, checkpointing or progress bar);
   a callback takes the time at the end of every batch, so Lightning's whole loop (data fetch, hooks, logging, the
   module's step guard and meters) is inside the step time.
-- ours-loop: the same Transformer, forward + loss + backward + AdamW step, nothing else.
+- ours-loop: the same Transformer, forward + loss + backward + AdamW step, nothing else (the loss as
+  LanguageModel computes it: labels passed to the model, chunked output-layer cross-entropy).
 - hf: transformers' model from our HF export (moe.hf.save_hf_checkpoint), SDPA attention, its default experts
-  implementation (grouped_mm).
-- GPU only: hf-compile (torch.compile of the HF model) and ours-lightning-compile (LanguageModel(compile=True),
-  what --model.compile sets: every block compiled).
+  implementation (grouped_mm), logits then F.cross_entropy.
+- hf-compile (torch.compile of the HF model) and ours-lightning-compile (LanguageModel(compile=True), what
+  --model.compile sets: every block compiled); on CPU too, where inductor generates C++ (needs a C++ compiler).
 
 GPU precision is bf16-true (bf16 weights, no autocast) by default: torch's grouped matmul, which both our grouped
 experts and HF's default experts run, is not autocast-enabled, so under bf16-mixed both would multiply the experts
@@ -61,8 +63,7 @@ CONFIGS = {
         batch_size=8, seq_len=2048, device="cuda", precision="bf16-true", warmup=5, steps=20),
 }
 LR, BETAS, EPS, WEIGHT_DECAY = 3e-4, (0.9, 0.95), 1e-8, 0.1
-CPU_VARIANTS = ["ours-lightning", "ours-loop", "hf"]
-GPU_VARIANTS = CPU_VARIANTS + ["ours-lightning-compile", "hf-compile"]
+VARIANTS = ["ours-lightning", "ours-loop", "hf", "ours-lightning-compile", "hf-compile"]
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -102,7 +103,7 @@ def adamw(named_params, device: str) -> torch.optim.AdamW:
     for name, param in named_params:
         (plain if param.ndim < 2 or "embed_tokens" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, **({"fused": True} if device == "cuda" else {}))
+    return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, fused=True)
 
 
 def sync(device: str) -> None:
@@ -182,8 +183,8 @@ def run_ours_loop(config: ModelConfig, state: dict, batches: list[dict], args) -
 
     def step(batch):
         with autocast(args.device, args.precision):
-            out = model(batch["input_ids"])
-            ce = ce_loss(out.logits, batch["labels"])
+            out = model(batch["input_ids"], labels=batch["labels"])
+            ce = out.loss
             loss = ce if not out.moe else ce + config.aux_loss_coef * out.aux_loss + config.z_loss_coef * out.z_loss
         loss.backward()
         optimizer.step()
@@ -251,7 +252,7 @@ def resolve(args) -> tuple[ModelConfig, dict]:
     model["max_seq_len"] = max(model["max_seq_len"], args.seq_len)
     config = ModelConfig(**model)
     if args.variants is None:
-        args.variants = GPU_VARIANTS if args.device == "cuda" else CPU_VARIANTS
+        args.variants = list(VARIANTS)
     return config, spec
 
 
@@ -268,8 +269,8 @@ def plan(config: ModelConfig, args) -> str:
         (f"  batch {args.batch_size} x {args.seq_len} = {tokens} tokens/step; {args.device}, {args.precision}; "
         f"{args.warmup} warm-up + {args.steps} timed steps per variant"),
         f"  variants: {', '.join(args.variants)}",
-        (f"  AdamW lr {LR}, betas {BETAS}, eps {EPS}, weight decay {WEIGHT_DECAY} on matrices"
-        f"{', fused' if args.device == 'cuda' else ''}; the same seeded weights and batches for every variant"),
+        (f"  fused AdamW lr {LR}, betas {BETAS}, eps {EPS}, weight decay {WEIGHT_DECAY} on matrices; "
+        "the same seeded weights and batches for every variant"),
         f"  writes {args.out}",
     ])
 
@@ -277,8 +278,7 @@ def plan(config: ModelConfig, args) -> str:
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu-tiny")
-    parser.add_argument("--variants", nargs="+", choices=GPU_VARIANTS, default=None,
-                        help="default: all for the device (compile rows on GPU only)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None, help="default: all")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (the median is reported)")
     parser.add_argument("--batch-size", type=int, default=None)
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     # The median is the figure; the best step is printed beside it because on a shared CPU other processes'
     # bursts land on some steps and not others, and the fastest step is the one they spared.
     header = f"{'variant':<24}{'step ms':>10}{'tokens/s':>12}{'vs hf':>8}{'best tokens/s':>15}{'vs hf':>8}"
-    header += f"{'vs hf-compile':>15}{'TFLOP/s':>9}{'MFU':>7}" if args.device == "cuda" else ""
+    header += f"{'vs hf-compile':>15}{'TFLOP/s':>9}{'MFU':>7}"
     print(header)
     for row in rows:
         line = f"{row['variant']:<24}{row['median_step_s'] * 1e3:>10.1f}{row['tokens_per_s']:>12.0f}"
@@ -373,9 +373,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         best_hf = rows_by_name["hf"]["tokens_per_s_best"] if "hf" in rows_by_name else None
         line += f"{row['tokens_per_s_best']:>15.0f}" + (f"{row['tokens_per_s_best'] / best_hf:>7.2f}x" if best_hf
                                                          else f"{'':>8}")
-        if args.device == "cuda":
-            line += f"{row['vs_hf_compile']:>14.2f}x" if row["vs_hf_compile"] else f"{'':>15}"
-            line += f"{row['tflops']:>9.1f}" + (f"{row['mfu']:>7.1%}" if row["mfu"] is not None else f"{'':>7}")
+        line += f"{row['vs_hf_compile']:>14.2f}x" if row["vs_hf_compile"] else f"{'':>15}"
+        line += f"{row['tflops']:>9.3f}" + (f"{row['mfu']:>7.1%}" if row["mfu"] is not None else f"{'':>7}")
         print(line)
 
     record = {

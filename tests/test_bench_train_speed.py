@@ -1,6 +1,7 @@
-"""bench/train_speed.py: the plan of every config prints without a GPU, and a two-step CPU run of all three CPU
-variants produces a record whose variants trained the same model (the script checks the first-step
-cross-entropy) at a positive speed."""
+"""bench/train_speed.py: the plan of every config prints without a GPU, and a two-step CPU run of the three
+uncompiled variants produces a record whose variants trained the same model (the script checks the first-step
+cross-entropy) at a positive speed. The compiled variants are left to the benchmark runs: compiling costs tens of
+seconds per variant."""
 
 import importlib.util
 import json
@@ -24,14 +25,15 @@ def test_dry_run_prints_the_plan(train_speed, config, capsys):
     assert train_speed.main(["--config", config, "--dry-run"]) is None
     plan = capsys.readouterr().out
     assert f"config {config}" in plan and "tokens/step" in plan
-    assert ("hf-compile" in plan) == (config != "cpu-tiny")  # compile rows on GPU only
+    assert "ours-lightning-compile" in plan and "hf-compile" in plan
     assert ("MixtralForCausalLM" in plan) == (config != "dense-bench")
 
 
 def test_two_step_cpu_run_writes_a_record(train_speed, tmp_path):
     out = tmp_path / "train_speed.json"
     record = train_speed.main(["--config", "cpu-tiny", "--warmup", "1", "--steps", "1", "--batch-size", "1",
-                               "--seq-len", "32", "--layers", "1", "--out", str(out)])
+                               "--seq-len", "32", "--layers", "1", "--out", str(out),
+                               "--variants", "ours-lightning", "ours-loop", "hf"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(record))
     rows = {row["variant"]: row for row in record["rows"]}
     assert list(rows) == ["ours-lightning", "ours-loop", "hf"]

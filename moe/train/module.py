@@ -31,7 +31,7 @@ from moe.model import ModelOutput, Transformer
 from moe.train.checkpoint import checkpoint_config, checkpoint_weights, read_checkpoint
 from moe.train.checkpoint_io import install_atomic_checkpoint_io
 from moe.train.guard import StepGuard
-from moe.train.optim import param_groups
+from moe.train.optim import fused_adamw_supported, param_groups
 from moe.train.parallel import clip_grad_norm_, data_parallel_size, total_norm
 from moe.train.resume import check_resume, rng_states, set_rng_states
 from moe.train.schedule import DECAY_SHAPES, SCHEDULES, lr_multiplier
@@ -289,7 +289,7 @@ class LanguageModel(pl.LightningModule):
     # ------------------------------------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
         hp = self.hparams
-        fused = all(p.is_cuda for p in self.model.parameters())
+        fused = fused_adamw_supported(self.model.parameters())
         optimizer = torch.optim.AdamW(
             param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
             **({"fused": True} if fused else {}),
@@ -328,6 +328,8 @@ class LanguageModel(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ training
     def _loss(self, out: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
+        if out.loss is not None:  # the model was given the labels (chunked, no logits tensor)
+            return out.loss
         return F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten())
 
     def objective(self, out: ModelOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -340,7 +342,7 @@ class LanguageModel(pl.LightningModule):
         return {"loss": loss, "ce": ce, "aux": out.aux_loss, "z": out.z_loss}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.model(batch["input_ids"])
+        out = self.model(batch["input_ids"], labels=batch["labels"])
         parts = self.objective(out, batch["labels"])
         self._step_losses.append(parts["loss"].detach())
         self.log("train/loss", parts["ce"], prog_bar=True)
@@ -474,7 +476,7 @@ class LanguageModel(pl.LightningModule):
         self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
 
     def _eval_step(self, batch: dict) -> None:
-        loss = self._loss(self.model(batch["input_ids"]), batch["labels"])
+        loss = self._loss(self.model(batch["input_ids"], labels=batch["labels"]), batch["labels"])
         n = batch["labels"].numel()
         self._eval_sums += torch.stack([loss.detach().double() * n, loss.new_tensor(n, dtype=torch.float64)])
 
