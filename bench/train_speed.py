@@ -54,13 +54,13 @@ CONFIGS = {
     "cpu-tiny": dict(
         model=dict(name="cpu-tiny", vocab_size=8192, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=512,
                    max_seq_len=256, n_experts=8, top_k=2, expert_ffn_dim=512),
-        batch_size=4, seq_len=256, device="cpu", precision="32-true", warmup=3, steps=10),
+        batch_size=4, seq_len=256, device="cpu", precision="32-true", warmup=3, steps=10, repeats=3),
     "moe-bench": dict(
         model=dict(name="moe-bench", n_layers=12, ffn_dim=2816, n_experts=8, top_k=2, expert_ffn_dim=2816, **_SHAPE),
-        batch_size=8, seq_len=2048, device="cuda", precision="bf16-true", warmup=5, steps=20),
+        batch_size=8, seq_len=2048, device="cuda", precision="bf16-true", warmup=5, steps=20, repeats=1),
     "dense-bench": dict(
         model=dict(name="dense-bench", n_layers=24, ffn_dim=2816, **_SHAPE),
-        batch_size=8, seq_len=2048, device="cuda", precision="bf16-true", warmup=5, steps=20),
+        batch_size=8, seq_len=2048, device="cuda", precision="bf16-true", warmup=5, steps=20, repeats=1),
 }
 LR, BETAS, EPS, WEIGHT_DECAY = 3e-4, (0.9, 0.95), 1e-8, 0.1
 VARIANTS = ["ours-lightning", "ours-loop", "hf", "ours-lightning-compile", "hf-compile"]
@@ -243,7 +243,7 @@ def run_hf(config: ModelConfig, hf_dir: Path, batches: list[dict], args, compile
 # ------------------------------------------------------------------------------------------------ main
 def resolve(args) -> tuple[ModelConfig, dict]:
     spec = CONFIGS[args.config]
-    for name in ("batch_size", "seq_len", "device", "precision", "warmup", "steps"):
+    for name in ("batch_size", "seq_len", "device", "precision", "warmup", "steps", "repeats"):
         if getattr(args, name) is None:
             setattr(args, name, spec[name])
     model = dict(spec["model"])
@@ -267,7 +267,7 @@ def plan(config: ModelConfig, args) -> str:
         (f"  parameters {format_count(config.num_params())} total, {format_count(config.num_active_params())} active; "
         f"{config.flops_per_token(args.seq_len) / 1e9:.2f} GFLOP/token for training"),
         (f"  batch {args.batch_size} x {args.seq_len} = {tokens} tokens/step; {args.device}, {args.precision}; "
-        f"{args.warmup} warm-up + {args.steps} timed steps per variant"),
+        f"{args.warmup} warm-up + {args.steps} timed steps per variant, {args.repeats} repeat(s) in rotated order"),
         f"  variants: {', '.join(args.variants)}",
         (f"  fused AdamW lr {LR}, betas {BETAS}, eps {EPS}, weight decay {WEIGHT_DECAY} on matrices; "
         "the same seeded weights and batches for every variant"),
@@ -281,6 +281,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None, help="default: all")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="run every variant this many times, each time in a rotated order, and pool the timed "
+                             "steps (default 3 on CPU, where other processes' load drifts, 1 on GPU)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--layers", type=int, default=None, help="override the config's layer count (tests)")
@@ -314,33 +317,40 @@ def main(argv: list[str] | None = None) -> dict | None:
         hf_dir = Path(tmp) / "hf"
         if any(v.startswith("hf") for v in args.variants):
             export_hf(config, state, hf_dir, dtype_of(args.precision))
-        for variant in args.variants:
-            print(f"running {variant} ...", flush=True)
-            compile = variant.endswith("-compile")
-            if variant.startswith("ours-lightning"):
-                results[variant] = run_lightning(config, state, batches, args, compile)
-            elif variant == "ours-loop":
-                results[variant] = run_ours_loop(config, state, batches, args)
-            else:
-                results[variant] = run_hf(config, hf_dir, batches, args, compile)
-            free(args.device)
+        n = len(args.variants)
+        for repeat in range(args.repeats):
+            # Each repeat starts one variant later, so that a slow stretch of a shared machine does not always
+            # land on the same variant.
+            for variant in args.variants[repeat % n:] + args.variants[:repeat % n]:
+                print(f"running {variant} (repeat {repeat + 1} of {args.repeats}) ...", flush=True)
+                compile = variant.endswith("-compile")
+                if variant.startswith("ours-lightning"):
+                    run = run_lightning(config, state, batches, args, compile)
+                elif variant == "ours-loop":
+                    run = run_ours_loop(config, state, batches, args)
+                else:
+                    run = run_hf(config, hf_dir, batches, args, compile)
+                results.setdefault(variant, []).append(run)
+                free(args.device)
+    results = {variant: results[variant] for variant in args.variants}
     load_after = os.getloadavg()
 
     # The same weights and tokens give the same first-step cross-entropy, or the comparison is void.
     tolerance = args.ce_tolerance or (1e-4 if args.precision == "32-true" else 2e-2)
-    reference = next(iter(results.values()))["first_ce"]
-    for variant, r in results.items():
-        if abs(r["first_ce"] - reference) > tolerance * abs(reference):
-            raise SystemExit(f"{variant}'s first-step cross-entropy {r['first_ce']:.6f} disagrees with "
-                             f"{next(iter(results))}'s {reference:.6f}: the variants do not train the same model")
+    reference = next(iter(results.values()))[0]["first_ce"]
+    for variant, runs in results.items():
+        for r in runs:
+            if abs(r["first_ce"] - reference) > tolerance * abs(reference):
+                raise SystemExit(f"{variant}'s first-step cross-entropy {r['first_ce']:.6f} disagrees with "
+                                 f"{next(iter(results))}'s {reference:.6f}: the variants do not train the same model")
 
     tokens = args.batch_size * args.seq_len
     flops = config.flops_per_token(args.seq_len)
     peak = device_peak_tflops(torch.device(args.device), args.precision)
     hf_rate = {}
     rows = []
-    for variant, r in results.items():
-        timed = r["step_times"][args.warmup:]
+    for variant, runs in results.items():
+        timed = [t for r in runs for t in r["step_times"][args.warmup:]]  # every repeat's timed steps, pooled
         median = statistics.median(timed)
         rate = tokens / median
         if variant.startswith("hf"):
@@ -348,13 +358,18 @@ def main(argv: list[str] | None = None) -> dict | None:
         rows.append({"variant": variant, "median_step_s": median, "tokens_per_s": rate,
                      "min_step_s": min(timed), "tokens_per_s_best": tokens / min(timed),
                      "tflops": flops * rate / 1e12, "mfu": flops * rate / (peak * 1e12) if peak else None,
-                     "first_ce": r["first_ce"], "step_times_s": r["step_times"],
-                     **({"hf_experts_implementation": r["hf_experts_implementation"]}
-                        if "hf_experts_implementation" in r else {})})
+                     "first_ce": runs[0]["first_ce"], "step_times_s": [r["step_times"] for r in runs],
+                     "repeat_tokens_per_s": [tokens / statistics.median(r["step_times"][args.warmup:]) for r in runs],
+                     **({"hf_experts_implementation": runs[0]["hf_experts_implementation"]}
+                        if "hf_experts_implementation" in runs[0] else {})})
     rows_by_name = {row["variant"]: row for row in rows}
     baseline = hf_rate.get("hf")
     for row in rows:
         row["vs_hf"] = row["tokens_per_s"] / baseline if baseline else None
+        # Each repeat's ratio on its own: their spread is the run-to-run noise of the comparison.
+        row["repeat_vs_hf"] = ([ours / hf for ours, hf in zip(row["repeat_tokens_per_s"],
+                                                             rows_by_name["hf"]["repeat_tokens_per_s"])]
+                               if "hf" in rows_by_name else None)
         row["vs_hf_compile"] = row["tokens_per_s"] / hf_rate["hf-compile"] if "hf-compile" in hf_rate else None
 
     device = machine(args.device)
@@ -364,12 +379,15 @@ def main(argv: list[str] | None = None) -> dict | None:
           f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     # The median is the figure; the best step is printed beside it because on a shared CPU other processes'
     # bursts land on some steps and not others, and the fastest step is the one they spared.
-    header = f"{'variant':<24}{'step ms':>10}{'tokens/s':>12}{'vs hf':>8}{'best tokens/s':>15}{'vs hf':>8}"
+    header = f"{'variant':<24}{'step ms':>10}{'tokens/s':>12}{'vs hf':>8}{'repeats vs hf':>15}"
+    header += f"{'best tokens/s':>15}{'vs hf':>8}"
     header += f"{'vs hf-compile':>15}{'TFLOP/s':>9}{'MFU':>7}"
     print(header)
     for row in rows:
         line = f"{row['variant']:<24}{row['median_step_s'] * 1e3:>10.1f}{row['tokens_per_s']:>12.0f}"
         line += f"{row['vs_hf']:>7.2f}x" if row["vs_hf"] else f"{'':>8}"
+        spread = row["repeat_vs_hf"]
+        line += f"{min(spread):>9.2f}-{max(spread):.2f}" if spread else f"{'':>15}"
         best_hf = rows_by_name["hf"]["tokens_per_s_best"] if "hf" in rows_by_name else None
         line += f"{row['tokens_per_s_best']:>15.0f}" + (f"{row['tokens_per_s_best'] / best_hf:>7.2f}x" if best_hf
                                                          else f"{'':>8}")
@@ -383,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "torch": torch.__version__, "transformers": transformers.__version__, "lightning": lightning.__version__,
         "model": dataclasses.asdict(config), "batch_size": args.batch_size, "seq_len": args.seq_len,
         "cpu_load_note": "median tokens/s is the figure; load_average_before_after shows how busy the machine was",
-        "precision": args.precision, "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "precision": args.precision, "warmup_steps": args.warmup, "timed_steps": args.steps, "repeats": args.repeats,
         "flops_per_token": flops, "peak_tflops": peak, "optimizer": {"lr": LR, "betas": BETAS, "eps": EPS,
                                                                      "weight_decay": WEIGHT_DECAY},
         "rows": rows,

@@ -24,16 +24,72 @@ from torch import nn
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+@torch.library.custom_op("moe::segment_mm", mutates_args=())
+def segment_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x (M, K) grouped by expert, weight (E, N, K) in nn.Linear layout, counts (E,) -> (M, N): rows of group e
+    times weight[e].T, one matmul per expert written in place into the output.
+
+    An opaque operator to torch.compile, so that a compiled block keeps the experts in its graph instead of
+    breaking around them and specialising on each step's group sizes (which are data, read here with one
+    host sync); the same idea as transformers' grouped_mm fallback."""
+    out = x.new_empty(x.shape[0], weight.shape[1])
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            torch.mm(x[start:start + n], weight[e].T, out=out[start:start + n])
+        start += n
+    return out
+
+
+@segment_mm.register_fake
+def _(x, weight, counts):
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("moe::segment_mm_weight_grad", mutates_args=())
+def segment_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """The weight gradient of segment_mm: (E, N, K) with block e = grad[group e].T @ x[group e], zero for an expert
+    with no rows (it still gets a gradient, which sharded data parallelism needs from every parameter)."""
+    out = x.new_empty(n_experts, grad.shape[1], x.shape[1])
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            torch.mm(grad[start:start + n].T, x[start:start + n], out=out[e])
+        else:
+            out[e].zero_()
+        start += n
+    return out
+
+
+@segment_mm_weight_grad.register_fake
+def _(x, grad, counts, n_experts):
+    return x.new_empty(n_experts, grad.shape[1], x.shape[1])
+
+
+def _segment_mm_setup(ctx, inputs, output):
+    x, weight, counts = inputs
+    ctx.save_for_backward(x, weight, counts)
+
+
+def _segment_mm_backward(ctx, grad):
+    x, weight, counts = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = segment_mm(grad, weight.transpose(1, 2), counts) if ctx.needs_input_grad[0] else None
+    grad_w = segment_mm_weight_grad(x, grad, counts, weight.shape[0]) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+segment_mm.register_autograd(_segment_mm_backward, setup_context=_segment_mm_setup)
+
+
 def loop_experts(x, counts, gate_proj, up_proj, down_proj) -> torch.Tensor:
-    """x (M, D) grouped by expert, counts (E,) -> (M, D). Experts with no rows still enter the graph."""
-    # unbind, not gate_proj[e]: indexing expert e has a backward that fills a zero (E, F, D) gradient and adds it
-    # into the accumulated one, E times per weight; unbind's backward stacks the E slices' gradients once.
-    outputs = []
-    weights = zip(gate_proj.unbind(0), up_proj.unbind(0), down_proj.unbind(0))
-    for rows, (gate, up, down) in zip(x.split(counts.tolist()), weights):
-        hidden = F.silu(rows @ gate.T) * (rows @ up.T)  # (M_e, F)
-        outputs.append(hidden @ down.T)  # (M_e, D)
-    return torch.cat(outputs)
+    """x (M, D) grouped by expert, counts (E,) -> (M, D): one matmul per expert and projection (segment_mm).
+    Experts with no rows still enter the graph."""
+    if torch.is_autocast_enabled(x.device.type):  # custom operators are not autocast: cast as matmul would
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, gate_proj, up_proj, down_proj = (t.to(dtype) for t in (x, gate_proj, up_proj, down_proj))
+    hidden = F.silu(segment_mm(x, gate_proj, counts)) * segment_mm(x, up_proj, counts)  # (M, F)
+    return segment_mm(hidden, down_proj, counts)  # (M, D)
 
 
 @torch.compiler.disable

@@ -32,14 +32,15 @@ def test_dry_run_prints_the_plan(train_speed, config, capsys):
 def test_two_step_cpu_run_writes_a_record(train_speed, tmp_path):
     out = tmp_path / "train_speed.json"
     record = train_speed.main(["--config", "cpu-tiny", "--warmup", "1", "--steps", "1", "--batch-size", "1",
-                               "--seq-len", "32", "--layers", "1", "--out", str(out),
+                               "--seq-len", "32", "--layers", "1", "--out", str(out), "--repeats", "2",
                                "--variants", "ours-lightning", "ours-loop", "hf"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(record))
     rows = {row["variant"]: row for row in record["rows"]}
     assert list(rows) == ["ours-lightning", "ours-loop", "hf"]
     for row in rows.values():
-        assert len(row["step_times_s"]) == 2 and row["tokens_per_s"] > 0
+        assert [len(times) for times in row["step_times_s"]] == [2, 2] and row["tokens_per_s"] > 0
+        assert len(row["repeat_vs_hf"]) == 2
         assert row["first_ce"] == pytest.approx(rows["hf"]["first_ce"], rel=1e-4)
-    assert rows["hf"]["vs_hf"] == pytest.approx(1.0)
+    assert rows["hf"]["vs_hf"] == pytest.approx(1.0) and rows["hf"]["repeat_vs_hf"] == pytest.approx([1.0, 1.0])
     assert rows["hf"]["hf_experts_implementation"]
     assert record["torch"] and record["transformers"] and record["lightning"] and record["machine"]

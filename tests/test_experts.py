@@ -97,9 +97,10 @@ def test_every_expert_gets_a_gradient_zero_iff_it_had_no_rows(backend, counts_na
                 assert grad[e].abs().sum() > 0, f"{name}[{e}] got no gradient from its {counts[e]} rows"
 
 
-def test_gradients_match_oracle():
+@pytest.mark.parametrize("backend", ["loop", "grouped"])
+def test_gradients_match_oracle(backend):
     counts = counts_for("empty_experts")
-    _, grads = run("grouped", counts, "random")
+    _, grads = run(backend, counts, "random")
     experts = make_experts("loop")
     x = torch.randn(int(counts.sum()), D, generator=torch.Generator().manual_seed(1), requires_grad=True)
     out = oracle(x, counts, experts.gate_proj, experts.up_proj, experts.down_proj)
@@ -130,3 +131,34 @@ def test_auto_backend_takes_the_loop_on_cpu(monkeypatch):
     torch.testing.assert_close(experts_module.auto_experts(x, counts, *weights),
                                experts_module.loop_experts(x, counts, *weights))
     assert calls[0] == "loop_experts"
+
+
+def test_loop_backend_compiles_without_graph_breaks_and_matches_eager():
+    """segment_mm is an opaque operator to torch.compile: fullgraph=True raises on any graph break, and the group
+    sizes, which are data, must not be baked into the compiled graph (two different routings, one compile)."""
+    torch._dynamo.reset()
+    experts = make_experts("loop")
+    compiled = torch.compile(experts, fullgraph=True, dynamic=False)
+    for counts_name in ("empty_experts", "all_on_last"):
+        counts = counts_for(counts_name)
+        x = torch.randn(int(counts.sum()), D, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        eager_out = experts(x, counts)
+        eager_grads = torch.autograd.grad(eager_out.square().sum(), [x, *experts.parameters()])
+        out = compiled(x, counts)
+        grads = torch.autograd.grad(out.square().sum(), [x, *experts.parameters()])
+        torch.testing.assert_close(out, eager_out, atol=1e-5, rtol=1e-5)
+        for g, want in zip(grads, eager_grads):
+            torch.testing.assert_close(g, want, atol=1e-4, rtol=1e-4)
+
+
+def test_loop_backend_follows_autocast():
+    """Custom operators are not autocast; the loop casts as a matmul under autocast would."""
+    counts = counts_for("random")
+    experts = make_experts("loop")
+    x = torch.randn(int(counts.sum()), D, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = experts(x, counts)
+    assert out.dtype == torch.bfloat16
+    with torch.no_grad():
+        expected = oracle(x, counts, experts.gate_proj, experts.up_proj, experts.down_proj)
+    torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)

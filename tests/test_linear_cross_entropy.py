@@ -106,7 +106,7 @@ def test_batched_shapes_and_mismatch():
 
 
 def test_default_chunks_bound_the_logits_held():
-    assert default_chunk_rows(8192, torch.device("cpu")) == 128
+    assert default_chunk_rows(8192, torch.device("cpu")) == 256
     assert default_chunk_rows(32000, torch.device("cuda")) == 8388
     assert default_chunk_rows(10**9, torch.device("cpu")) == 1
 

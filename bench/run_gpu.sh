@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark, in parts sized for a short device lease; run from the repository root.
+#
+#   bash bench/run_gpu.sh                 # all parts: check moe dense strategies (about 10 minutes on one H100)
+#   bash bench/run_gpu.sh check moe       # a 15-minute lease: these two in one call ...
+#   bash bench/run_gpu.sh dense strategies  # ... and these two in the next
+#
+# Parts: check (bench/gpu_check.py: kernels against references, no host syncs, MoE layer and attention timings),
+# moe and dense (bench/train_speed.py --config moe-bench / dense-bench: ours against HF transformers, eager and
+# compiled, tokens/s and MFU), strategies (bench/strategies_gpu.py: FSDP and DeepSpeed against one device).
+# Results go to $OUT when it is set (the device tool's output folder), else bench/results; each part has its own
+# time limit, so one that hangs or fails leaves the others' results.
+set -u
+cd "$(dirname "$0")/.."
+out="${OUT:-bench/results}"
+mkdir -p "$out"
+export PYTHONPATH=.
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(check moe dense strategies)
+for part in "${parts[@]}"; do
+  case "$part" in
+    check | moe | dense | strategies) ;;
+    *) echo "unknown part '$part' (parts: check moe dense strategies)" >&2; exit 2 ;;
+  esac
+done
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+  python -c "import torch, transformers, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda);
+print('transformers', transformers.__version__, 'lightning', lightning.__version__)" 2>&1 || true
+} | tee "$out/gpu_environment.txt"
+
+run() {  # run LIMIT_SECONDS NAME COMMAND...: the command's output in $out/NAME.log, its tail on screen
+  local limit=$1 name=$2
+  shift 2
+  echo "=== $name (limit ${limit}s) ==="
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  grep -v -e "Loading weights" -e "^$" "$out/$name.log" | tail -n 40
+  echo "=== $name: exit $rc after $((SECONDS - start))s ==="
+}
+
+for part in "${parts[@]}"; do
+  case "$part" in
+    check) run 200 gpu_check python bench/gpu_check.py --out "$out/gpu_check.json" ;;
+    moe) run 300 train_speed_moe-bench python bench/train_speed.py --config moe-bench \
+      --out "$out/train_speed_moe-bench.json" ;;
+    dense) run 240 train_speed_dense-bench python bench/train_speed.py --config dense-bench \
+      --out "$out/train_speed_dense-bench.json" ;;
+    strategies) run 200 strategies_gpu python bench/strategies_gpu.py --results "$out/strategies_gpu.json" ;;
+  esac
+done
