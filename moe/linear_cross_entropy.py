@@ -41,29 +41,39 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         # Summed over chunks in float32 whatever the weight's dtype, as one unchunked matrix product would.
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        # One buffer for every chunk's logits: a fresh multi-megabyte tensor per chunk costs the CPU allocator
+        # new pages each time, which made the logits' matmul a third slower than the same product into reused
+        # memory.
+        buffer = hidden.new_empty(weight.shape[0] * min(chunk_rows, hidden.shape[0]), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             h, y = hidden[rows], labels[rows]
-            logits = (h @ weight.T).float()  # (n, V): the matmul in the input dtype, the softmax in float32
+            # Vocabulary-major (V, n): the large weight is the left operand and the weight gradient's product
+            # takes this layout as it is. The matmul in the input dtype, the softmax in float32.
+            logits = buffer[: weight.shape[0] * h.shape[0]].view(weight.shape[0], h.shape[0])  # (V, n)
+            if h.dtype == torch.float32:
+                torch.mm(weight, h.T, out=logits)
+            else:
+                logits.copy_(weight @ h.T)
             valid = y != ignore_index
-            target = torch.where(valid, y, 0)[:, None]
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
-            total += ((lse - logits.gather(1, target)).squeeze(1) * valid).sum()
+            target = torch.where(valid, y, 0)[None, :]  # (1, n)
+            lse = torch.logsumexp(logits, dim=0, keepdim=True)  # (1, n)
+            total += ((lse - logits.gather(0, target)).squeeze(0) * valid).sum()
             if not (want_hidden or want_weight):
                 continue
-            # d(mean loss)/d(logits) = (softmax - one_hot(target)) / n_valid on valid rows, zero on ignored ones;
-            # built in place in the logits' storage.
+            # d(mean loss)/d(logits) = (softmax - one_hot(target)) / n_valid on valid columns, zero on ignored
+            # ones; built in place in the logits' storage.
             grad_logits = logits.sub_(lse).exp_()
-            grad_logits.scatter_add_(1, target, torch.full_like(lse, -1.0))
-            grad_logits.mul_((valid.float() * inv_valid)[:, None])
+            grad_logits.scatter_add_(0, target, torch.full_like(lse, -1.0))
+            grad_logits.mul_((valid.float() * inv_valid)[None, :])
             grad_logits = grad_logits.to(h.dtype)
             if want_hidden:
-                grad_hidden[rows] = grad_logits @ weight
+                grad_hidden[rows] = grad_logits.T @ weight  # (n, D)
             if want_weight:
                 if grad_logits.dtype == torch.float32:
-                    grad_weight.addmm_(grad_logits.T, h)
+                    grad_weight.addmm_(grad_logits, h)
                 else:
-                    grad_weight += (grad_logits.T @ h).float()
+                    grad_weight += (grad_logits @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total / n_valid.float()
