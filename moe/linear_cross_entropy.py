@@ -101,4 +101,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"{hidden.shape[0]} hidden states but {labels.shape[0]} labels")
     rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.device)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Under autocast (bf16-mixed) the output layer runs in the autocast dtype, as F.linear would. Inside the
+        # function autocast is off: its logits matmul writes into a float32 buffer (out=), which autocast leaves in
+        # the inputs' dtype, and would have run in float32. The casts are differentiable, so the gradients reach
+        # the float32 weights as they would through F.linear.
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return _LinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), labels, ignore_index, rows)
     return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, rows)

@@ -75,6 +75,11 @@ def test_autocast_matches_unfused_under_autocast():
         expected = loss_and_grads(oracle, *args)
         got = loss_and_grads(lambda h, w, y: linear_cross_entropy(h, w, y, chunk_rows=8), *args)
     assert got[1].dtype == got[2].dtype == torch.float32  # gradients in the parameters' dtype
+    # The output layer ran in bf16, as F.linear does under autocast (not in float32, which a matmul into a float32
+    # buffer would do): exactly the loss of bf16 inputs without autocast, and not the float32 loss.
+    hidden, weight, labels = args
+    bf16 = linear_cross_entropy(hidden.detach().bfloat16(), weight.detach().bfloat16(), labels, chunk_rows=8)
+    assert torch.equal(got[0], bf16) and not torch.equal(got[0], loss_and_grads(oracle, *args)[0])
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=2e-2, atol=2e-3)
 
