@@ -31,15 +31,18 @@ done
 print('transformers', transformers.__version__, 'lightning', lightning.__version__)" 2>&1 || true
 } | tee "$out/gpu_environment.txt"
 
+failed=()
 run() {  # run LIMIT_SECONDS NAME COMMAND...: the command's output in $out/NAME.log, its tail on screen
   local limit=$1 name=$2
   shift 2
   echo "=== $name (limit ${limit}s) ==="
   local start=$SECONDS
-  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  # -k: a process that ignores SIGTERM (stuck in a CUDA call) is killed 15 s later, so the next part still runs.
+  timeout -k 15 "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
   grep -v -e "Loading weights" -e "^$" "$out/$name.log" | tail -n 40
   echo "=== $name: exit $rc after $((SECONDS - start))s ==="
+  [ "$rc" -eq 0 ] || failed+=("$name (exit $rc)")
 }
 
 for part in "${parts[@]}"; do
@@ -52,3 +55,8 @@ for part in "${parts[@]}"; do
     strategies) run 200 strategies_gpu python bench/strategies_gpu.py --results "$out/strategies_gpu.json" ;;
   esac
 done
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "failed: ${failed[*]}" >&2
+  exit 1
+fi

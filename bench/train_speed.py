@@ -295,6 +295,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = parser.parse_args(argv)
     config, _ = resolve(args)
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: at least one run of every variant is needed")
+    if len(set(args.variants)) != len(args.variants):
+        parser.error(f"--variants {' '.join(args.variants)}: each variant once (repeat with --repeats)")
     args.out = args.out or str(Path(__file__).parent / "results" / f"train_speed_{args.config}.json")
     print(plan(config, args))
     if args.dry_run:

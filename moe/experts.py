@@ -24,6 +24,15 @@ from torch import nn
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+def _group_sizes(counts: torch.Tensor, rows: int, n_experts: int) -> list[int]:
+    """counts as Python ints (the one host sync), checked: rows the groups do not cover would be left as
+    uninitialised memory in the output, not caught as the shape error of a split."""
+    sizes = counts.tolist()
+    if len(sizes) != n_experts or sum(sizes) != rows:
+        raise ValueError(f"{len(sizes)} group sizes summing to {sum(sizes)} for {n_experts} experts and {rows} rows")
+    return sizes
+
+
 @torch.library.custom_op("moe::segment_mm", mutates_args=())
 def segment_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x (M, K) grouped by expert, weight (E, N, K) in nn.Linear layout, counts (E,) -> (M, N): rows of group e
@@ -34,7 +43,7 @@ def segment_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> t
     host sync); the same idea as transformers' grouped_mm fallback."""
     out = x.new_empty(x.shape[0], weight.shape[1])
     start = 0
-    for e, n in enumerate(counts.tolist()):
+    for e, n in enumerate(_group_sizes(counts, x.shape[0], weight.shape[0])):
         if n:
             torch.mm(x[start:start + n], weight[e].T, out=out[start:start + n])
         start += n
@@ -52,7 +61,7 @@ def segment_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor, counts: torch.Te
     with no rows (it still gets a gradient, which sharded data parallelism needs from every parameter)."""
     out = x.new_empty(n_experts, grad.shape[1], x.shape[1])
     start = 0
-    for e, n in enumerate(counts.tolist()):
+    for e, n in enumerate(_group_sizes(counts, x.shape[0], n_experts)):
         if n:
             torch.mm(grad[start:start + n].T, x[start:start + n], out=out[e])
         else:

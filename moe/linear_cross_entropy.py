@@ -10,20 +10,23 @@ N x V tensor, the fused linear cross-entropy of Liger-Kernel (Hsu et al. 2024) a
 (Wijmans et al. 2024) in plain PyTorch.
 
 Matches F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=ignore_index) (mean over the
-labels that are not ignored; NaN when all are) in value and gradients, up to summation order.
+labels that are not ignored; NaN when all are) in value and gradients, up to summation order. float16, whose
+range cannot hold the unscaled gradient, takes that plain route (see linear_cross_entropy).
 Shapes: N tokens, D model dim, V vocabulary.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: labels equal to it take no part in the loss
 
 # Logit elements (rows x V) per chunk. On a CPU the chunk's float32 logits should stay in the caches while the
 # weight gradient, a (V, D) sum over chunks, is not re-read and re-written too often: V = 8192, 2 cores, whole
 # training step paired A/B: 256 or 512 rows 4-5% faster than 128 and 2% faster than 1024. A GPU wants large
-# matrix products and has the memory for them (V = 32000: 8388 rows, 1 GiB of float32 logits, where the unchunked
+# matrix products and has the memory for them (V = 32000, bf16: 8388 rows, a 1 GiB float32 buffer and about as much
+# again in temporaries at the chunk's peak, plus a float32 weight gradient held until the backward; the unchunked
 # loss holds several B x T x V tensors, 2 GiB each in float32, at B=8, T=2048).
 CPU_CHUNK_ELEMENTS = 1 << 21
 GPU_CHUNK_ELEMENTS = 1 << 28
@@ -31,8 +34,10 @@ GPU_CHUNK_ELEMENTS = 1 << 28
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows):
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows, grad_enabled):
+        # needs_input_grad follows requires_grad, not grad mode: under no_grad (evaluation) skip the gradients.
+        want_hidden = grad_enabled and ctx.needs_input_grad[0]
+        want_weight = grad_enabled and ctx.needs_input_grad[1]
         n_valid = (labels != ignore_index).sum()
         # 1 / n_valid is the gradient of the mean with respect to each valid token's loss; with no valid token
         # the loss is NaN (0 / 0, as in F.cross_entropy) and every gradient zero.
@@ -79,13 +84,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total / n_valid.float()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the gradients were computed in the forward: no second order
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
+        # grad_loss stays a float32 scalar: multiplying keeps the tensor's dtype but computes in float32, so a
+        # loss scale or an accumulation factor like 1/3 is not rounded to bf16 first.
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+            grad_hidden = grad_hidden * grad_loss
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def default_chunk_rows(vocab_size: int, device: torch.device) -> int:
@@ -102,12 +110,21 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"{hidden.shape[0]} hidden states but {labels.shape[0]} labels")
     rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.device)
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    autocast = torch.is_autocast_enabled(device_type)
+    if (torch.get_autocast_dtype(device_type) if autocast else hidden.dtype) == torch.float16:
+        # float16 trains with a loss scale that only the backward pass sees, while this function forms the logits'
+        # gradient (about p / N, far below float16's smallest number for a large batch) in the forward: it would
+        # underflow to zero. The unchunked loss receives the scaled gradient before rounding to float16.
+        logits = F.linear(hidden, weight)
+        return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+    grad_enabled = torch.is_grad_enabled()
+    if autocast:
         # Under autocast (bf16-mixed) the output layer runs in the autocast dtype, as F.linear would. Inside the
         # function autocast is off: its logits matmul writes into a float32 buffer (out=), which autocast leaves in
         # the inputs' dtype, and would have run in float32. The casts are differentiable, so the gradients reach
         # the float32 weights as they would through F.linear.
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            return _LinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), labels, ignore_index, rows)
-    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, rows)
+            return _LinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), labels, ignore_index, rows,
+                                             grad_enabled)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, rows, grad_enabled)

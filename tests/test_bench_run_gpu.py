@@ -18,3 +18,12 @@ def test_unknown_part_is_refused_before_anything_runs(tmp_path):
     assert result.returncode == 2
     assert "unknown part 'mo'" in result.stderr and "check moe dense strategies" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_part_is_reported_and_fails_the_run(tmp_path):
+    """Without a GPU the check part exits non-zero: its log is kept, the run ends with exit 1 and names it."""
+    result = subprocess.run(["bash", str(SCRIPT), "check"], check=False, capture_output=True, text=True,
+                            env={**os.environ, "OUT": str(tmp_path)})
+    assert result.returncode == 1
+    assert "failed: gpu_check" in result.stderr
+    assert (tmp_path / "gpu_check.log").exists() and (tmp_path / "gpu_environment.txt").exists()

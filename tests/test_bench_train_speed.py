@@ -44,3 +44,10 @@ def test_two_step_cpu_run_writes_a_record(train_speed, tmp_path):
     assert rows["hf"]["vs_hf"] == pytest.approx(1.0) and rows["hf"]["repeat_vs_hf"] == pytest.approx([1.0, 1.0])
     assert rows["hf"]["hf_experts_implementation"]
     assert record["torch"] and record["transformers"] and record["lightning"] and record["machine"]
+
+
+@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--variants", "hf", "hf"]])
+def test_bad_repeats_and_duplicate_variants_are_refused(train_speed, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        train_speed.main(argv + ["--dry-run"])
+    assert exit_info.value.code == 2

@@ -162,3 +162,12 @@ def test_loop_backend_follows_autocast():
     with torch.no_grad():
         expected = oracle(x, counts, experts.gate_proj, experts.up_proj, experts.down_proj)
     torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
+
+
+def test_loop_backend_refuses_group_sizes_that_do_not_cover_the_rows():
+    experts = make_experts("loop")
+    x = torch.randn(10, D)
+    with pytest.raises(ValueError, match="4 group sizes summing to 9 for 4 experts and 10 rows"):
+        experts(x, torch.tensor([3, 3, 3, 0]))
+    with pytest.raises(ValueError, match="3 group sizes summing to 10 for 4 experts"):
+        experts(x, torch.tensor([4, 3, 3]))

@@ -147,3 +147,42 @@ def test_model_refuses_labels_with_logits_at():
     tokens = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="labels and logits_at"):
         model(tokens, labels=tokens, logits_at=torch.ones(1, 4, dtype=torch.bool))
+
+
+def test_no_gradients_are_computed_without_grad_mode():
+    """Evaluation runs under no_grad with parameters that require grad: the chunks' gradient products are skipped."""
+    hidden, weight, labels = inputs()
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        loss = linear_cross_entropy(hidden, weight, labels, chunk_rows=8)
+    names = {event.key for event in prof.key_averages()}
+    assert "aten::mm" in names and not names & {"aten::addmm_", "aten::scatter_add_", "aten::matmul"}
+    torch.testing.assert_close(loss, oracle(hidden, weight, labels).detach())
+
+
+def test_float16_keeps_the_gradient_a_loss_scale_protects():
+    """The logits' gradient is about p / N: formed in float16 before the loss scale it would underflow to zero, so
+    float16 takes the unchunked route and a scaled backward gives the float32 gradients, scaled."""
+    gen = torch.Generator().manual_seed(0)
+    n, vocab = 4096, 512
+    hidden = torch.randn(n, D, generator=gen).half().requires_grad_()
+    weight = (torch.randn(vocab, D, generator=gen) * 0.1).half().requires_grad_()
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    (linear_cross_entropy(hidden, weight, labels, chunk_rows=64) * 65536.0).backward()
+    expected_weight = weight.detach().float().requires_grad_()
+    oracle(hidden.detach().float(), expected_weight, labels).backward()
+    assert torch.isfinite(weight.grad).all() and torch.isfinite(hidden.grad).all()
+    torch.testing.assert_close(weight.grad.float() / 65536.0, expected_weight.grad, rtol=2e-2, atol=1e-6)
+
+
+def test_scaled_upstream_gradient_is_not_rounded_to_bf16():
+    args = inputs(torch.bfloat16)
+    a = loss_and_grads(lambda h, w, y: linear_cross_entropy(h, w, y, chunk_rows=8), *args, scale=1.0)
+    b = loss_and_grads(lambda h, w, y: linear_cross_entropy(h, w, y, chunk_rows=8), *args, scale=1 / 3)
+    torch.testing.assert_close(b[1].float(), (a[1].float() / 3).bfloat16().float(), rtol=0, atol=0)
+
+
+def test_second_order_gradients_are_refused():
+    hidden, weight, labels = inputs()
+    (grad,) = torch.autograd.grad(linear_cross_entropy(hidden, weight, labels), hidden, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
