@@ -155,7 +155,8 @@ def run_lightning(config: ModelConfig, state: dict, batches: list[dict], args, c
 
 
 def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())  # LanguageModel._loss
+    """HF's loss as its users write it: float32 cross-entropy over the full logits."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
 
 def timed_loop(model, step, batches: list[dict], device: str) -> dict:

@@ -101,19 +101,6 @@ def loop_experts(x, counts, gate_proj, up_proj, down_proj) -> torch.Tensor:
     return segment_mm(hidden, down_proj, counts)  # (M, D)
 
 
-@torch.compiler.disable
-def _grouped_mm_eager(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return _grouped_mm(a, b, offs=offs)
-
-
-def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    # torch's shape (meta) function for grouped matmul accepts only bf16 (torch 2.13), so torch.compile cannot
-    # trace an fp32 one: it runs eagerly behind a graph break, and the rest of the block still compiles.
-    if a.dtype != torch.bfloat16 and torch.compiler.is_compiling():
-        return _grouped_mm_eager(a, b, offs)
-    return _grouped_mm(a, b, offs=offs)
-
-
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous: grouped matmul's backward rejects a
     gradient with zero or unaligned strides, such as the expanded one that `out.sum().backward()` sends."""
@@ -131,10 +118,14 @@ def grouped_experts(x, counts, gate_proj, up_proj, down_proj) -> torch.Tensor:
     """x (M, D) grouped by expert, counts (E,) -> (M, D) with three grouped matmuls."""
     if _grouped_mm is None:
         raise RuntimeError(f"expert_backend='grouped' needs torch >= 2.9 (found {torch.__version__})")
+    if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        # torch's shape (meta) function for grouped matmul accepts only bf16 (torch 2.13), so torch.compile cannot
+        # trace an fp32 one; the loop's operator computes the same products and stays in the compiled graph.
+        return loop_experts(x, counts, gate_proj, up_proj, down_proj)
     offsets = counts.cumsum(0).to(torch.int32)  # end row of each group, stays on the device
-    gate = _gmm(x, gate_proj.transpose(-2, -1), offsets)  # (M, F)
-    up = _gmm(x, up_proj.transpose(-2, -1), offsets)  # (M, F)
-    out = _gmm(F.silu(gate) * up, down_proj.transpose(-2, -1), offsets)  # (M, D)
+    gate = _grouped_mm(x, gate_proj.transpose(-2, -1), offs=offsets)  # (M, F)
+    up = _grouped_mm(x, up_proj.transpose(-2, -1), offs=offsets)  # (M, F)
+    out = _grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offsets)  # (M, D)
     return _ContiguousGrad.apply(out)
 
 

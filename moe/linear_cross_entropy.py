@@ -11,7 +11,7 @@ N x V tensor, the fused linear cross-entropy of Liger-Kernel (Hsu et al. 2024) a
 
 Matches F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=ignore_index) (mean over the
 labels that are not ignored; NaN when all are) in value and gradients, up to summation order. float16, whose
-range cannot hold the unscaled gradient, takes that plain route (see linear_cross_entropy).
+range cannot hold the unscaled gradient, and a DTensor weight take that plain route (see linear_cross_entropy).
 Shapes: N tokens, D model dim, V vocabulary.
 """
 
@@ -96,6 +96,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def default_chunk_rows(vocab_size: int, device: torch.device) -> int:
     budget = CPU_CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
     return max(1, budget // vocab_size)
@@ -111,10 +119,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.device)
     device_type = hidden.device.type
     autocast = torch.is_autocast_enabled(device_type)
-    if (torch.get_autocast_dtype(device_type) if autocast else hidden.dtype) == torch.float16:
+    if (torch.get_autocast_dtype(device_type) if autocast else hidden.dtype) == torch.float16 or _is_dtensor(weight):
         # float16 trains with a loss scale that only the backward pass sees, while this function forms the logits'
         # gradient (about p / N, far below float16's smallest number for a large batch) in the forward: it would
         # underflow to zero. The unchunked loss receives the scaled gradient before rounding to float16.
+        # A weight that is a DTensor (an output layer sharded by a parallel plan) also takes the unchunked route,
+        # whose ops DTensor knows how to distribute.
         logits = F.linear(hidden, weight)
         return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
     grad_enabled = torch.is_grad_enabled()

@@ -19,7 +19,7 @@ from torch import nn
 from moe.attention import Attention
 from moe.config import ModelConfig
 from moe.kv_cache import KVCache, LayerKVCache
-from moe.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from moe.linear_cross_entropy import linear_cross_entropy
 from moe.mlp import SwiGLU
 from moe.moe_layer import MoELayer, MoEStats
 from moe.norm import build_norm
@@ -125,7 +125,7 @@ class Transformer(nn.Module):
         logits_at, a boolean (B, T) mask, computes logits only there: (N, V) for its N True entries in row-major
         order. Scoring needs a few positions per sequence, and the output layer is a large share of a small
         model's work.
-        labels (B, T), the target token at each position (IGNORE_INDEX for none), gives the mean cross-entropy as
+        labels (B, T), the target token at each position (-100 for none), gives the mean cross-entropy as
         `loss` instead of logits: computed a chunk of positions at a time (moe/linear_cross_entropy.py), so training
         never holds the B x T x V logits."""
         T = input_ids.shape[1]
@@ -153,27 +153,10 @@ class Transformer(nn.Module):
             return ModelOutput(logits=F.linear(x, head), moe=moe_stats)
         if logits_at is not None:
             raise ValueError("labels and logits_at cannot be combined")
-        return ModelOutput(logits=None, moe=moe_stats, loss=cross_entropy(x, head, labels))
+        return ModelOutput(logits=None, moe=moe_stats, loss=linear_cross_entropy(x, head, labels))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-def cross_entropy(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the output layer's logits against labels, chunked. A weight that is a DTensor (the
-    output layer sharded by a parallel plan) takes the plain route, whose ops DTensor knows how to distribute."""
-    if _is_dtensor(head):
-        logits = F.linear(hidden, head)
-        return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
-    return linear_cross_entropy(hidden, head, labels)
 
 
 def build_model(config: ModelConfig | str, device: torch.device | str | None = None, **overrides) -> Transformer:

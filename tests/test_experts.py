@@ -133,11 +133,13 @@ def test_auto_backend_takes_the_loop_on_cpu(monkeypatch):
     assert calls[0] == "loop_experts"
 
 
-def test_loop_backend_compiles_without_graph_breaks_and_matches_eager():
+@pytest.mark.parametrize("backend", ["loop", "grouped"])
+def test_fp32_experts_compile_without_graph_breaks_and_match_eager(backend):
     """segment_mm is an opaque operator to torch.compile: fullgraph=True raises on any graph break, and the group
-    sizes, which are data, must not be baked into the compiled graph (two different routings, one compile)."""
+    sizes, which are data, must not be baked into the compiled graph (two different routings, one compile). The
+    grouped backend, whose fp32 grouped matmul torch.compile cannot trace, compiles through the same operator."""
     torch._dynamo.reset()
-    experts = make_experts("loop")
+    experts = make_experts(backend)
     compiled = torch.compile(experts, fullgraph=True, dynamic=False)
     for counts_name in ("empty_experts", "all_on_last"):
         counts = counts_for(counts_name)
