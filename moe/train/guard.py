@@ -58,14 +58,15 @@ class StepGuard:
         self.consecutive_skips = 0
 
     def check(self, step: int, loss: float, grad_norm: float | None) -> Verdict:
-        """The verdict on optimizer step `step` (0-based: the trainer's global_step before it) given its loss and
-        gradient norm (None when the gradient scaler of fp16 training handles overflowing gradients itself)."""
-        nonfinite = [name for name, value in (("loss", loss), ("gradient norm", grad_norm))
+        """The verdict on optimizer step `step` (0-based: the trainer's global_step before it) given its loss (the
+        total training loss: cross-entropy plus the weighted router losses, so messages call it that) and gradient
+        norm (None when the gradient scaler of fp16 training handles overflowing gradients itself)."""
+        nonfinite = [name for name, value in (("total loss", loss), ("gradient norm", grad_norm))
                      if value is not None and not math.isfinite(value)]
         if nonfinite:
             if self.on_nonfinite == "stop":
                 raise TrainingStopped(
-                    f"non-finite {' and '.join(nonfinite)} (loss {loss}, gradient norm {grad_norm}) at step {step}: "
+                    f"non-finite {' and '.join(nonfinite)} (total loss {loss}, gradient norm {grad_norm}) at step {step}: "
                     f"training stopped before applying it, so the weights are those of the {step} steps before and "
                     "the last checkpoint is intact. Lower the learning rate or resume from an earlier checkpoint; "
                     f"--model.on_nonfinite skip drops such steps instead"
@@ -75,7 +76,7 @@ class StepGuard:
         z = self.zscore(loss)
         if z is not None and z > self.spike_zscore:
             self.skipped_spikes += 1
-            return self._skip(step, "spike", f"loss {loss:.4f} is {z:.1f} standard deviations above the recent mean")
+            return self._skip(step, "spike", f"total loss {loss:.4f} is {z:.1f} standard deviations above the recent mean")
         self.consecutive_skips = 0
         self.recent.append(loss)
         return APPLY

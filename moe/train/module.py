@@ -30,9 +30,10 @@ from moe.losses import load_balancing_loss_from_sums
 from moe.model import ModelOutput, Transformer
 from moe.train.checkpoint import checkpoint_config, checkpoint_weights, read_checkpoint
 from moe.train.checkpoint_io import install_atomic_checkpoint_io
+from moe.train.clipping import clip_gradients, gradient_norm, unscale_gradients
 from moe.train.guard import StepGuard
 from moe.train.optim import fused_adamw_supported, param_groups
-from moe.train.parallel import clip_grad_norm_, data_parallel_size, total_norm
+from moe.train.parallel import data_parallel_size
 from moe.train.resume import check_resume, rng_states, set_rng_states
 from moe.train.schedule import DECAY_SHAPES, SCHEDULES, lr_multiplier
 from moe.train.throughput import ThroughputMeter, device_peak_tflops
@@ -40,6 +41,10 @@ from moe.train.throughput import ThroughputMeter, device_peak_tflops
 # Config fields that change how a model runs or trains, not its weights: they may differ from the checkpoint a
 # run is initialised from.
 RUNTIME_FIELDS = ("attention_backend", "expert_backend", "aux_loss_coef", "z_loss_coef", "capacity_factor")
+
+
+# The max_epochs a Trainer gets when given neither max_steps nor max_epochs (lightning.pytorch.loops.fit_loop).
+LIGHTNING_DEFAULT_EPOCHS = 1000
 
 
 @dataclass
@@ -56,6 +61,18 @@ class Sampling:
     """Nucleus sampling: the smallest set of tokens whose probability reaches p; None keeps all."""
     seed: int = 0
     """Seed of the sampling generator, so a sample is reproducible."""
+
+    def __post_init__(self) -> None:
+        # Written as "not (in range)" so that NaN is refused too.
+        checks = (("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
+                  ("temperature", self.temperature, math.isfinite(self.temperature) and self.temperature >= 0,
+                   ">= 0 (0 is greedy)"),
+                  ("top_k", self.top_k, self.top_k is None or self.top_k >= 1, ">= 1, or null to keep all tokens"),
+                  ("top_p", self.top_p, self.top_p is None or 0 < self.top_p <= 1,
+                   "in (0, 1], or null to keep all tokens"))
+        for name, value, valid, expected in checks:
+            if not valid:
+                raise ValueError(f"--model.sampling.{name}={value} must be {expected}")
 
 
 def checkpoint_blocks(model: Transformer) -> None:
@@ -169,7 +186,9 @@ class LanguageModel(pl.LightningModule):
         self._expert_tokens: torch.Tensor | None = None  # (L, E) assignments since the last report
         self._last_report_step = -1
         self._tokens_seen_before = 0  # tokens seen by the run this one resumes, from its checkpoint
-        self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses
+        self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses (total, then CE)
+        self._step_ce: list[torch.Tensor] = []
+        self._grad_norm: float | None = None  # this step's, for clipping
         self._router_sums: torch.Tensor | None = None  # this optimizer step's routing sums (_router_sums_of)
         self._rng_to_restore: dict | None = None
         self._schedule_total: int | None = None  # optimizer steps the learning-rate schedule spans
@@ -296,7 +315,7 @@ class LanguageModel(pl.LightningModule):
         )
         total = self._total_steps()
         if hp.warmup_steps > total:
-            raise ValueError(f"--model.warmup_steps={hp.warmup_steps} exceeds the {total} optimizer steps of the "
+            raise InputError(f"--model.warmup_steps={hp.warmup_steps} exceeds the {total} optimizer steps of the "
                              "run; lower it or raise --trainer.max_steps")
 
         def multiplier_for(total_steps: int, step: int) -> float:
@@ -321,9 +340,17 @@ class LanguageModel(pl.LightningModule):
     def _total_steps(self) -> int:
         if self.hparams.total_steps is not None:
             return self.hparams.total_steps
-        steps = self.trainer.estimated_stepping_batches
+        trainer, decays = self.trainer, self.hparams.schedule != "constant"
+        if decays and trainer.max_steps < 0 and trainer.max_epochs == LIGHTNING_DEFAULT_EPOCHS:
+            # Neither --trainer.max_steps nor --trainer.max_epochs given (or 1000 epochs asked for, which only
+            # --model.total_steps can tell apart): Lightning stops after 1000 epochs, and a schedule spread over
+            # them would stay near its peak for the whole of any real run.
+            raise InputError(f"the {self.hparams.schedule} schedule needs the run's length: set --trainer.max_steps "
+                             "(or --trainer.max_epochs, or --model.total_steps); without them Lightning runs for "
+                             f"{LIGHTNING_DEFAULT_EPOCHS} epochs and the learning rate would not decay")
+        steps = trainer.estimated_stepping_batches
         if not math.isfinite(steps):
-            raise ValueError("the schedule needs a length: set --trainer.max_steps or --model.total_steps")
+            raise InputError("the schedule needs a length: set --trainer.max_steps or --model.total_steps")
         return int(steps)
 
     # ------------------------------------------------------------------------------------------------ training
@@ -345,14 +372,14 @@ class LanguageModel(pl.LightningModule):
         out = self.model(batch["input_ids"], labels=batch["labels"])
         parts = self.objective(out, batch["labels"])
         self._step_losses.append(parts["loss"].detach())
-        self.log("train/loss", parts["ce"], prog_bar=True)
+        self._step_ce.append(parts["ce"].detach())
+        # train/loss, train/total_loss, train/aux_loss and train/z_loss are logged once per optimizer step, of its
+        # whole global batch (on_before_optimizer_step); the *_micro_batch values are this process's micro-batch
+        # objective, the one differentiated (its router fractions counted over the processes).
+        self.log("train/loss_micro_batch", parts["ce"])
         if out.moe:
-            # train/aux_loss and train/z_loss are logged once per optimizer step, over its whole global batch
-            # (_log_router_losses); the *_micro_batch values and train/total_loss are this process's micro-batch
-            # objective, the one differentiated (its fractions counted over the processes).
             self.log("train/aux_loss_micro_batch", parts["aux"])
             self.log("train/z_loss_micro_batch", parts["z"])
-            self.log("train/total_loss", parts["loss"])
             sums = self._router_sums_of(out)
             self._router_sums = sums if self._router_sums is None else self._router_sums + sums
             counts = out.tokens_per_expert.detach().float()
@@ -408,38 +435,42 @@ class LanguageModel(pl.LightningModule):
             self._meter.resume()
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # Runs after the last micro-batch's backward (gradients unscaled under fp16) and before clipping and the
-        # update: the one place to decide whether the update happens.
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_norm = total_norm(grads) if grads else torch.zeros((), device=self.device)
-        loss = torch.stack(self._step_losses).mean() if self._step_losses else torch.zeros((), device=self.device)
-        self._step_losses = []
+        # Runs after the last micro-batch's backward and before clipping and the update: the one place to decide
+        # whether the update happens, and to log what the optimizer step trains on.
+        unscale_gradients(self.trainer.precision_plugin, optimizer)  # fp16 with a fused optimizer (clipping.py)
+        grad_norm = gradient_norm(self.trainer.strategy, self.model.parameters())
+        zero = torch.zeros((), device=self.device)
+        total = torch.stack(self._step_losses).mean() if self._step_losses else zero
+        ce = torch.stack(self._step_ce).mean() if self._step_ce else zero
+        self._step_losses, self._step_ce = [], []
         # Every process must reach the same verdict: decide on the mean over processes (a non-finite value on one
-        # process makes the mean non-finite too).
-        both = torch.stack([loss.float(), grad_norm.float()])
-        loss, norm = self.trainer.strategy.reduce(both, reduce_op="mean").tolist()
+        # process makes the mean non-finite too). The means over micro-batches and processes are also the losses
+        # of the global batch, which is what the step trains on: those are logged, not process 0's micro-batch.
+        values = torch.stack([total.float(), ce.float(), grad_norm.float()])
+        total, ce, norm = self.trainer.strategy.reduce(values, reduce_op="mean").tolist()
         # fp16's gradient scaler skips overflowing steps itself and lowers its scale; that is not a divergence.
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        verdict = self.guard.check(self.trainer.global_step, loss, None if scaler is not None else norm)
+        verdict = self.guard.check(self.trainer.global_step, total, None if scaler is not None else norm)
+        self._grad_norm = norm if verdict.apply else None
         if not verdict.apply:
             # With no gradients the optimizer leaves every parameter and its moments untouched; the step still
             # counts for the schedule and global_step, as a skipped batch does in PaLM and Megatron.
             optimizer.zero_grad(set_to_none=True)
             self.print(f"step {self.trainer.global_step}: update dropped ({verdict.reason}; "
-                       f"loss {loss:.4g}, gradient norm {norm:.4g})")
+                       f"total loss {total:.4g}, gradient norm {norm:.4g})")
+        self.log("train/loss", ce, prog_bar=True)
+        if self.model_config.is_moe:
+            self.log("train/total_loss", total)
         self._log_router_losses()
-        self.log("train/grad_norm", grad_norm)
+        self.log("train/grad_norm", norm)
         self.log("train/lr", optimizer.param_groups[0]["lr"])
         self.log("train/skipped_nonfinite", float(self.guard.skipped_nonfinite))
         self.log("train/skipped_spikes", float(self.guard.skipped_spikes))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # Under ModelParallelStrategy gradients are DTensors on two meshes (data- and tensor-parallel), which
-        # torch's clip_grad_norm_ (Lightning's default) cannot add up.
-        if self.device_mesh is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
-            clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val)
-            return
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        # Lightning's precision plugins refuse to clip for the fused AdamW (even under bf16-mixed) and under
+        # FSDPStrategy; clipping.py clips for every strategy, with the norm the guard already computed.
+        clip_gradients(self.trainer.strategy, optimizer, gradient_clip_val, gradient_clip_algorithm, self._grad_norm)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         step = self.trainer.global_step

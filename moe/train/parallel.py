@@ -130,17 +130,6 @@ def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Ten
     return _get_total_norm(norms, norm_type)
 
 
-def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ (same coefficient, max_norm / (norm + 1e-6) capped at 1) for gradients on
-    different meshes, which the plain function cannot add up under tensor parallelism; returns the total norm."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norm = total_norm(grads, norm_type)
-    coef = min(max_norm / (float(norm) + 1e-6), 1.0)  # a float: a plain tensor cannot multiply a DTensor
-    for grad in grads:
-        grad.mul_(coef)
-    return norm
-
-
 def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter as a full, plain tensor (a collective: every process must call it)."""
     from torch.distributed.tensor import DTensor

@@ -114,7 +114,8 @@ def fit_run(batch_size: int, accumulate: int, backend: str = "loop", max_steps: 
 
 
 def save(out: Path, name: str, rank: int, logger, record, seen=None) -> None:
-    torch.save({"aux": logger.series("train/aux_loss"), "z": logger.series("train/z_loss"), "losses": record.losses,
+    torch.save({"aux": logger.series("train/aux_loss"), "z": logger.series("train/z_loss"),
+                "ce": logger.series("train/loss"), "losses": record.losses,
                 "first_grads": record.first_grads, "weights": record.weights,
                 "seen": [torch.stack(s) for s in seen] if seen is not None else None},
                out / f"{name}.rank{rank}.pt")

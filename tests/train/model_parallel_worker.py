@@ -11,9 +11,11 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from torch.distributed.fsdp import FullyShardedDataParallel
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_model_parallel import CASES, MODELS, MODES, MODULE_KWARGS, fit_kwargs, run_name, tiny_data
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]  # tests/train, tests
+from precision_worker import RecordClipping
+from test_model_parallel import CASES, MODELS, MODES, MODULE_KWARGS, CPUFSDPStrategy, fit_kwargs, run_name, tiny_data
 
 from moe.train import LanguageModel
 from moe.train.parallel import ModelParallelStrategy, full_state
@@ -42,15 +44,26 @@ def main(out: Path) -> None:
     for mode, kind, activation_checkpointing in CASES:
         dp, tp = MODES[mode]
         module = LanguageModel(MODELS[kind], activation_checkpointing=activation_checkpointing, **MODULE_KWARGS)
-        losses = instrument(module)
-        strategy = ModelParallelStrategy(tensor_parallel_size=tp)  # data_parallel_size 'auto' = 2 / tp
-        t = pl.Trainer(devices=2, strategy=strategy, **fit_kwargs())
+        losses, record = instrument(module), RecordClipping()
+        if mode == "fsdp1":
+            # bf16-mixed: FSDPStrategy's precision plugin, whose autocast is CUDA's, so on a CPU the arithmetic
+            # stays float32 and comparable with the reference; the plugin is what refused to clip.
+            t = pl.Trainer(devices=2, strategy=CPUFSDPStrategy(), callbacks=[record],
+                           **{**fit_kwargs(), "precision": "bf16-mixed"})
+        else:
+            strategy = ModelParallelStrategy(tensor_parallel_size=tp)  # data_parallel_size 'auto' = 2 / tp
+            t = pl.Trainer(devices=2, strategy=strategy, callbacks=[record], **fit_kwargs())
         t.fit(module, datamodule=tiny_data(batch_size=8 // dp))
-        assert t.strategy.device_mesh["data_parallel"].size() == dp
-        weights = full_state(module.model)
+        if mode == "fsdp1":
+            with FullyShardedDataParallel.summon_full_params(t.strategy.model):
+                weights = {name.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+                           for name, p in module.model.named_parameters()}
+        else:
+            assert t.strategy.device_mesh["data_parallel"].size() == dp
+            weights = full_state(module.model)
         grad_norm = float(t.callback_metrics["train/grad_norm"])  # the last step's
-        torch.save({"losses": losses, "weights": weights, "grad_norm": grad_norm}, out / run_name(mode, kind, activation_checkpointing,
-                                                                          t.global_rank))
+        saved = {"losses": losses, "weights": weights, "grad_norm": grad_norm, "norms": (record.before, record.after)}
+        torch.save(saved, out / run_name(mode, kind, activation_checkpointing, t.global_rank))
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))

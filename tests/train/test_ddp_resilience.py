@@ -248,7 +248,7 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank_at_that_step(runs):
     launching process exits with the CLI's status 1 and message; no rank waits in a collective."""
     run = runs["nonfinite-stop"]
     assert not run.hung and run.returncode == 1, run.output()
-    assert "training stopped: non-finite loss" in run.stderr, run.output()
+    assert "training stopped: non-finite total loss" in run.stderr, run.output()
     for rank in range(RANKS):
         ended = run.exit(rank)
         assert ended["exception"] == "TrainingStopped" and ended["global_step"] == NONFINITE_AT, (rank, ended)

@@ -69,35 +69,39 @@ def test_expert_idle_on_one_rank_neither_hangs_nor_desynchronises(ddp_runs, back
     assert_same_weights(rank0["weights"], ddp_runs("idle_loop")[0]["weights"], rtol=1e-4, atol=1e-5)
 
 
-def global_batch_router_losses():
-    """The router losses of the first global batch (rows 0-7) in one training-mode forward of the seeded model."""
+def global_batch_losses():
+    """The cross-entropy and router losses of the first global batch (rows 0-7) in one training-mode forward of
+    the seeded model."""
     torch.manual_seed(0)
     module = LanguageModel(TINY.replace(expert_backend="loop"), warmup_steps=1)
     module.configure_model()
     rows = PatternData().tokens[:8]
     with torch.no_grad():
-        out = module.model(rows[:, :-1])
-    return float(out.aux_loss), float(out.z_loss)
+        out = module.model(rows[:, :-1], labels=rows[:, 1:])
+    return float(out.loss), float(out.aux_loss), float(out.z_loss)
 
 
-def test_router_losses_are_those_of_the_global_batch_whatever_the_split(ddp_runs):
+def test_logged_losses_are_those_of_the_global_batch_whatever_the_split(ddp_runs):
     """Batch 8 as (world 1, batch 8), (world 1, batch 4 x 2 accumulated), (world 2, batch 4), (world 2, batch 2 x 2):
-    the logged train/aux_loss and train/z_loss of the first step are the global batch's, and for world 1 vs 2
-    without accumulation the first step's gradients agree."""
-    aux, z = global_batch_router_losses()
+    the logged train/loss (cross-entropy), train/aux_loss and train/z_loss of the first step are the global
+    batch's, not one process's micro-batch's, and for world 1 vs 2 without accumulation the first step's
+    gradients agree."""
+    ce, aux, z = global_batch_losses()
     _, log_8, record_8, _ = fit_run(8, 1)
     _, log_4x2, _, _ = fit_run(4, 2)
-    runs = {"w1 b8a1": (log_8.series("train/aux_loss"), log_8.series("train/z_loss")),
-            "w1 b4a2": (log_4x2.series("train/aux_loss"), log_4x2.series("train/z_loss"))}
+    runs = {name: (log.series("train/loss"), log.series("train/aux_loss"), log.series("train/z_loss"))
+            for name, log in (("w1 b8a1", log_8), ("w1 b4a2", log_4x2))}
     for name in ("b4a1", "b2a2"):
         for rank, seen in enumerate(ddp_runs(name)):
-            runs[f"w2 {name} rank {rank}"] = (seen["aux"], seen["z"])
-    for name, (aux_logged, z_logged) in runs.items():
-        assert len(aux_logged) == len(z_logged) == 2, name  # one value per optimizer step
+            runs[f"w2 {name} rank {rank}"] = (seen["ce"], seen["aux"], seen["z"])
+    for name, (ce_logged, aux_logged, z_logged) in runs.items():
+        assert len(ce_logged) == len(aux_logged) == len(z_logged) == 2, name  # one value per optimizer step
+        assert ce_logged[0] == pytest.approx(ce, rel=1e-6), name
         assert aux_logged[0] == pytest.approx(aux, rel=1e-6), name
         assert z_logged[0] == pytest.approx(z, rel=1e-6), name
     # Without accumulation the second step starts from the same weights too.
-    assert runs["w2 b4a1 rank 0"][0][1] == pytest.approx(runs["w1 b8a1"][0][1], rel=1e-5)
+    for i in range(3):
+        assert runs["w2 b4a1 rank 0"][i][1] == pytest.approx(runs["w1 b8a1"][i][1], rel=1e-5)
     grads_2 = ddp_runs("b4a1")[0]["first_grads"]
     assert record_8.first_grads.keys() == grads_2.keys()
     for name, grad in record_8.first_grads.items():

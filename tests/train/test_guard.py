@@ -54,8 +54,8 @@ def test_spike_guard_waits_for_a_full_enough_window():
     assert not guard.check(4, 1000.0, 1.0).apply
 
 
-@pytest.mark.parametrize("loss, norm, what", [(float("nan"), 1.0, "loss"), (2.0, float("inf"), "gradient norm"),
-                                               (float("-inf"), float("nan"), "loss and gradient norm")])
+@pytest.mark.parametrize("loss, norm, what", [(float("nan"), 1.0, "total loss"), (2.0, float("inf"), "gradient norm"),
+                                               (float("-inf"), float("nan"), "total loss and gradient norm")])
 def test_nonfinite_stops_naming_the_step_or_is_skipped(loss, norm, what):
     with pytest.raises(TrainingStopped, match=rf"non-finite {what} .* at step 7: training stopped before applying"):
         StepGuard().check(7, loss, norm)

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -21,20 +22,38 @@ from launch import free_port
 from test_module import PatternData
 
 from moe import get_preset
-from moe.model import Transformer
+from moe.model import Block, Transformer
 from moe.train import LanguageModel
 from moe.train.parallel import ModelParallelStrategy, check_tensor_parallel, parallelize
 
 SHAPE = dict(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
 MODELS = {"moe": get_preset("tiny-moe", **SHAPE, ffn_dim=32, n_experts=4, top_k=2, n_shared_experts=1),
           "dense": get_preset("tiny-dense", **SHAPE, ffn_dim=64)}
-MODES = {"fsdp2": (2, 1), "tp": (1, 2)}  # (data_parallel_size, tensor_parallel_size)
-CASES = [(mode, kind, False) for mode in MODES for kind in MODELS] + [("fsdp2", "moe", True), ("tp", "dense", True)]
+# (data_parallel_size, tensor_parallel_size); fsdp1 is Lightning's FSDPStrategy (torch FSDP1, flat shards).
+MODES = {"fsdp2": (2, 1), "tp": (1, 2), "fsdp1": (2, 1)}
+CASES = ([(mode, kind, False) for mode in ("fsdp2", "tp") for kind in MODELS]
+         + [("fsdp2", "moe", True), ("tp", "dense", True), ("fsdp1", "moe", False)])
 STEPS = 4
 # AdamW's default eps (1e-8) turns a gradient entry that is zero up to rounding into a full-size update of either
 # sign, so the weights of a few near-zero-gradient router entries drift apart by rounding alone; with a larger
 # eps such entries move by lr * gradient / eps, and every weight can be compared tightly.
 MODULE_KWARGS = dict(warmup_steps=1, eps=1e-4)
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy on CPU processes (gloo). Lightning refuses accelerator='cpu' for that class itself,
+    not for subclasses; torch's FSDP1 runs on a CPU. Its precision plugin is the one that refuses norm clipping."""
+
+    def __init__(self):
+        super().__init__(sharding_strategy="FULL_SHARD", auto_wrap_policy={Block}, process_group_backend="gloo")
+
+    def _setup_model(self, model):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        # Lightning passes device_id=None on a CPU, which FSDP1 takes as "find an accelerator".
+        return FullyShardedDataParallel(model, mixed_precision=self.mixed_precision_config,
+                                        sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"),
+                                        **self.kwargs)
 
 
 def run_name(mode: str, kind: str, activation_checkpointing: bool, rank: int) -> str:
@@ -96,21 +115,28 @@ def test_parallel_fit_matches_single_process(parallel_runs, mode, kind, activati
     processes end with the same full weights as it."""
     ranks = [torch.load(parallel_runs / run_name(mode, kind, activation_checkpointing, r)) for r in range(2)]
     expected_losses, expected_weights, expected_grad_norm = single_process(kind, mode)
+    # FSDP1 runs bf16-mixed, which it applies by casting the parameters to bf16 for the forward and backward
+    # passes, against a float32 reference: close, not equal. The shard norm would be 30% off, unclipped
+    # gradients further still.
+    rtol, weight_tol = (2e-2, dict(rtol=0.0, atol=2e-3)) if mode == "fsdp1" else (1e-5, dict(rtol=1e-4, atol=1e-5))
     losses = torch.tensor([rank["losses"] for rank in ranks])  # (2, steps)
-    if mode == "fsdp2":
+    if mode in ("fsdp2", "fsdp1"):
         # Each process's loss is that of its half of the batch: their mean is the global batch's loss (the
         # load-balancing loss too, its expert fractions being counted over both processes; moe/losses.py).
         assert not torch.allclose(losses[0], losses[1])
-        torch.testing.assert_close(losses.mean(dim=0), expected_losses, rtol=1e-5, atol=0)
+        torch.testing.assert_close(losses.mean(dim=0), expected_losses, rtol=rtol, atol=0)
     else:  # both processes computed the whole batch
-        torch.testing.assert_close(losses, expected_losses.expand(2, -1), rtol=1e-5, atol=0)
+        torch.testing.assert_close(losses, expected_losses.expand(2, -1), rtol=rtol, atol=0)
     assert losses[:, -1].mean() < losses[:, 0].mean()  # it trained
-    for rank in ranks:  # the norm of the full gradient, not of one process's shard (moe.train.parallel.total_norm)
-        assert rank["grad_norm"] == pytest.approx(expected_grad_norm, rel=1e-4)
+    for rank in ranks:  # the norm of the full gradient, not of one process's shard (moe.train.clipping)
+        assert rank["grad_norm"] == pytest.approx(expected_grad_norm, rel=10 * rtol)
+        before, after = rank["norms"]  # each step's, as logged and as the optimizer saw it: clipped at 1
+        assert len(after) == STEPS and max(before) > 1.0
+        assert after == pytest.approx([min(norm, 1.0) for norm in before], rel=1e-4)
     for rank in ranks:
         assert rank["weights"].keys() == expected_weights.keys()
         for name, weight in rank["weights"].items():
-            torch.testing.assert_close(weight, expected_weights[name], rtol=1e-4, atol=1e-5, msg=name)
+            torch.testing.assert_close(weight, expected_weights[name], **weight_tol, msg=name)
     for name, weight in ranks[0]["weights"].items():
         assert torch.equal(weight, ranks[1]["weights"][name]), name
 

@@ -250,6 +250,36 @@ def test_warmup_longer_than_the_run_is_refused():
         trainer(max_steps=5).fit(module, datamodule=PatternData())
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--model.warmup_steps", "100"], "--model.warmup_steps=100 exceeds the 6 optimizer steps"),
+    # -1 is Lightning's "no step limit": with no max_epochs either, it trains for 1000 epochs, over which a
+    # cosine schedule would barely leave its peak.
+    (["--trainer.max_steps", "-1"], "the cosine schedule needs the run's length: set --trainer.max_steps"),
+])
+def test_a_schedule_that_cannot_fit_the_run_is_one_line_through_the_command_line(workdir, capsys, args, message):
+    import cli
+
+    from ..cli_runs import tiny_run_args
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["fit", *tiny_run_args(workdir), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert message in err and "Traceback" not in err
+    assert not list(workdir.rglob("*.ckpt"))
+
+
+def test_a_run_without_a_step_limit_takes_its_schedule_from_max_epochs(workdir):
+    import cli
+
+    from ..cli_runs import tiny_run_args
+
+    parsed = cli.build_cli([*tiny_run_args(workdir), "--trainer.max_steps", "-1", "--trainer.max_epochs", "2",
+                            "--trainer.limit_train_batches", "3"], run=False)
+    parsed.trainer.fit(parsed.model, datamodule=parsed.datamodule)
+    assert parsed.model._schedule_total == parsed.trainer.global_step == 2 * 3
+
+
 def test_compiled_blocks_match_eager():
     config = TINY.replace(n_layers=1)
     eager, compiled = LanguageModel(config), LanguageModel(config, compile=True)
