@@ -2,7 +2,10 @@
 
 Everything a batch contains follows from (sources, tokenizer, seq_len, seed, global batch size) and the number of
 training batches consumed so far, which is counted in `on_before_batch_transfer` (Lightning calls it right before
-each training step, not when prefetching) and saved in the checkpoint: a resumed run gets exactly the next batch.
+each training step, micro-batches of an accumulated step included, not when prefetching) and saved in the
+checkpoint: a resumed run gets exactly the next batch. The checkpoint also holds a fingerprint of what gives those
+batches their meaning (sources, tokenizer, token cache checksums, batch shape and accumulation), and a resume onto
+a different one is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from moe.data.datasets import MixtureDataset, TokenFile, ValidationDataset
 from moe.data.mixture import SCHEDULE_VERSION, MixtureSchedule
 from moe.data.packing import n_windows, split_windows
 from moe.data.report import SourceRow, format_report
-from moe.data.sampler import EvalShardSampler, GlobalBatchSampler
+from moe.data.sampler import EvalShardSampler, GlobalBatchSampler, ResumableLoader
 from moe.data.sources import STDLIB, DataError, ResolvedSource, Source, resolve_source
 from moe.data.token_cache import TokenCacheMeta, tokenize_source
 from moe.data.tokenizer import (
@@ -32,7 +35,7 @@ from moe.data.tokenizer import (
     n_token_ids,
     tokenizer_hash,
 )
-from moe.errors import IncompatibleResume
+from moe.errors import IncompatibleResume, InputError
 
 # Whole stdlib of CPython 3.11 without tests is ~12 MB; training a 4096-token BPE on it and tokenizing it takes
 # ~8 s on 2 cores. The cap bounds that on Pythons with a larger stdlib.
@@ -52,7 +55,10 @@ _FINGERPRINT_LABELS = {
     "seed": "--data.seed",
     "val_fraction": "--data.val_fraction",
     "global_batch_size": "global batch size (--data.batch_size x devices x nodes)",
+    "accumulate_grad_batches": "--trainer.accumulate_grad_batches (micro-batches per optimizer step, so the tokens "
+    "per step are those of the global batch times this)",
     "schedule": "mixture schedule version",
+    "token_cache": "token cache (CRC-32 of each source's token array)",
 }
 
 
@@ -92,12 +98,8 @@ class TextDataModule(pl.LightningDataModule):
             prompts: Prompts served by predict_dataloader.
         """
         super().__init__()
-        if seq_len < 1 or batch_size < 1 or vocab_size < 1:
-            raise ValueError("seq_len, batch_size and vocab_size must be positive")
-        if seed < 0:
-            raise ValueError(f"seed must be non-negative, got {seed}")
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        _check_arguments(tokenizer, vocab_size, seq_len, batch_size, val_fraction, num_workers, seed,
+                         corpus_max_bytes, planned_tokens, prompts)
         self.sources = list(sources) if sources else [Source(STDLIB)]
         self.tokenizer_path = tokenizer
         self.vocab_size = vocab_size
@@ -162,7 +164,10 @@ class TextDataModule(pl.LightningDataModule):
 
     @property
     def eos_id(self) -> int:
-        return eos_id(self.tokenizer)
+        try:
+            return eos_id(self.tokenizer)
+        except InputError as error:
+            raise InputError(f"{self.tokenizer_path or 'the trained tokenizer'}: {error}") from None
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -224,7 +229,11 @@ class TextDataModule(pl.LightningDataModule):
             raise RuntimeError("call setup() first")
 
     def global_batch_size(self) -> int:
+        """Sequences per training batch over all devices (per micro-batch: accumulation multiplies it per step)."""
         return self.batch_size * self._rank_and_world()[1]
+
+    def _accumulate_grad_batches(self) -> int:
+        return getattr(self.trainer, "accumulate_grad_batches", 1)  # 1 without a trainer
 
     def batches_per_epoch(self) -> int:
         """Whole global batches in one epoch of all training sequences."""
@@ -244,12 +253,14 @@ class TextDataModule(pl.LightningDataModule):
 
     # ---- dataloaders --------------------------------------------------------------------------------------------
 
-    def _loader(self, dataset: Dataset, batch_size: int | None = None, **kwargs: Any) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int | None = None, loader_class: type = DataLoader, **kwargs: Any
+    ) -> DataLoader:
         if self.num_workers > 0:
             # Workers are forked after the tokenizer used its Rust thread pool, which `tokenizers` answers with a
             # warning per worker; the workers never tokenize, so say so up front.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        return DataLoader(
+        return loader_class(
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
@@ -267,7 +278,7 @@ class TextDataModule(pl.LightningDataModule):
         batches = self.batches_per_epoch()
         dataset = MixtureDataset(self._files, self.seq_len, self._schedule, batches * self.global_batch_size())
         sampler = GlobalBatchSampler(dataset, self.batch_size, batches, rank, world, lambda: self.consumed_batches)
-        return self._loader(dataset, self.batch_size, sampler=sampler, drop_last=True)
+        return self._loader(dataset, self.batch_size, sampler=sampler, drop_last=True, loader_class=ResumableLoader)
 
     def val_dataloader(self) -> DataLoader | list:
         self._require_setup()
@@ -305,7 +316,13 @@ class TextDataModule(pl.LightningDataModule):
             "seed": self.seed,
             "val_fraction": self.val_fraction,
             "global_batch_size": self.global_batch_size(),
+            # consumed_batches counts micro-batches, so the stream continues exactly under another accumulation,
+            # but each optimizer step would then train on another number of tokens.
+            "accumulate_grad_batches": self._accumulate_grad_batches(),
             "schedule": SCHEDULE_VERSION,
+            # The arrays themselves: a cache rebuilt from the same source and tokenizer is identical, one with
+            # other content (another tokenizer version, a foreign copy) would feed other tokens at the same position.
+            "token_cache": [[r.name, f"{m.crc32:08x}"] for r, m in zip(self.resolved_sources(), self._metas)],
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -321,10 +338,14 @@ class TextDataModule(pl.LightningDataModule):
 
     def _check_fingerprint(self, saved: dict) -> None:
         current = self.fingerprint()
+        labels = {**_FINGERPRINT_LABELS}
+        labels["token_cache"] += f" in {', '.join(f.path for f in self._files)}"
+        # A key missing from the checkpoint was added to the fingerprint after it was written: it cannot be
+        # compared, and refusing would make every run started before then impossible to resume.
         changed = [
-            f"{_FINGERPRINT_LABELS.get(key, key)}: checkpoint {saved.get(key)!r}, now {current[key]!r}"
+            f"{labels.get(key, key)}: checkpoint {saved[key]!r}, now {current[key]!r}"
             for key in current
-            if saved.get(key) != current[key]
+            if key in saved and saved[key] != current[key]
         ]
         if changed:
             raise IncompatibleResume(
@@ -343,7 +364,7 @@ class TextDataModule(pl.LightningDataModule):
             return self.planned_tokens
         trainer = self.trainer
         if trainer is not None and getattr(trainer, "max_steps", -1) and trainer.max_steps > 0:
-            batches = trainer.max_steps * getattr(trainer, "accumulate_grad_batches", 1)
+            batches = trainer.max_steps * self._accumulate_grad_batches()
             return batches * self.global_batch_size() * self.seq_len
         return None
 
@@ -388,6 +409,42 @@ class TextDataModule(pl.LightningDataModule):
         if val_counts.sum() == 0:
             raise ValueError("no validation tokens (val_fraction is 0)")
         return float(-(val_counts * np.log(probabilities)).sum() / val_counts.sum())
+
+
+def _check_arguments(
+    tokenizer: str | None,
+    vocab_size: int,
+    seq_len: int,
+    batch_size: int,
+    val_fraction: float,
+    num_workers: int,
+    seed: int,
+    corpus_max_bytes: int | None,
+    planned_tokens: int | None,
+    prompts: list[str],
+) -> None:
+    """Refuse, by flag, the arguments that would otherwise fail later with a traceback or run a wrong job."""
+    checks = [
+        ("seq_len", seq_len, seq_len >= 1, ">= 1"),
+        ("batch_size", batch_size, batch_size >= 1, ">= 1"),
+        ("num_workers", num_workers, num_workers >= 0, ">= 0 (0 loads batches in the training process)"),
+        ("seed", seed, seed >= 0, ">= 0"),
+        # A NaN fails every comparison, so it is refused too.
+        ("val_fraction", val_fraction, 0 <= val_fraction < 1, "in [0, 1)"),
+        ("corpus_max_bytes", corpus_max_bytes, corpus_max_bytes is None or corpus_max_bytes >= 1,
+         ">= 1, or null for the whole corpus"),
+        ("planned_tokens", planned_tokens, planned_tokens is None or planned_tokens >= 1,
+         ">= 1, or null to derive it from --trainer.max_steps"),
+        # Only a trained tokenizer needs it; a given one brings its own vocabulary.
+        ("vocab_size", vocab_size, tokenizer is not None or vocab_size >= 257,
+         ">= 257 (the 256 bytes and the end-of-text token) to train a tokenizer"),
+    ]
+    for name, value, valid, expected in checks:
+        if not valid:
+            raise InputError(f"--data.{name}={value} must be {expected}")
+    for index, prompt in enumerate(prompts):
+        if not prompt:
+            raise InputError(f"--data.prompts[{index}] is empty; a prompt needs at least one character to continue")
 
 
 class _ListDataset(Dataset):

@@ -4,7 +4,8 @@ Global batch g is samples [g*W*B, (g+1)*W*B); rank r reads its B consecutive one
 global batches. Where iteration starts is not the epoch Lightning passes to `set_epoch` but the number of training
 batches already consumed (counted by the DataModule and saved in the checkpoint), read when iteration begins: so a
 run resumed mid-epoch continues with exactly the next batch, and a run resumed at an epoch boundary starts the
-next epoch. It subclasses DistributedSampler only so that Lightning does not wrap it in its own sampler.
+next epoch. It subclasses DistributedSampler only so that Lightning does not wrap it in its own sampler, and its
+loader is a `ResumableLoader` only so that Lightning knows a mid-epoch resume is exact.
 
 Validation must not be wrapped either: Lightning's DistributedSampler pads every rank to the same length by
 repeating windows, so those windows would count twice in the validation loss. `EvalShardSampler` gives every rank
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 class GlobalBatchSampler(DistributedSampler):
@@ -47,6 +49,19 @@ class GlobalBatchSampler(DistributedSampler):
         # A full epoch even when resuming mid-epoch: Lightning ends the epoch when its restored batch count reaches
         # this length, which is exactly when the shorter resumed iteration runs out.
         return self.batches_per_epoch * self.batch_size
+
+
+class ResumableLoader(DataLoader):
+    """The training loader. Lightning warns on every mid-epoch resume ("your dataloader is not resumable") unless
+    the loader has `state_dict` / `load_state_dict`; this one resumes exactly, but its position is not its own: it is
+    the DataModule's consumed batch count, saved and checked against the data's fingerprint in the DataModule's
+    state and read by `GlobalBatchSampler` when iteration begins. So the loader's own state is empty."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
 
 
 class EvalShardSampler(DistributedSampler):

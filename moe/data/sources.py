@@ -17,6 +17,7 @@ import json
 import os
 import sysconfig
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,9 +146,8 @@ def _local_source(
     started = _now_ns()
     stats = _stat_key(files, root, text_field)
     record = hash_cache / f"{stats}.json" if hash_cache is not None else None
-    if record is not None and record.is_file():
-        remembered = json.loads(record.read_text())
-        content_hash, n_bytes = remembered["content_hash"], remembered["n_bytes"]
+    if record is not None and (remembered := _read_hash_record(record)) is not None:
+        content_hash, n_bytes = remembered
     else:
         content_hash, n_bytes = _hash_files(files, root, text_field)
         newest = max(max(p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in files)
@@ -162,6 +162,23 @@ def _local_source(
 
 
 _RACY_NS = 2_000_000_000
+
+
+def _read_hash_record(record: Path) -> tuple[str, int] | None:
+    """A remembered (content hash, bytes), or None when there is none or it is damaged (then hashed again and
+    rewritten: the record is only a cache of what the files give)."""
+    if not record.is_file():
+        return None
+    try:
+        remembered = json.loads(record.read_bytes())
+        content_hash, n_bytes = remembered["content_hash"], remembered["n_bytes"]
+    except (OSError, ValueError, TypeError, KeyError):  # ValueError: not UTF-8 or not JSON
+        content_hash = n_bytes = None
+    if not isinstance(content_hash, str) or not isinstance(n_bytes, int):
+        warnings.warn(f"source hash cache {record} is unreadable (truncated, or not its JSON); hashing the files "
+                      "again", stacklevel=4)
+        return None
+    return content_hash, n_bytes
 
 
 def _now_ns() -> int:

@@ -4,13 +4,24 @@ Each source becomes one flat array `doc0 EOS doc1 EOS ...` (uint16 when the voca
 metadata JSON beside it. The array is written first and the JSON last, both atomically, so the JSON is the commit
 marker: a cache entry without it (a crash mid-way) is rebuilt, never trusted. Tokenization feeds chunks of documents
 to `Tokenizer.encode_batch`, which runs on all cores in Rust.
+
+The metadata holds the CRC-32 of the array and its largest id, so that an array changed after it was written (other
+valid ids written into it, a copy of another entry, a truncation) is found and rebuilt rather than trained on, and
+`max_token_id` is the array's, not a stale claim. Verifying reads the whole array (about 0.35 s per GB from the page
+cache on 2 cores, more from a cold disk, on every rank), so it is done when the array's stat record (size, mtime,
+ctime, inode, device) differs from the one of its last verification, kept in a `.verified` file beside it: any write
+or replacement of the file changes its ctime, which tools that preserve mtime cannot set back. An unchanged file is
+trusted without reading it. Entries written before checksums existed get theirs computed and written on first use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+import warnings
+import zlib
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +29,16 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from moe.data.locking import atomic_output, atomic_write_bytes, file_lock
-from moe.data.sources import ResolvedSource
+from moe.data.sources import _RACY_NS, ResolvedSource, _now_ns
 from moe.data.tokenizer import n_token_ids
 
+# The key's format version. Entries without a checksum (before it was added) keep their key: they are upgraded in
+# place, since re-tokenizing a large corpus takes hours.
 CACHE_FORMAT = 1
 # Documents are batched by bytes: large enough to keep every core busy, small enough to bound the memory of ids.
 _CHUNK_BYTES = 4 << 20
+# Tokens per read when verifying an array: bounds the memory of a pass over a corpus of any size.
+_SCAN_TOKENS = 1 << 24
 
 
 @dataclass
@@ -36,6 +51,8 @@ class TokenCacheMeta:
     source_hash: str
     bytes: int
     tokenizer_hash: str
+    crc32: int | None = None
+    """zlib CRC-32 of the array's bytes; None in entries written before checksums (computed on first use)."""
 
 
 def token_dtype(n_vocab: int) -> np.dtype:
@@ -48,15 +65,85 @@ def cache_paths(cache_dir: Path, source: ResolvedSource, tokenizer_hash: str) ->
     return stem.with_suffix(".bin"), stem.with_suffix(".json")
 
 
-def load_cached(bin_path: Path, meta_path: Path) -> tuple[np.memmap, TokenCacheMeta] | None:
-    """The cached array and its metadata, or None when the entry is missing or incomplete."""
+def load_cached(
+    bin_path: Path, meta_path: Path, n_vocab: int | None = None
+) -> tuple[tuple[np.memmap, TokenCacheMeta] | None, str | None]:
+    """The cached array and its verified metadata, else (None, why the entry cannot be used): why is None when
+    there is no entry (never built, or a crash before its metadata was written), else a sentence naming the file.
+
+    An entry is refused when its metadata is unreadable, its array is not the size the metadata says, the array's
+    CRC-32 or largest id differ from the metadata's, or it holds an id of `n_vocab` or more (not this tokenizer's).
+    """
     if not meta_path.is_file() or not bin_path.is_file():
-        return None
-    meta = TokenCacheMeta(**json.loads(meta_path.read_text()))
+        return None, None
+    meta = _read_meta(meta_path)
+    if meta is None:
+        return None, f"metadata {meta_path} is unreadable (truncated, or not a token cache's JSON)"
     dtype = np.dtype(meta.dtype)
-    if bin_path.stat().st_size != meta.n_tokens * dtype.itemsize:
+    size = bin_path.stat().st_size
+    if size != meta.n_tokens * dtype.itemsize:
+        return None, f"{bin_path} has {size} bytes, but its metadata says {meta.n_tokens} tokens of {meta.dtype}"
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(meta.n_tokens,))
+    stamp = bin_path.with_suffix(".verified")
+    if meta.crc32 is not None and _read_stamp(stamp) == {"stat": _stat_record(bin_path), "crc32": meta.crc32}:
+        return (tokens, meta), None  # unchanged since it was last verified
+    started, record = _now_ns(), _stat_record(bin_path)
+    crc, largest = _scan(tokens)
+    if meta.crc32 is not None and crc != meta.crc32:
+        return None, (f"{bin_path} does not match its checksum (CRC-32 {crc:08x}, metadata {meta.crc32:08x}): it "
+                      "was changed after it was written")
+    if largest != meta.max_token_id:
+        return None, (f"{bin_path} holds ids up to {largest}, but its metadata says {meta.max_token_id}: it was "
+                      "changed after it was written")
+    if n_vocab is not None and largest >= n_vocab:
+        return None, f"{bin_path} holds token id {largest}, beyond the tokenizer's {n_vocab} ids"
+    if meta.crc32 is None:  # written before checksums: record it, so that later changes are found
+        meta = replace(meta, crc32=crc)
+        with contextlib.suppress(OSError):  # a read-only cache still works, verified at every open
+            atomic_write_bytes(meta_path, _meta_json(meta))
+    # A write in the same timestamp tick as the file's last change would leave its stat record unchanged, so only a
+    # file whose last change is well before this verification is marked verified (as for source hashes).
+    newest = max(bin_path.stat().st_mtime_ns, bin_path.stat().st_ctime_ns)
+    if _stat_record(bin_path) == record and newest < started - _RACY_NS:
+        with contextlib.suppress(OSError):
+            atomic_write_bytes(stamp, json.dumps({"stat": record, "crc32": crc}).encode())
+    return (tokens, meta), None
+
+
+def _read_meta(meta_path: Path) -> TokenCacheMeta | None:
+    try:
+        meta = TokenCacheMeta(**json.loads(meta_path.read_bytes()))
+        np.dtype(meta.dtype)
+    except (OSError, ValueError, TypeError):  # ValueError covers JSONDecodeError and UnicodeDecodeError
         return None
-    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(meta.n_tokens,)), meta
+    numbers = (meta.n_tokens, meta.max_token_id, 0 if meta.crc32 is None else meta.crc32)
+    return meta if all(isinstance(n, int) for n in numbers) and meta.n_tokens > 0 else None
+
+
+def _read_stamp(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):  # missing or damaged: verify again
+        return None
+
+
+def _stat_record(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
+
+
+def _meta_json(meta: TokenCacheMeta) -> bytes:
+    return json.dumps(asdict(meta), indent=1).encode()
+
+
+def _scan(tokens: np.ndarray) -> tuple[int, int]:
+    """CRC-32 of the array's bytes and its largest id, reading it once in bounded chunks."""
+    crc, largest = 0, 0
+    for start in range(0, len(tokens), _SCAN_TOKENS):
+        block = np.ascontiguousarray(tokens[start : start + _SCAN_TOKENS])
+        crc = zlib.crc32(block, crc)
+        largest = max(largest, int(block.max()))
+    return crc, largest
 
 
 def tokenize_source(
@@ -67,15 +154,19 @@ def tokenize_source(
     cache_dir: Path,
     show_progress: bool = True,
 ) -> tuple[np.memmap, TokenCacheMeta]:
-    """The source's token array, from the cache when present, else tokenized now and cached."""
+    """The source's token array, from the cache when present and intact, else tokenized now and cached."""
     bin_path, meta_path = cache_paths(cache_dir, source, tokenizer_hash)
-    if (cached := load_cached(bin_path, meta_path)) is not None:
+    n_vocab = n_token_ids(tokenizer)
+    if (cached := load_cached(bin_path, meta_path, n_vocab)[0]) is not None:
         return cached
     with file_lock(bin_path.with_suffix(".lock")):
-        if (cached := load_cached(bin_path, meta_path)) is not None:  # built by another process meanwhile
+        cached, problem = load_cached(bin_path, meta_path, n_vocab)  # another process may have built it meanwhile
+        if cached is not None:
             return cached
-        dtype = token_dtype(n_token_ids(tokenizer))
-        n_tokens = n_docs = max_token_id = 0
+        if problem is not None:
+            warnings.warn(f"token cache: {problem}; rebuilding it from {source.description}", stacklevel=2)
+        dtype = token_dtype(n_vocab)
+        n_tokens = n_docs = max_token_id = crc = 0
         progress = tqdm(
             total=source.n_bytes, unit="B", unit_scale=True, desc=f"tokenizing {source.name}", disable=not show_progress
         )
@@ -84,7 +175,9 @@ def tokenize_source(
                 ids = _encode_with_eos(tokenizer, chunk, eos_id)
                 if ids.size and int(ids.max()) >= 1 << (8 * dtype.itemsize):
                     raise ValueError(f"token id {int(ids.max())} does not fit {dtype}")
-                out.write(ids.astype(dtype).tobytes())
+                data = ids.astype(dtype).tobytes()
+                out.write(data)
+                crc = zlib.crc32(data, crc)
                 n_tokens += ids.size
                 n_docs += len(chunk)
                 max_token_id = max(max_token_id, int(ids.max()))
@@ -99,11 +192,11 @@ def tokenize_source(
             source_hash=source.content_hash,
             bytes=source.n_bytes,
             tokenizer_hash=tokenizer_hash,
+            crc32=crc,
         )
-        atomic_write_bytes(meta_path, json.dumps(asdict(meta), indent=1).encode())
-    cached = load_cached(bin_path, meta_path)
-    assert cached is not None
-    return cached
+        atomic_write_bytes(meta_path, _meta_json(meta))
+    # Just written from the bytes checksummed above: not read again (the next open verifies it).
+    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,)), meta
 
 
 def _chunks(source: ResolvedSource):

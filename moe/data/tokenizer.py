@@ -6,19 +6,22 @@ the initial alphabet, so no input is ever unknown and decode(encode(x)) == x. `<
 
 Training is cached on disk under a key of the training data and the settings, and guarded by a file lock plus an
 atomic rename: LightningCLI reads `n_vocab` in every process right after building the DataModule, so several
-processes may ask for the same tokenizer at once; one trains, the others wait and load its file.
+processes may ask for the same tokenizer at once; one trains, the others wait and load its file. A cached file that
+cannot be read (truncated, overwritten) is trained again; a given one that cannot be read is an InputError naming it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moe.data.locking import atomic_write_bytes, file_lock
+from moe.errors import InputError
 
 EOS_TOKEN = "<|endoftext|>"
 # Spellings of the end-of-text token in common HF tokenizers (GPT-2/Qwen, LLaMA-3, LLaMA-1/2 and Mistral, Gemma).
@@ -56,7 +59,15 @@ def load_tokenizer(path: str) -> Tokenizer:
         file = file / "tokenizer.json"
     if not file.is_file():
         raise FileNotFoundError(f"tokenizer not found: {path!r} (expected a tokenizer.json or a folder with one)")
-    return Tokenizer.from_file(str(file))
+    return _from_file(file)
+
+
+def _from_file(file: Path) -> Tokenizer:
+    """`Tokenizer.from_file`, with its error on a damaged file made an InputError that names the file."""
+    try:
+        return Tokenizer.from_file(os.fspath(file))
+    except Exception as error:  # noqa: BLE001 - `tokenizers` raises a bare Exception ("expected value at line 1")
+        raise InputError(f"{file}: not a readable tokenizer.json ({error})") from None
 
 
 def eos_id(tokenizer: Tokenizer) -> int:
@@ -64,7 +75,7 @@ def eos_id(tokenizer: Tokenizer) -> int:
         token_id = tokenizer.token_to_id(token)
         if token_id is not None:
             return token_id
-    raise ValueError(f"the tokenizer has none of the end-of-text tokens {EOS_CANDIDATES}")
+    raise InputError(f"the tokenizer has none of the end-of-text tokens {EOS_CANDIDATES}")
 
 
 def n_token_ids(tokenizer: Tokenizer) -> int:
@@ -85,9 +96,22 @@ def cached_trained_tokenizer(
     """Train once per (data, vocab size, recipe) and reuse the file; safe when several processes race."""
     key = hashlib.sha256(f"{RECIPE_VERSION}\0{vocab_size}\0{data_key}".encode()).hexdigest()[:24]
     path = cache_dir / "tokenizers" / key / "tokenizer.json"
+    if (tokenizer := _load_cached(path)) is not None:
+        return tokenizer
+    with file_lock(path.with_suffix(".lock")):
+        if (tokenizer := _load_cached(path, warn=True)) is not None:  # another process trained it meanwhile
+            return tokenizer
+        atomic_write_bytes(path, train_tokenizer(texts(), vocab_size).to_str(pretty=False).encode())
+    # Loaded from the file, as a later run will: its serialization, and so tokenizer_hash, is the file's.
+    return _from_file(path)
+
+
+def _load_cached(path: Path, warn: bool = False) -> Tokenizer | None:
     if not path.is_file():
-        with file_lock(path.with_suffix(".lock")):
-            if not path.is_file():  # another process may have finished while this one waited
-                tokenizer = train_tokenizer(texts(), vocab_size)
-                atomic_write_bytes(path, tokenizer.to_str(pretty=False).encode())
-    return Tokenizer.from_file(os.fspath(path))
+        return None
+    try:
+        return _from_file(path)
+    except InputError as error:
+        if warn:
+            warnings.warn(f"cached tokenizer {error}; training it again", stacklevel=3)
+        return None

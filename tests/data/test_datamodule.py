@@ -1,8 +1,11 @@
 """TextDataModule: batches against the packed stream, seeds, rank sharding, resume, statistics, errors, report."""
 
+import json
 import math
 import re
+import zlib
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 import torch
 
 from moe.data import DataError, Source, TextDataModule
-from moe.errors import IncompatibleResume
+from moe.errors import IncompatibleResume, InputError
 
 SEQ_LEN, BATCH = 16, 4
 
@@ -39,9 +42,9 @@ def make(sources, tmp_path, trainer=None, **overrides):
     return module
 
 
-def fake_trainer(rank=0, world=1, max_steps=-1):
+def fake_trainer(rank=0, world=1, max_steps=-1, accumulate=1):
     return SimpleNamespace(
-        global_rank=rank, world_size=world, training=True, max_steps=max_steps, accumulate_grad_batches=1
+        global_rank=rank, world_size=world, training=True, max_steps=max_steps, accumulate_grad_batches=accumulate
     )
 
 
@@ -215,12 +218,65 @@ def test_resume_with_changed_pipeline_says_what_changed(sources, tmp_path, chang
         changed.load_state_dict(state)
 
 
+def test_resume_with_other_accumulation_is_refused_naming_the_flag(sources, tmp_path):
+    # The same micro-batches in the same order, but twice the tokens per optimizer step.
+    state = make(sources, tmp_path).state_dict()
+    changed = make(sources, tmp_path, trainer=fake_trainer(accumulate=2))
+    assert changed.global_batch_size() == BATCH
+    with pytest.raises(IncompatibleResume, match=r"--trainer.accumulate_grad_batches \(.*\): checkpoint 1, now 2"):
+        changed.load_state_dict(state)
+    make(sources, tmp_path, trainer=fake_trainer(accumulate=2)).load_state_dict(changed.state_dict())
+
+
+def test_resume_onto_other_token_cache_content_is_refused_naming_the_file(sources, tmp_path):
+    # A cache entry replaced as a whole, array and metadata (another tokenizer version, a copy from elsewhere): it is
+    # consistent, so it is used, but the checkpoint's position would point at other tokens.
+    original = make(sources, tmp_path)
+    state = original.state_dict()
+    path = original._files[1].path
+    tokens = np.memmap(path, dtype=np.uint16, mode="r+")
+    tokens[:100] = tokens[:100][::-1].copy()
+    tokens.flush()
+    meta_path = Path(path).with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "crc32": zlib.crc32(np.asarray(tokens).tobytes())}))
+    with pytest.raises(IncompatibleResume, match=rf"token cache \(CRC-32 .*\) in .*{re.escape(path)}.*: checkpoint "
+                       r"\[\['code', '\w{8}'\], \['prose', '\w{8}'\]\], now"):
+        make(sources, tmp_path).load_state_dict(state)
+
+
+def test_checkpoint_from_before_a_fingerprint_key_still_resumes(sources, tmp_path):
+    # Keys added to the fingerprint later (here the accumulation and the token cache's checksums) are missing from
+    # older checkpoints; refusing them would strand every run started before the key was added.
+    state = make(sources, tmp_path).state_dict()
+    for key in ("accumulate_grad_batches", "token_cache"):
+        del state["fingerprint"][key]
+    make(sources, tmp_path, trainer=fake_trainer(accumulate=2)).load_state_dict(state)
+
+
 def test_changed_source_content_is_caught(sources, tmp_path):
     state = make(sources, tmp_path, tokenizer=None).state_dict()
     with open(sources[1].path, "a") as f:
         f.write('{"text": "one more document"}\n')
     with pytest.raises(IncompatibleResume, match=r"--data.sources \(name, content hash, weight\)"):
         make(sources, tmp_path).load_state_dict(state)
+
+
+@pytest.mark.parametrize("argument,value,message", [
+    ("num_workers", -1, "--data.num_workers=-1 must be >= 0"),
+    ("batch_size", 0, "--data.batch_size=0 must be >= 1"),
+    ("seq_len", 0, "--data.seq_len=0 must be >= 1"),
+    ("seed", -3, "--data.seed=-3 must be >= 0"),
+    ("val_fraction", 1.0, r"--data.val_fraction=1.0 must be in \[0, 1\)"),
+    ("val_fraction", float("nan"), r"--data.val_fraction=nan must be in \[0, 1\)"),
+    ("corpus_max_bytes", 0, "--data.corpus_max_bytes=0 must be >= 1"),
+    ("planned_tokens", -5, "--data.planned_tokens=-5 must be >= 1"),
+    ("vocab_size", 200, r"--data.vocab_size=200 must be >= 257 \(the 256 bytes and the end-of-text token\)"),
+    ("prompts", ["def ", ""], r"--data.prompts\[1\] is empty"),
+])
+def test_unusable_argument_is_refused_naming_its_flag(tmp_path, argument, value, message):
+    with pytest.raises(InputError, match=f"^{message}"):
+        TextDataModule(cache_dir=str(tmp_path), **{argument: value})
 
 
 def test_corpus_smaller_than_one_batch(tmp_path, helpers):

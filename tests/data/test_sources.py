@@ -174,6 +174,22 @@ def test_unchanged_files_are_not_hashed_again(tmp_path, helpers, monkeypatch):
     assert changed.content_hash == resolve_source(Source(str(folder))).content_hash
 
 
+@pytest.mark.parametrize("damage", [b"\xff\xfe\x00\x91 not UTF-8", b'{"content_hash": "4f1a', b'{"n_bytes": 3}', b"[1, 2]"])
+def test_damaged_hash_record_is_hashed_again_and_rewritten(tmp_path, helpers, monkeypatch, damage):
+    from moe.data import sources
+
+    folder = helpers.write_text_folder(tmp_path / "docs", helpers.make_documents(5))
+    cache = tmp_path / "hashes"
+    monkeypatch.setattr(sources, "_now_ns", lambda: time.time_ns() + 10**11)
+    first = resolve_source(Source(str(folder)), hash_cache=cache)
+    (record,) = cache.iterdir()
+    record.write_bytes(damage)
+    with pytest.warns(UserWarning, match=f"source hash cache {re.escape(str(record))} is unreadable"):
+        again = resolve_source(Source(str(folder)), hash_cache=cache)
+    assert (again.content_hash, again.n_bytes) == (first.content_hash, first.n_bytes)
+    assert json.loads(record.read_text()) == {"content_hash": first.content_hash, "n_bytes": first.n_bytes}
+
+
 def test_fresh_files_are_hashed_every_time(tmp_path, helpers):
     # A file written in the same timestamp tick as its hash could change again without a new mtime: not trusted.
     folder = helpers.write_text_folder(tmp_path / "docs", helpers.make_documents(3))

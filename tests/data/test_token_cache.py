@@ -1,4 +1,10 @@
-"""The token cache: content equals a brute-force per-document encoding, reuse, and crash safety."""
+"""The token cache: content equals a brute-force per-document encoding, reuse, crash safety, and an array changed
+after it was written (other valid ids, ids past the vocabulary, damaged metadata) rebuilt instead of trained on."""
+
+import json
+import os
+import time
+import zlib
 
 import numpy as np
 import pytest
@@ -40,6 +46,7 @@ def test_stream_is_documents_each_followed_by_eos(setup, monkeypatch, chunk_byte
     assert tokens.dtype == np.uint16 and isinstance(tokens, np.memmap)
     assert (meta.n_tokens, meta.n_docs, meta.max_token_id) == (len(expected), len(docs), max(expected))
     assert meta.bytes == source.n_bytes and meta.dtype == "uint16"
+    assert meta.crc32 == zlib.crc32(np.asarray(expected, dtype=np.uint16).tobytes())
 
 
 def test_second_build_reads_the_cache(setup, monkeypatch):
@@ -77,17 +84,113 @@ def test_crash_mid_write_leaves_nothing_trusted(setup, monkeypatch):
     assert tokens.tolist() == oracle_stream(docs, tokenizer)
 
 
-@pytest.mark.parametrize("damage", ["no metadata", "short array"])
+@pytest.mark.parametrize("damage", ["no metadata", "short array", "truncated metadata", "metadata not UTF-8",
+                                    "metadata of another kind"])
 def test_incomplete_entry_is_rebuilt(setup, damage):
     docs, source, tokenizer, cache_dir = setup
     build(source, tokenizer, cache_dir)
     bin_path, meta_path = cache_paths(cache_dir, source, tokenizer_hash(tokenizer))
-    if damage == "no metadata":
+    named = meta_path
+    if damage == "no metadata":  # a crash between the array and its metadata: rebuilt without a word
         meta_path.unlink()
-    else:
+    elif damage == "short array":
         bin_path.write_bytes(bin_path.read_bytes()[:-2])
-    tokens, _ = build(source, tokenizer, cache_dir)
+        named = bin_path
+    elif damage == "truncated metadata":
+        meta_path.write_bytes(meta_path.read_bytes()[:40])
+    elif damage == "metadata not UTF-8":
+        meta_path.write_bytes(b"\xff\xfe" + meta_path.read_bytes())
+    else:
+        meta_path.write_text(json.dumps({"n_tokens": "many"}))
+    if damage == "no metadata":
+        tokens, _ = build(source, tokenizer, cache_dir)
+    else:
+        with pytest.warns(UserWarning, match=f"token cache: .*{named}.*; rebuilding it from {source.description}"):
+            tokens, _ = build(source, tokenizer, cache_dir)
     assert tokens.tolist() == oracle_stream(docs, tokenizer)
+    assert json.loads(meta_path.read_text())["n_tokens"] == len(tokens)
+
+
+# How the array or its metadata is changed -> what the rebuild's message says.
+CHANGES = {
+    "other valid ids": "does not match its checksum",  # the same size and largest id: only the checksum tells
+    "ids past the vocabulary": "does not match its checksum",
+    "max_token_id edited": r"holds ids up to \d+, but its metadata says",
+    "ids past the vocabulary, metadata rewritten to match": r"holds token id \d+, beyond the tokenizer's \d+ ids",
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_changed_array_is_found_and_rebuilt(setup, change):
+    docs, source, tokenizer, cache_dir = setup
+    _, built = build(source, tokenizer, cache_dir)
+    bin_path, meta_path = cache_paths(cache_dir, source, tokenizer_hash(tokenizer))
+    tokens = np.memmap(bin_path, dtype=np.uint16, mode="r+")
+    if change == "other valid ids":
+        tokens[:200] = tokens[:200][::-1].copy()
+    elif change.startswith("ids past the vocabulary"):
+        tokens[::7] = built.max_token_id + 50
+    tokens.flush()
+    meta = json.loads(meta_path.read_text())
+    if change == "max_token_id edited":
+        meta["max_token_id"] -= 1
+    elif change.endswith("rewritten to match"):
+        meta.update(max_token_id=int(tokens.max()), crc32=zlib.crc32(np.asarray(tokens).tobytes()))
+    meta_path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=f"token cache: {bin_path} {CHANGES[change]}.*; rebuilding it"):
+        rebuilt, meta = build(source, tokenizer, cache_dir)
+    expected = oracle_stream(docs, tokenizer)
+    assert rebuilt.tolist() == expected and meta.max_token_id == max(expected) == built.max_token_id
+    assert meta.crc32 == built.crc32
+
+
+def strip_checksum(meta_path):
+    meta = json.loads(meta_path.read_text())
+    del meta["crc32"]
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_entry_written_before_checksums_gets_one_without_tokenizing_again(setup, monkeypatch):
+    docs, source, tokenizer, cache_dir = setup
+    _, built = build(source, tokenizer, cache_dir)
+    bin_path, meta_path = cache_paths(cache_dir, source, tokenizer_hash(tokenizer))
+    strip_checksum(meta_path)
+    real_encode = token_cache._encode_with_eos
+    monkeypatch.setattr(token_cache, "_encode_with_eos", lambda *args: pytest.fail("re-tokenized a good entry"))
+    tokens, meta = build(source, tokenizer, cache_dir)
+    assert tokens.tolist() == oracle_stream(docs, tokenizer)
+    assert meta.crc32 == json.loads(meta_path.read_text())["crc32"] == built.crc32
+    # Such an entry whose ids were changed past its recorded largest id is rebuilt too.
+    strip_checksum(meta_path)
+    np.memmap(bin_path, dtype=np.uint16, mode="r+")[5] = built.max_token_id + 1
+    monkeypatch.setattr(token_cache, "_encode_with_eos", real_encode)
+    with pytest.warns(UserWarning, match=f"{bin_path} holds ids up to {built.max_token_id + 1}"):
+        tokens, meta = build(source, tokenizer, cache_dir)
+    assert tokens.tolist() == oracle_stream(docs, tokenizer) and meta.crc32 == built.crc32
+
+
+def test_unchanged_array_is_verified_once(setup, monkeypatch):
+    # Marked verified only when its last change is older than the verification by _RACY_NS (see load_cached):
+    # the clock is moved forward instead of waiting.
+    docs, source, tokenizer, cache_dir = setup
+    monkeypatch.setattr(token_cache, "_now_ns", lambda: time.time_ns() + 10**11)
+    build(source, tokenizer, cache_dir)  # written: checksummed while writing, not read
+    bin_path, _ = cache_paths(cache_dir, source, tokenizer_hash(tokenizer))
+    real_scan, scans = token_cache._scan, []
+    monkeypatch.setattr(token_cache, "_scan", lambda tokens: scans.append(1) or real_scan(tokens))
+    build(source, tokenizer, cache_dir)
+    build(source, tokenizer, cache_dir)
+    assert len(scans) == 1
+    # A write changes the file's stat record (mtime and ctime; mtime is set here as a write a second later would),
+    # so the next open reads it again, and finds the change.
+    stat = bin_path.stat()
+    tokens = np.memmap(bin_path, dtype=np.uint16, mode="r+")
+    tokens[:200] = tokens[:200][::-1].copy()
+    tokens.flush()
+    os.utime(bin_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.warns(UserWarning, match="does not match its checksum"):
+        rebuilt, _ = build(source, tokenizer, cache_dir)
+    assert len(scans) == 3 and rebuilt.tolist() == oracle_stream(docs, tokenizer)  # outside and inside the lock
 
 
 def test_key_changes_with_tokenizer(setup):

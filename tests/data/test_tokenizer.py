@@ -3,6 +3,7 @@
 import hashlib
 import json
 import random
+import re
 import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -16,6 +17,7 @@ from moe.data.tokenizer import (
     load_tokenizer,
     train_tokenizer,
 )
+from moe.errors import InputError
 
 TRAINING_TEXT = [
     "In 1987 the price rose to 12345 dollars, and by 2023 it was 3.14159 times higher.",
@@ -103,6 +105,27 @@ def test_load_from_file_and_directory(tokenizer, tmp_path):
         assert loaded.encode("fox 123").ids == tokenizer.encode("fox 123").ids
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_tokenizer(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not UTF-8"])
+def test_unreadable_tokenizer_file_is_an_input_error_naming_it(tokenizer, tmp_path, damage):
+    path = tmp_path / "tokenizer.json"
+    text = tokenizer.to_str().encode()
+    path.write_bytes(text[: len(text) // 2] if damage == "truncated" else b"\xff\xfe" + text)
+    for given in (path, tmp_path):
+        with pytest.raises(InputError, match=f"^{re.escape(str(path))}: not a readable tokenizer.json"):
+            load_tokenizer(str(given))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not UTF-8", "empty"])
+def test_unreadable_cached_tokenizer_is_trained_again(tmp_path, damage):
+    first = cached_trained_tokenizer(tmp_path, "key", 400, lambda: TRAINING_TEXT)
+    (path,) = (tmp_path / "tokenizers").rglob("tokenizer.json")
+    text = path.read_bytes()
+    path.write_bytes({"truncated": text[: len(text) // 2], "not UTF-8": b"\xff\xfe" + text, "empty": b""}[damage])
+    with pytest.warns(UserWarning, match=f"cached tokenizer {re.escape(str(path))}: not a readable .*; training it again"):
+        again = cached_trained_tokenizer(tmp_path, "key", 400, lambda: TRAINING_TEXT)
+    assert again.to_str() == first.to_str() and path.read_bytes() == text
 
 
 def test_foreign_tokenizer_without_eos_is_rejected():
