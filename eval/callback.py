@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from eval.harness import evaluate
+from eval.harness import evaluate, task_items
 from eval.report import append_results, format_table
 from eval.tasks import get_task
 
@@ -48,8 +48,9 @@ class ZeroShotEvaluation(pl.Callback):
         self.tasks = list(tasks or [])
         for name in self.tasks:
             get_task(name)  # an unknown task fails now, listing the available ones
-        if every_n_steps is not None and every_n_steps <= 0:
-            raise ValueError(f"every_n_steps={every_n_steps} must be positive or None")
+        for name, value in (("every_n_steps", every_n_steps), ("limit", limit), ("batch_tokens", batch_tokens)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}={value} must be positive or None")
         self.every_n_steps, self.at_validation = every_n_steps, at_validation
         self.limit, self.seed, self.batch_tokens, self.output = limit, seed, batch_tokens, output
         self.data_dir = data_dir
@@ -57,6 +58,17 @@ class ZeroShotEvaluation(pl.Callback):
         self._last_step = -1
 
     # ---------------------------------------------------------------------------------------------- hooks
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Read, check and tokenize the tasks' rows now (cached for the evaluations), so that a malformed row or a
+        # missing file stops the run before its first step, not at its first evaluation with the steps since the
+        # last checkpoint lost. The data module is set up before the callbacks, so its tokenizer exists.
+        will_run = (self.every_n_steps or self.at_validation) if stage == "fit" else \
+            (self.at_validation and stage in ("validate", "test"))
+        datamodule = trainer.datamodule
+        if self.tasks and will_run and datamodule is not None and hasattr(datamodule, "tokenizer"):
+            task_items(datamodule.tokenizer, self.tasks, data_dir=self._data_dir(), limit=self.limit, seed=self.seed,
+                       eos_id=datamodule.eos_id)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         # global_step counts optimizer steps, so under gradient accumulation it repeats across micro-batches.
@@ -86,7 +98,7 @@ class ZeroShotEvaluation(pl.Callback):
             with torch.inference_mode():
                 results = evaluate(
                     model, datamodule.tokenizer, tasks=self.tasks,
-                    data_dir=self.data_dir or os.environ.get("MOE_EVAL_DATA"), limit=self.limit, seed=self.seed,
+                    data_dir=self._data_dir(), limit=self.limit, seed=self.seed,
                     batch_tokens=self.batch_tokens, eos_id=datamodule.eos_id, rank=trainer.global_rank,
                     world_size=trainer.world_size,
                 )
@@ -106,6 +118,9 @@ class ZeroShotEvaluation(pl.Callback):
             append_results(self._output_path(trainer), {"stage": stage, "step": trainer.global_step,
                                                          "checkpoint": trainer.ckpt_path, "results": results})
         return results
+
+    def _data_dir(self) -> str | None:
+        return self.data_dir or os.environ.get("MOE_EVAL_DATA")
 
     def _output_path(self, trainer) -> Path:
         if self.output:

@@ -4,6 +4,9 @@ lm-evaluation-harness uses for the task.
 Local layouts: a `.jsonl` / `.json` file of one JSON object per line (read here, so that a malformed line is
 reported with its file and line number), any other file `datasets` can read by extension (parquet, csv), or a
 folder holding `<split>.jsonl` or `<task>/<split>.jsonl`.
+
+Bad or missing data raises an EvalDataError (an InputError: the command line prints its message, which names the
+file and line, without a traceback).
 """
 
 from __future__ import annotations
@@ -11,26 +14,34 @@ from __future__ import annotations
 from pathlib import Path
 
 from eval.tasks import Task
-from moe.data.sources import json_records
+from moe.data.sources import DataError, json_records
+
+
+class EvalDataError(DataError):
+    """An evaluation row that cannot be scored; the message names the file and line (or dataset row) at fault."""
+
+
+class MissingEvalData(EvalDataError, FileNotFoundError):
+    """No data file for a task where one was looked for; the message lists the places looked at."""
 
 
 def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
     """One dict per non-blank line of `path`, and the line numbers they came from; a bad line raises a
-    ValueError naming the file and line (moe.data's reader: also catches non-UTF-8 and truncated lines)."""
+    DataError naming the file and line (moe.data's reader: also catches non-UTF-8 and truncated lines)."""
     records = list(json_records(path))
     return [record for _, record in records], [line_number for line_number, _ in records]
 
 
 def resolve_local(task: Task, path: str | Path) -> Path:
     """The data file for `task` at `path`: the file itself, or inside a folder `<split>.jsonl` or
-    `<task>/<split>.jsonl`. A FileNotFoundError lists the places looked at."""
+    `<task>/<split>.jsonl`. A MissingEvalData (a FileNotFoundError) lists the places looked at."""
     path = Path(path)
     candidates = [path] if not path.is_dir() else [path / f"{task.split}.jsonl",
                                                     path / task.name / f"{task.split}.jsonl"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"no data for task {task.name!r}; looked for: {', '.join(map(str, candidates))}")
+    raise MissingEvalData(f"no data for task {task.name!r}; looked for: {', '.join(map(str, candidates))}")
 
 
 def _read(task: Task, path: Path | None) -> tuple[list[dict], list[str]]:
@@ -44,8 +55,13 @@ def _read(task: Task, path: Path | None) -> tuple[list[dict], list[str]]:
         rows = list(datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train"))
         source = str(path)
     else:
-        rows = list(datasets.load_dataset(task.hf_path, task.hf_name, split=task.split))
         source = f"{task.hf_path} {task.hf_name or ''} {task.split}".replace("  ", " ")
+        try:
+            rows = list(datasets.load_dataset(task.hf_path, task.hf_name, split=task.split))
+        except OSError as error:  # offline, or no such dataset (ConnectionError, DatasetNotFoundError)
+            raise MissingEvalData(f"no data for task {task.name!r}: the HF dataset {source} cannot be loaded "
+                                  f"({type(error).__name__}: {error}); set data_dir to a folder holding "
+                                  f"{task.name}/{task.split}.jsonl to read local files") from error
     return rows, [f"{source} row {i}" for i in range(len(rows))]
 
 
@@ -69,7 +85,7 @@ def check_doc(task: Task, row: dict, place: str) -> dict:
         if not 0 <= gold < len(choices):
             raise ValueError(f"gold answer {gold} is not one of the {len(choices)} choices")
     except (KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
-        raise ValueError(f"{place}: malformed {task.name} row ({type(error).__name__}: {error})") from None
+        raise EvalDataError(f"{place}: malformed {task.name} row ({type(error).__name__}: {error})") from None
     return doc
 
 

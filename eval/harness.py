@@ -70,7 +70,7 @@ def build_task_items(tasks: list[str], encode, prefix_id: int, data_dir=None, da
             rows, places = read_rows(task, data_path(task, data_dir, data_files))
             indices = subsample(len(rows), limit, seed)
             docs = {i: check_doc(task, rows[i], places[i]) for i in indices}
-            built = build_items(task, docs, indices, encode, prefix_id)
+            built = build_items(task, docs, indices, encode, prefix_id, places)
             if key is None:
                 items += built
                 continue
@@ -79,6 +79,22 @@ def build_task_items(tasks: list[str], encode, prefix_id: int, data_dir=None, da
             _ITEMS[key] = built
         items += _ITEMS[key]
     return items
+
+
+def task_items(tokenizer, tasks: list[str], data_dir: str | Path | None = None,
+               data_files: dict[str, str | Path] | None = None, limit: int | None = None, seed: int = 1234,
+               eos_id: int | None = None) -> list[Item]:
+    """The tokenized items `evaluate` scores with these arguments (cached, so `evaluate` does not redo the work).
+    Bad or missing data raises an EvalDataError naming the file and line: a caller that evaluates later (the
+    in-loop callback) calls this first to fail before training rather than at the first evaluation."""
+    eos_id = default_eos_id(tokenizer) if eos_id is None else eos_id
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    tokenizer_key = tokenizer_hash(tokenizer) if hasattr(tokenizer, "to_str") else None
+    return build_task_items(list(dict.fromkeys(tasks)), encode, eos_id, data_dir, data_files, limit, seed,
+                            tokenizer_key)
 
 
 def default_batch_tokens(device: torch.device) -> int:
@@ -119,11 +135,7 @@ def evaluate(model, tokenizer, tasks: list[str], data_dir: str | Path | None = N
     for name in tasks:
         get_task(name)  # an unknown name fails before any data is read
 
-    def encode(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False).ids
-
-    tokenizer_key = tokenizer_hash(tokenizer) if hasattr(tokenizer, "to_str") else None
-    items = build_task_items(tasks, encode, eos_id, data_dir, data_files, limit, seed, tokenizer_key)
+    items = task_items(tokenizer, tasks, data_dir, data_files, limit, seed, eos_id)
     if batch_tokens is None:
         batch_tokens = default_batch_tokens(device)
     plan = plan_batches(items, max_length, batch_tokens, share_context)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from eval.data import EvalDataError
 from eval.tasks import Doc, Task
 
 
@@ -56,9 +57,10 @@ def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: 
 
 
 def build_items(task: Task, docs: list[Doc], indices: list[int], encode: Callable[[str], list[int]],
-                prefix_id: int) -> list[Item]:
+                prefix_id: int, places: list[str] | None = None) -> list[Item]:
     """Items for the documents at `indices`; a request whose continuation has no tokens is an error (lm-eval
-    asserts the same), as it would score 0 for every choice."""
+    asserts the same), as it would score 0 for every choice: an EvalDataError naming the row's place
+    (places[index], "file:line") when given."""
     items = []
     for index in indices:
         doc = docs[index]
@@ -66,7 +68,8 @@ def build_items(task: Task, docs: list[Doc], indices: list[int], encode: Callabl
         tokens = [encode_pair(encode, context, continuation, prefix_id) for context, continuation in requests]
         for (context, continuation), (_, continuation_ids) in zip(requests, tokens):
             if not continuation_ids:
-                raise ValueError(f"{task.name} row {index}: continuation {continuation!r} has no tokens")
+                place = places[index] if places is not None else f"row {index}"
+                raise EvalDataError(f"{place}: {task.name} continuation {continuation!r} has no tokens")
         items.append(Item(task.name, index, requests, tokens, task.gold(doc),
                           [len(choice) for choice in task.choices(doc)]))
     return items

@@ -1,8 +1,8 @@
 """The one model configuration: dense Llama-style and Mixtral-style MoE transformers.
 
 A config with `n_experts == 0` is a dense model; anything else replaces every feed-forward block with a
-sparse MoE layer. The config validates itself when built (a bad value raises a ValueError naming the field)
-and counts total and active parameters analytically, so a 65B preset can be sized without allocating it.
+sparse MoE layer. The config validates itself when built (a bad value raises a ConfigError, a ValueError naming
+the field) and counts total and active parameters analytically, so a 65B preset can be sized without allocating it.
 Presets live in `moe/presets.py`.
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+
+from moe.errors import ConfigError
 
 NORM_TYPES = ("rmsnorm", "layernorm", "layernorm_nonparam")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "eager")
@@ -86,8 +88,9 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
             if self.n_heads > 0 and self.d_model % self.n_heads != 0:
-                raise ValueError(
-                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim explicitly"
+                raise ConfigError(
+                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim explicitly",
+                    "n_heads",
                 )
             self.head_dim = self.d_model // max(self.n_heads, 1)
         if self.is_moe and self.expert_ffn_dim is None:
@@ -98,55 +101,72 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise a ValueError that names the first inconsistent field."""
+        """Raise a ConfigError (a ValueError) that names the first inconsistent field, so that a value the model
+        cannot run with fails here rather than as a shape error inside the first forward pass."""
         positive = ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"]
         if not self.is_moe or self.n_shared_experts == 0:
             positive.append("ffn_dim")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}", name)
+        if self.head_dim % 2 != 0:
+            derived = "" if self.head_dim != self.d_model // self.n_heads else \
+                f" (d_model={self.d_model} // n_heads={self.n_heads})"
+            raise ConfigError(f"head_dim={self.head_dim}{derived} must be even: rotary position embeddings rotate "
+                              "pairs of channels", "head_dim")
         if self.n_heads % self.n_kv_heads != 0:
-            raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+            raise ConfigError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}",
+                              "n_kv_heads")
         if self.norm_type not in NORM_TYPES:
-            raise ValueError(f"norm_type={self.norm_type!r} is not one of {NORM_TYPES}")
+            raise ConfigError(f"norm_type={self.norm_type!r} is not one of {NORM_TYPES}", "norm_type")
         if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend={self.attention_backend!r} is not one of {ATTENTION_BACKENDS}")
-        if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+            raise ConfigError(f"attention_backend={self.attention_backend!r} is not one of {ATTENTION_BACKENDS}",
+                              "attention_backend")
+        # Written so that NaN fails too: every comparison with NaN is False.
+        if not 0 < self.rope_theta < math.inf:
+            raise ConfigError(f"rope_theta must be a positive finite number, got {self.rope_theta}", "rope_theta")
+        if not 0 <= self.norm_eps < math.inf:
+            raise ConfigError(f"norm_eps must be a finite number >= 0, got {self.norm_eps}", "norm_eps")
+        if not 0 <= self.init_std < math.inf:
+            raise ConfigError(f"init_std must be a finite number >= 0, got {self.init_std}", "init_std")
         if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
+            raise ConfigError(f"sliding_window must be positive or None, got {self.sliding_window}", "sliding_window")
         if self.layer_windows is not None:
             if len(self.layer_windows) != self.n_layers:
-                raise ValueError(
-                    f"layer_windows has {len(self.layer_windows)} entries but n_layers={self.n_layers}"
+                raise ConfigError(
+                    f"layer_windows has {len(self.layer_windows)} entries but n_layers={self.n_layers}",
+                    "layer_windows",
                 )
             for i, window in enumerate(self.layer_windows):
                 if window is not None and window <= 0:
-                    raise ValueError(f"layer_windows[{i}] must be positive or None, got {window}")
+                    raise ConfigError(f"layer_windows[{i}] must be positive or None, got {window}", "layer_windows")
         if self.n_experts < 0:
-            raise ValueError(f"n_experts must be >= 0, got {self.n_experts}")
+            raise ConfigError(f"n_experts must be >= 0, got {self.n_experts}", "n_experts")
         if self.is_moe:
             if not 1 <= self.top_k <= self.n_experts:
-                raise ValueError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}")
+                raise ConfigError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}", "top_k")
             if self.expert_ffn_dim <= 0:
-                raise ValueError(f"expert_ffn_dim must be positive, got {self.expert_ffn_dim}")
+                raise ConfigError(f"expert_ffn_dim must be positive, got {self.expert_ffn_dim}", "expert_ffn_dim")
             if self.n_shared_experts < 0:
-                raise ValueError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
-            if self.capacity_factor is not None and self.capacity_factor <= 0:
-                raise ValueError(f"capacity_factor must be positive or None, got {self.capacity_factor}")
+                raise ConfigError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}", "n_shared_experts")
+            if self.capacity_factor is not None and not 0 < self.capacity_factor < math.inf:
+                raise ConfigError(f"capacity_factor must be a positive finite number or None, got "
+                                  f"{self.capacity_factor}", "capacity_factor")
             if self.expert_backend not in EXPERT_BACKENDS:
-                raise ValueError(f"expert_backend={self.expert_backend!r} is not one of {EXPERT_BACKENDS}")
+                raise ConfigError(f"expert_backend={self.expert_backend!r} is not one of {EXPERT_BACKENDS}",
+                                  "expert_backend")
             if self.expert_backend == "grouped":
                 # torch's grouped matmul needs 16-byte aligned rows, i.e. widths divisible by 8 in bf16.
                 for name in ("d_model", "expert_ffn_dim"):
                     if getattr(self, name) % 8 != 0:
-                        raise ValueError(
+                        raise ConfigError(
                             f"{name}={getattr(self, name)} must be a multiple of 8 for expert_backend='grouped' "
-                            "(torch grouped matmul alignment); use expert_backend='loop' for odd sizes"
+                            "(torch grouped matmul alignment); use expert_backend='loop' for odd sizes",
+                            name,
                         )
         for name in ("aux_loss_coef", "z_loss_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)}", name)
 
     # ------------------------------------------------------------------ derived values
     @property

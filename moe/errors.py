@@ -17,3 +17,21 @@ class IncompatibleResume(InputError):
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose (a non-finite loss or gradient, or too many skipped steps) before applying
     the update that caused it; the message names the step and what to do."""
+
+
+class ConfigError(InputError):
+    """A configuration value that cannot be used, alone or with another one; `field` names the config field at
+    fault, so that the command line can name its flag (`head_dim` is --model.config.head_dim)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self):  # keep `field` when the error crosses processes (multiprocessing pickles exceptions)
+        return type(self), (str(self), self.field)
+
+
+class CheckpointNotSaved(InputError):
+    """A checkpoint could not be written (no space left on the device, no permission): the message names the file
+    and the cause, and whatever the path held before is unchanged. An InputError, like a bad path, because the place
+    it is written to is what the user must change or free; it is not a bug, so it needs no traceback."""

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moe.config import ModelConfig, format_count
+from moe.errors import ConfigError, InputError
 from moe.model import Transformer
 
 
@@ -37,6 +38,29 @@ def test_inconsistent_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
         tiny(**overrides)
 
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(head_dim=7), "head_dim"),  # RoPE rotates pairs of channels
+        (dict(d_model=28), "head_dim"),  # derived: 28 // 4 = 7
+        (dict(rope_theta=0.0), "rope_theta"),
+        (dict(rope_theta=float("nan")), "rope_theta"),
+        (dict(rope_theta=float("inf")), "rope_theta"),  # every frequency 0: no position information at all
+        (dict(norm_eps=-1.0), "norm_eps"),
+        (dict(norm_eps=float("nan")), "norm_eps"),
+        (dict(init_std=-0.02), "init_std"),
+        (dict(init_std=float("nan")), "init_std"),
+        (dict(n_experts=4, capacity_factor=float("nan")), "capacity_factor"),
+        (dict(z_loss_coef=float("nan")), "z_loss_coef"),
+    ],
+)
+def test_values_the_model_cannot_run_with_are_refused_naming_the_field(overrides, field):
+    """Each of these built a model that crashed in its first forward pass (or initialisation), or trained to NaN."""
+    with pytest.raises(ConfigError, match=field) as error:
+        tiny(**overrides)
+    assert error.value.field == field and isinstance(error.value, InputError)
 
 def test_derived_fields():
     config = tiny()

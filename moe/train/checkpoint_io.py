@@ -5,6 +5,8 @@ place (the write-fsync-rename recipe of POSIX `rename(2)`), so a crash in the mi
 checkpoint whole. Lightning's own `TorchCheckpointIO` writes through an fsspec transaction that stages the file in
 the system temp folder: moved across file systems that is a copy over the target, and nothing is synced.
 
+A save the file system refuses (a full disk) raises `CheckpointNotSaved`, one line naming the file and the cause.
+
 `verify_checkpoint` checks the CRC-32 that `torch.save` stores for every record of its zip archive (on by default:
 `torch.serialization.get_crc32_options()`), because `torch.load` does not: a flipped bit in tensor data loads
 silently, and a truncated file fails with a miniz error that names no file.
@@ -12,8 +14,10 @@ silently, and a truncated file fails with a miniz error that names no file.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import shutil
 import struct
 import warnings
 import zipfile
@@ -28,7 +32,7 @@ from fsspec.core import strip_protocol
 from fsspec.utils import get_protocol
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from moe.errors import InputError
+from moe.errors import CheckpointNotSaved, InputError
 
 # The zip structures torch.save writes (PKWARE APPNOTE.TXT, sections 4.3.7 to 4.3.16).
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # signature, versions, flags, method, time, date, CRC, sizes, lengths
@@ -174,22 +178,85 @@ def _check_end_records(data: memoryview, records: list[zipfile.ZipInfo], start_d
 
 def atomic_save(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
     """`torch.save` to a local `path` that either keeps its previous contents or holds the whole new checkpoint,
-    whenever the process or the machine stops."""
+    whenever the process or the machine stops.
+
+    A write the file system refuses (no space left, no permission) raises `CheckpointNotSaved` naming the file and
+    the cause, with no temporary file left behind: torch.save reports a full disk as a zip writer's "unexpected
+    pos" RuntimeError, the OSError that says why only in its context."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Hidden and not ending in .ckpt, so neither ModelCheckpoint nor ckpt_path="last" takes a leftover from a killed
     # process for a checkpoint. One per process: a later run that reuses the pid (containers do) overwrites it.
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temp, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())  # the data reaches the disk before the rename that publishes it
         os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    except BaseException as error:
+        try:
+            temp.unlink(missing_ok=True)
+        except OSError:  # the folder itself is not usable (not a directory, not writable): no temporary in it
+            pass
+        cause = _os_error(error) if isinstance(error, Exception) else None  # an interrupt stays an interrupt
+        if cause is None:
+            raise
+        raise CheckpointNotSaved(_not_saved_message(path, cause, checkpoint)) from error
     _fsync_directory(path.parent)  # the rename itself survives a power loss
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The operating system's error that `error` is or was raised while handling (its cause or context chain)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _not_saved_message(path: Path, error: OSError, checkpoint: Any) -> str:
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        needed = _tensor_bytes(checkpoint)
+        try:
+            free = f", {_format_bytes(shutil.disk_usage(path.parent).free)} free there"
+        except OSError:
+            free = ""
+        reason += f" (the checkpoint needs about {_format_bytes(needed)}{free})" if needed else ""
+    kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
+    return f"could not save checkpoint {path}: {reason}; {kept}"
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensor storages in a checkpoint (each storage once): nearly all of what torch.save writes."""
+    total, seen, stack = 0, set(), [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            try:
+                storage = item.untyped_storage()
+                key = (str(storage.device), storage.data_ptr())
+            except (RuntimeError, NotImplementedError, TypeError):  # subclasses without one storage (DTensor)
+                total += item.numel() * item.element_size()
+                continue
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+def _format_bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _fsync_directory(directory: Path) -> None:

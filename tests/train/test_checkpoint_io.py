@@ -4,6 +4,7 @@ through every reader (Trainer.fit(ckpt_path=...), read_checkpoint, load_lightnin
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -22,11 +23,13 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 from moe import get_preset
+from moe.errors import CheckpointNotSaved, InputError
 from moe.train import LanguageModel
 from moe.train.checkpoint import load_lightning_checkpoint, read_checkpoint
 from moe.train.checkpoint_io import (
     AtomicCheckpointIO,
     CorruptCheckpointError,
+    atomic_save,
     install_atomic_checkpoint_io,
     verify_checkpoint,
 )
@@ -112,6 +115,59 @@ def test_an_exception_while_writing_last_keeps_the_previous_one(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch=0-step=4.ckpt", "last.ckpt"]
     assert_last_is_step_2_and_resumable(tmp_path)
 
+
+
+class FullDisk:
+    """A file that takes `room` bytes, then fails as a full disk does."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            self.file.write(bytes(data[:self.room]))
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def test_a_full_disk_names_the_checkpoint_and_the_cause_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    fit(tmp_path, 2, AtomicCheckpointIO())
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *args, **kwargs: real_save(obj, FullDisk(f, 700), *args, **kwargs))
+    with pytest.raises(CheckpointNotSaved) as error:
+        fit(tmp_path, 4, AtomicCheckpointIO(), ckpt_path="last")
+    monkeypatch.undo()
+    # torch.save reported it as "RuntimeError: [enforce fail at inline_container.cc:...] . unexpected pos 704 vs
+    # 598", with the OSError only in its context.
+    folder = tmp_path / "checkpoints"
+    message = re.fullmatch(rf"could not save checkpoint {re.escape(str(folder / 'epoch=0-step=4.ckpt'))}: No space "
+                           r"left on device \(the checkpoint needs about (\d+) bytes, [\d.]+ [kMG]B free there\); "
+                           "nothing was written", str(error.value))
+    assert message, str(error.value)
+    # At least the weights, at most the whole file a save of the same run wrote (tensors are most of it).
+    weights = sum(t.untyped_storage().nbytes() for t in Linear().state_dict().values())
+    assert weights <= int(message[1]) < (folder / "last.ckpt").stat().st_size
+    assert isinstance(error.value, InputError)  # the command line prints it as one line, without a traceback
+    # No temporary file, and the previous checkpoints as they were.
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    assert_last_is_step_2_and_resumable(tmp_path)
+
+
+def test_a_full_disk_while_replacing_last_says_the_previous_one_is_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    atomic_save({"step": 1}, path)
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *args, **kwargs: real_save(obj, FullDisk(f, 100), *args, **kwargs))
+    with pytest.raises(CheckpointNotSaved, match=rf"could not save checkpoint {path}: No space left on device .*; "
+                                                 "the previous last.ckpt is intact$"):
+        atomic_save({"step": 2, "weights": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["last.ckpt"] and torch.load(path)["step"] == 1
 
 def test_a_process_killed_while_writing_last_keeps_the_previous_one(tmp_path):
     fit(tmp_path, 2, AtomicCheckpointIO())
