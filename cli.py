@@ -14,24 +14,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
 import torch
-from jsonargparse import set_parsing_settings
+from fsspec.utils import get_protocol
+from jsonargparse import Namespace, set_parsing_settings
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from eval.callback import ZeroShotEvaluation
 from moe.config import ModelConfig, format_count
 from moe.data import TextDataModule
-from moe.errors import InputError, TrainingStopped
+from moe.errors import ConfigError, InputError, TrainingStopped
 from moe.presets import get_preset, preset_names
 from moe.train import LanguageModel
-from moe.train.checkpoint import consolidate_checkpoint
+from moe.train.checkpoint import consolidate_checkpoint, is_sharded_checkpoint
 from moe.train.checkpoint_io import verify_checkpoint
 from moe.train.export import export_to_hf
+from moe.train.module import Sampling
 from moe.train.preemption import CheckpointOnSigterm
 from moe.train.strategies import check_strategy
+from moe.train.trainer_checks import check_trainer_flags
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,7 +62,59 @@ def tokenizer_vocab_size(data: TextDataModule) -> int:
     return data.n_vocab
 
 
+def refuse(message: str) -> None:
+    """End the command with one line on stderr and exit status 2, as for a bad flag (and no usage text)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_ckpt_path(ckpt_path: str) -> None:
+    """Refuse a --ckpt_path that is neither a checkpoint file nor a sharded checkpoint directory. Lightning's own
+    errors for it come only once the Trainer runs (fit: after the data is prepared) and as a traceback."""
+    if ckpt_path in ("best", "last", "hpc") or ckpt_path.startswith("registry") or not _is_local(ckpt_path):
+        return  # resolved by the Trainer, or remote: Lightning's to check
+    path = Path(ckpt_path)
+    if path.is_file() or is_sharded_checkpoint(path):
+        return
+    if path.is_dir():
+        refuse(f"--ckpt_path {path} is a directory but not a sharded checkpoint (no .metadata file of "
+               "torch.distributed.checkpoint in it): give a .ckpt file or a sharded checkpoint directory")
+    refuse(f"--ckpt_path {path}: no such checkpoint file or sharded checkpoint directory")
+
+
+def _is_local(path: str) -> bool:
+    return get_protocol(str(path)) in ("file", "local")
+
+
+def claim_run_directory(trainer: Trainer) -> None:
+    """Create the next free `version_N` of the first logger (CSVLogger, TensorBoardLogger) with os.mkdir, which fails
+    if the directory exists, and fix the logger's version to it.
+
+    Lightning picks the version by listing the existing directories, so two runs started at once with the same
+    logger name both take the same one, and interleave their metrics.csv, config.yaml and checkpoints in it.
+    Claimed on global rank 0 only; the other ranks receive the directory from Lightning's broadcasts of
+    `trainer.log_dir` and of ModelCheckpoint's folder. A version given explicitly is left alone, as is a remote one.
+    """
+    logger = trainer.logger
+    if (not isinstance(logger, (CSVLogger, TensorBoardLogger)) or logger._version is not None
+            or trainer.global_rank != 0 or not _is_local(logger.root_dir)):
+        return
+    os.makedirs(logger.root_dir, exist_ok=True)
+    version = logger._get_next_version()
+    while True:
+        try:
+            os.mkdir(os.path.join(logger.root_dir, f"version_{version}"))
+            break
+        except FileExistsError:  # another run took it since the listing: the next one
+            version += 1
+    logger._version = version  # private attribute: Lightning's loggers have no setter for the version
+
+
 class MoECLI(LightningCLI):
+    def parse_arguments(self, parser, args) -> None:
+        self._args = args  # parsed again, without defaults, to tell the settings given from the defaults
+        super().parse_arguments(parser, args)
+
     def add_arguments_to_parser(self, parser) -> None:
         # The tokenizer may be trained by the data module, so its size is known only once the module exists.
         parser.link_arguments("data", "model.config.vocab_size", compute_fn=tokenizer_vocab_size,
@@ -70,6 +128,9 @@ class MoECLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:
+            check_ckpt_path(str(ckpt_path))
         if subcommand == "fit":
             # Lightning would replace the model arguments with the checkpoint's. A resumed fit continues the run
             # in the checkpoint, so LanguageModel compares them instead and refuses a changed run by name (and
@@ -77,13 +138,23 @@ class MoECLI(LightningCLI):
             return
         # validate/test/predict: the checkpoint defines the model, so its config files may be left out. Lightning
         # reads it here with torch.load, which checks no checksum and names no file when it fails: verify first.
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and Path(ckpt_path).is_file():
-            try:
-                verify_checkpoint(ckpt_path)
-            except InputError as error:
-                self.parser.error(f"--ckpt_path: {error}")
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            super()._parse_ckpt_path()  # nothing to read (a sharded directory's hyperparameters are not read)
+            return
+        try:
+            verify_checkpoint(ckpt_path)
+        except InputError as error:
+            refuse(f"--ckpt_path: {error}")
+        # The sampling settings are how to generate, not what the model is: those given (flags, config files)
+        # win over the checkpoint's, which fill in the rest.
+        given = self.parser.parse_object(self._args, defaults=False) if isinstance(self._args, (dict, Namespace)) \
+            else self.parser.parse_args(self._args, defaults=False)
+        given_sampling = given.get(f"{subcommand}.model.sampling")
         super()._parse_ckpt_path()
+        sampling = self.config[subcommand].model.get("sampling")
+        if isinstance(given_sampling, Namespace) and isinstance(sampling, Namespace):
+            for name, value in given_sampling.items():
+                sampling[name] = value
 
     def before_instantiate_classes(self) -> None:
         # Every ModelConfig field has a default, so a command that names no model parses, and would build the
@@ -93,13 +164,25 @@ class MoECLI(LightningCLI):
         unset = all(given.get(f.name, f.default) == f.default for f in dataclasses.fields(ModelConfig)
                     if f.default is not dataclasses.MISSING and f.name != "vocab_size")
         if config.model.init_from is None and unset:
-            self.parser.error("no model given: add a model config file (--config configs/model/<name>.yaml), "
-                              "--model.config.* values or --model.init_from")
-        # A GPU-only strategy on a machine without one, named by flag before any data is prepared.
+            refuse("no model given: add a model config file (--config configs/model/<name>.yaml), "
+                   "--model.config.* values or --model.init_from")
+        # A GPU-only strategy, an absent accelerator or an impossible limit, named by flag before any data is
+        # prepared (Lightning's errors come from inside the Trainer's constructor, as tracebacks).
         try:
             check_strategy(config.trainer)
+            check_trainer_flags(config.trainer)
         except InputError as error:
-            self.parser.error(str(error))
+            refuse(str(error))
+        # Checked here rather than when jsonargparse builds it, which buries the message in one about its union type.
+        sampling = config.model.get("sampling")
+        if isinstance(sampling, Namespace):
+            try:
+                Sampling(**sampling.as_dict())
+            except ValueError as error:
+                refuse(str(error))
+        if self.subcommand == "predict" and not config.data.prompts:
+            refuse("--data.prompts is empty: predict continues each prompt, so give at least one, e.g. "
+                   "--data.prompts '[\"def \"]'")
 
     def instantiate_classes(self) -> None:
         # Values that parse but do not make sense together (a config field, a data file) are reported like a
@@ -110,11 +193,15 @@ class MoECLI(LightningCLI):
             # jsonargparse wraps an error raised while computing the vocab_size link in one that prints the whole
             # data module; the cause alone says what is wrong.
             cause = error.__cause__ if isinstance(error.__cause__, (InputError, FileNotFoundError)) else error
-            self.parser.error(str(cause))
+            if isinstance(cause, ConfigError) and cause.field:  # the library names the field; here, its flag
+                refuse(f"{cause} (--model.config.{cause.field})")
+            refuse(str(cause))
 
     def _run_subcommand(self, subcommand: str) -> None:
         # Errors whose message says what to do (bad data, a checkpoint that does not fit, a diverged run) end
         # with that message and a non-zero status; anything else is a bug and keeps its traceback.
+        # Before Lightning resolves the run's directory (profiler, SaveConfigCallback, ModelCheckpoint).
+        claim_run_directory(self.trainer)
         try:
             super()._run_subcommand(subcommand)
         except InputError as error:  # exit status 2, as for a bad flag

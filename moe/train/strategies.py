@@ -21,7 +21,8 @@ from moe.errors import InputError
 _GPU_ONLY = ("FSDPStrategy", "DeepSpeedStrategy")  # torch FSDP1 and DeepSpeed need CUDA (NCCL) in Lightning
 
 
-def _get(config: Any, key: str, default: Any = None) -> Any:
+def config_value(config: Any, key: str, default: Any = None) -> Any:
+    """`config[key]` of a parsed section: a jsonargparse Namespace, a dict or an object."""
     if isinstance(config, Mapping):
         return config.get(key, default)
     return getattr(config, key, default)
@@ -34,9 +35,9 @@ def _strategy_class(strategy: Any) -> type | None:
 
     if strategy is None:
         return None
-    if not isinstance(strategy, (str, Mapping)) and _get(strategy, "class_path") is None:
+    if not isinstance(strategy, (str, Mapping)) and config_value(strategy, "class_path") is None:
         return type(strategy)  # an instance
-    name = strategy if isinstance(strategy, str) else _get(strategy, "class_path")
+    name = strategy if isinstance(strategy, str) else config_value(strategy, "class_path")
     if name in StrategyRegistry:
         return StrategyRegistry[name]["strategy"]
     module, _, attribute = str(name).rpartition(".")
@@ -59,16 +60,16 @@ def check_strategy(trainer_config: Any) -> None:
 
     `trainer_config` is the parsed `trainer` section (a jsonargparse Namespace or a dict), before instantiation.
     """
-    strategy = _get(trainer_config, "strategy", "auto")
+    strategy = config_value(trainer_config, "strategy", "auto")
     gpu_only = _gpu_only_base(_strategy_class(strategy))
     if gpu_only is None:
         return
-    accelerator = _get(trainer_config, "accelerator", "auto")
-    accelerator = accelerator if isinstance(accelerator, str) else _get(accelerator, "class_path", "") or ""
+    accelerator = config_value(trainer_config, "accelerator", "auto")
+    accelerator = accelerator if isinstance(accelerator, str) else config_value(accelerator, "class_path", "") or ""
     on_cpu = accelerator.lower() == "cpu" or accelerator.endswith("CPUAccelerator")
     if not on_cpu and torch.cuda.is_available():
         return
-    name = strategy if isinstance(strategy, str) else _get(strategy, "class_path", gpu_only)
+    name = strategy if isinstance(strategy, str) else config_value(strategy, "class_path", gpu_only)
     where = (f"--trainer.accelerator {accelerator}" if on_cpu
              else f"--trainer.accelerator {accelerator} on a machine with no CUDA GPU")
     instead = ("--config configs/strategy/ddp.yaml (or --trainer.strategy auto for one process), or for sharding "
