@@ -34,7 +34,7 @@ from moe.train import LanguageModel
 from moe.train.checkpoint import consolidate_checkpoint, is_sharded_checkpoint
 from moe.train.checkpoint_io import verify_checkpoint
 from moe.train.export import export_to_hf
-from moe.train.module import Sampling
+from moe.train.module import RUNTIME_FIELDS, Sampling
 from moe.train.preemption import CheckpointOnSigterm
 from moe.train.strategies import check_strategy
 from moe.train.trainer_checks import check_trainer_flags
@@ -87,27 +87,35 @@ def _is_local(path: str) -> bool:
 
 
 def claim_run_directory(trainer: Trainer) -> None:
-    """Create the next free `version_N` of the first logger (CSVLogger, TensorBoardLogger) with os.mkdir, which fails
-    if the directory exists, and fix the logger's version to it.
+    """Create the next free `version_N` of each logger that numbers its runs (CSVLogger, TensorBoardLogger) with
+    os.mkdir, which fails if the directory exists, and fix the logger's version to it.
 
     Lightning picks the version by listing the existing directories, so two runs started at once with the same
     logger name both take the same one, and interleave their metrics.csv, config.yaml and checkpoints in it.
     Claimed on global rank 0 only; the other ranks receive the directory from Lightning's broadcasts of
     `trainer.log_dir` and of ModelCheckpoint's folder. A version given explicitly is left alone, as is a remote one.
     """
-    logger = trainer.logger
-    if (not isinstance(logger, (CSVLogger, TensorBoardLogger)) or logger._version is not None
-            or trainer.global_rank != 0 or not _is_local(logger.root_dir)):
+    if trainer.global_rank != 0:
         return
-    os.makedirs(logger.root_dir, exist_ok=True)
-    version = logger._get_next_version()
-    while True:
-        try:
-            os.mkdir(os.path.join(logger.root_dir, f"version_{version}"))
-            break
-        except FileExistsError:  # another run took it since the listing: the next one
-            version += 1
-    logger._version = version  # private attribute: Lightning's loggers have no setter for the version
+    claimed: dict[str, int] = {}  # loggers of this run that share a folder share its version, as Lightning's would
+    for logger in trainer.loggers:
+        # `_version` and `_get_next_version` are private: Lightning's loggers have no public way to set a version
+        # after construction, and the listing is the one Lightning itself would have made.
+        if not isinstance(logger, (CSVLogger, TensorBoardLogger)) or logger._version is not None \
+                or not _is_local(logger.root_dir):
+            continue
+        root = os.path.abspath(logger.root_dir)
+        if root not in claimed:
+            os.makedirs(root, exist_ok=True)
+            version = logger._get_next_version()
+            while True:
+                try:
+                    os.mkdir(os.path.join(root, f"version_{version}"))
+                    break
+                except FileExistsError:  # another run took it since the listing: the next one
+                    version += 1
+            claimed[root] = version
+        logger._version = claimed[root]
 
 
 class MoECLI(LightningCLI):
@@ -194,7 +202,11 @@ class MoECLI(LightningCLI):
             # data module; the cause alone says what is wrong.
             cause = error.__cause__ if isinstance(error.__cause__, (InputError, FileNotFoundError)) else error
             if isinstance(cause, ConfigError) and cause.field:  # the library names the field; here, its flag
-                refuse(f"{cause} (--model.config.{cause.field})")
+                config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+                init_from = config.model.get("init_from")
+                from_checkpoint = init_from and cause.field not in RUNTIME_FIELDS  # the rest is the checkpoint's
+                refuse(f"{cause} (in the model config of --model.init_from {init_from})" if from_checkpoint
+                       else f"{cause} (--model.config.{cause.field})")
             refuse(str(cause))
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -205,8 +217,7 @@ class MoECLI(LightningCLI):
         try:
             super()._run_subcommand(subcommand)
         except InputError as error:  # exit status 2, as for a bad flag
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+            refuse(str(error))
         except TrainingStopped as error:
             sys.exit(f"training stopped: {error}")  # exit status 1
 
@@ -237,7 +248,7 @@ def export(argv: list[str]) -> None:
     try:
         out = export_to_hf(args.checkpoint, args.out_dir, DTYPES.get(args.dtype))
     except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
+        refuse(str(error))  # what the command's arguments name is wrong, not their syntax: no usage text
     print(f"wrote {out}")
 
 
@@ -251,7 +262,7 @@ def consolidate(argv: list[str]) -> None:
     try:
         out = consolidate_checkpoint(args.src, args.dst)
     except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
+        refuse(str(error))
     print(f"wrote {out}")
 
 

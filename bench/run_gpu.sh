@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark, in parts sized for a short device lease; run from the repository root.
 #
-#   bash bench/run_gpu.sh                 # all parts: check moe dense strategies fit (about 11 minutes on one H100)
+#   bash bench/run_gpu.sh                 # all parts: check moe dense strategies fit (about 12 minutes on one H100)
 #   bash bench/run_gpu.sh check moe       # a 15-minute lease: these two in one call ...
-#   bash bench/run_gpu.sh dense strategies fit  # ... and these in the next
+#   bash bench/run_gpu.sh dense strategies  # ... these two in the next ...
+#   bash bench/run_gpu.sh fit             # ... and this one last
 #
 # Parts: check (bench/gpu_check.py: kernels against references, no host syncs, MoE layer and attention timings),
 # moe and dense (bench/train_speed.py --config moe-bench / dense-bench: ours against HF transformers, eager and
-# compiled, tokens/s and MFU), strategies (bench/strategies_gpu.py: FSDP and DeepSpeed against one device), fit
-# (the quickstart through the real `fit` command with configs/trainer/gpu.yaml on one GPU: bf16-mixed, fused AdamW,
-# clipping; needs jsonargparse, datasets and their dependencies, which the device image lacks: carry wheels).
+# compiled, tokens/s and MFU), strategies (bench/strategies_gpu.py: FSDP and DeepSpeed against one device, in fp32
+# and in bf16-mixed), fit (the quickstart through the real `fit` command with configs/trainer/gpu.yaml on one GPU:
+# bf16-mixed, fused AdamW, clipping; needs jsonargparse, datasets and their dependencies, which the device image
+# lacks: carry wheels).
 # Results go to $OUT when it is set (the device tool's output folder), else bench/results; each part has its own
 # time limit, so one that hangs or fails leaves the others' results.
 set -u
@@ -54,7 +56,10 @@ for part in "${parts[@]}"; do
       --out "$out/train_speed_moe-bench.json" ;;
     dense) run 240 train_speed_dense-bench python bench/train_speed.py --config dense-bench \
       --out "$out/train_speed_dense-bench.json" ;;
-    strategies) run 200 strategies_gpu python bench/strategies_gpu.py --results "$out/strategies_gpu.json" ;;
+    strategies)
+      run 200 strategies_gpu python bench/strategies_gpu.py --results "$out/strategies_gpu.json"
+      run 200 strategies_gpu_bf16 python bench/strategies_gpu.py --precision bf16-mixed \
+        --results "$out/strategies_gpu_bf16.json" ;;
     fit) run 200 fit_bf16_mixed python cli.py fit --config configs/model/tiny-moe.yaml \
       --config configs/data/stdlib.yaml --config configs/trainer/gpu.yaml --config configs/experiment/quickstart.yaml \
       --trainer.devices 1 --trainer.max_steps 100 --trainer.val_check_interval 50 \

@@ -3,7 +3,8 @@ FSDPStrategy (FULL_SHARD, one unit per Block) and DeepSpeed ZeRO-2 / ZeRO-3, on 
 per-step losses compared with the single-device run's.
 
 Every process sees the same batches (no distributed sampler), so averaging gradients over N identical batches is the
-single-device update: the losses must agree up to reduction order (fp32 here, so to ~1e-4).
+single-device update: the losses must agree up to reduction order (in fp32, the default, to ~1e-4; with
+`--precision bf16-mixed`, the GPU default, to bf16's rounding, ~1e-2). Gradients are clipped at 1.0 as in the recipe.
 
     PYTHONPATH=. python bench/strategies_gpu.py            # prints a table, writes bench/results/strategies_gpu.json
     PYTHONPATH=. python bench/strategies_gpu.py --dry-run  # the plan only (runs on a CPU)
@@ -53,7 +54,7 @@ def make_strategy(name: str):
     return "auto"
 
 
-def run_one(name: str, steps: int, out: Path, accelerator: str = "gpu") -> None:
+def run_one(name: str, steps: int, out: Path, accelerator: str = "gpu", precision: str = "32-true") -> None:
     """Fit `steps` optimizer steps under strategy `name`; rank 0 writes the per-step losses to `out`."""
     import lightning.pytorch as pl
     import torch
@@ -85,7 +86,7 @@ def run_one(name: str, steps: int, out: Path, accelerator: str = "gpu") -> None:
     losses = Losses()
     single = name == "single"
     trainer = pl.Trainer(accelerator=accelerator, devices=1 if single else -1, strategy=make_strategy(name),
-                         precision="32-true", max_steps=steps, logger=False, enable_checkpointing=False,
+                         precision=precision, max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, use_distributed_sampler=False, callbacks=[losses],
                          gradient_clip_val=1.0, num_sanity_val_steps=0,
                          limit_val_batches=0)
@@ -101,16 +102,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=sorted(STRATEGIES), help=argparse.SUPPRESS)  # one subprocess's strategy
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--accelerator", default="gpu", help=argparse.SUPPRESS)  # "cpu": the test of run_one
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "bf16-true"])
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.only:
-        run_one(args.only, args.steps, args.out, args.accelerator)
+        run_one(args.only, args.steps, args.out, args.accelerator, args.precision)
         return
 
     import torch
 
     gpus = torch.cuda.device_count()
-    print(f"plan: {args.steps} optimizer steps of a MoE ({SHAPE}) on {gpus} visible GPU(s)")
+    print(f"plan: {args.steps} optimizer steps of a MoE ({SHAPE}) in {args.precision} on {gpus} visible GPU(s)")
     for name, what in STRATEGIES.items():
         reason = skip_reason(name, gpus)
         print(f"  {name:<16} {what}" + (f"  [skip: {reason}]" if reason else ""))
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
                 results[name] = {"skipped": reason}
                 continue
             out = Path(tmp) / f"{name}.json"
-            command = [sys.executable, __file__, "--only", name, "--steps", str(args.steps), "--out", str(out)]
+            command = [sys.executable, __file__, "--only", name, "--steps", str(args.steps), "--out", str(out),
+                       "--precision", args.precision]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0 or not out.is_file():
                 results[name] = {"failed": (done.stderr or done.stdout)[-2000:]}
@@ -145,8 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<16} {result['devices']:>7} {'-' if diff is None else f'{diff:.2e}':>20}  "
               + " ".join(f"{v:.4f}" for v in result["losses"]))
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({"gpus": gpus, "steps": args.steps, "shape": SHAPE, "results": results},
-                                       indent=2) + "\n")
+    args.results.write_text(json.dumps({"gpus": gpus, "steps": args.steps, "precision": args.precision, "shape": SHAPE,
+                                        "results": results}, indent=2) + "\n")
     print(f"wrote {args.results}")
 
 

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from .cli_runs import ROOT
 
 SCRIPT = ROOT / "bench" / "strategies_gpu.py"
@@ -21,11 +23,12 @@ def test_dry_run_prints_the_plan():
     assert "skip: no CUDA GPU" in done.stdout
 
 
-def test_one_strategy_run_records_each_steps_loss(tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_one_strategy_run_records_each_steps_loss(tmp_path, precision):
     out = tmp_path / "single.json"
     done = subprocess.run([sys.executable, SCRIPT, "--only", "single", "--steps", "3", "--out", out,
-                           "--accelerator", "cpu"], capture_output=True, text=True, env=ENV, timeout=300, cwd=tmp_path,
-                          check=False)
+                           "--accelerator", "cpu", "--precision", precision], capture_output=True, text=True, env=ENV,
+                          timeout=300, cwd=tmp_path, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["devices"] == 1 and len(result["losses"]) == 3

@@ -78,6 +78,18 @@ def test_runs_started_at_once_get_a_directory_each(workdir, monkeypatch):
         assert (run / "tokenizer.json").is_file()
 
 
+def test_every_logger_claims_its_directory_and_loggers_sharing_one_share_the_version(tmp_path, monkeypatch):
+    monkeypatch.setattr(CSVLogger, "_get_next_version", lambda self: 0)  # every listing stale, as in a race
+    versions = []
+    for _ in range(2):
+        loggers = [CSVLogger(tmp_path / "a", name="q"), CSVLogger(tmp_path / "b", name="q"),
+                   CSVLogger(tmp_path / "a", name="q")]
+        trainer = Trainer(logger=loggers, accelerator="cpu", devices=1)
+        cli.claim_run_directory(trainer)
+        versions.append([logger.version for logger in loggers])
+    assert versions == [[0, 0, 0], [1, 1, 1]]
+
+
 def test_an_explicit_version_is_left_alone(tmp_path):
     for version in (3, "mine"):
         trainer = Trainer(logger=CSVLogger(tmp_path, name="q", version=version), accelerator="cpu", devices=1)

@@ -141,6 +141,17 @@ def test_export_replaces_a_previous_export_and_a_failed_one_keeps_it(workdir, ca
     assert sorted(os.listdir(workdir)) == sorted(["hf", "corpus", "tiny-callbacks.yaml"])
 
 
+def test_an_export_killed_between_its_two_renames_is_recovered_by_the_next(workdir, checkpoint):
+    out = workdir / "hf"
+    cli.main(["export", str(checkpoint), str(out)])
+    first = contents(out)
+    os.replace(out, workdir / ".hf.old-12345")  # the state a kill after the first rename of a replacement leaves
+    with pytest.warns(UserWarning, match=r"restored the previous export from \.hf\.old-12345"):
+        cli.main(["export", str(checkpoint), str(out), "--dtype", "bfloat16"])
+    assert contents(out).keys() == first.keys()
+    assert sorted(os.listdir(workdir)) == sorted(["hf", "corpus", "tiny-callbacks.yaml"])
+
+
 # ------------------------------------------------------------------------------------------------ full disk
 
 

@@ -10,9 +10,21 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+# A check of a file is remembered by the file's stat record (size, mtime, ctime, inode) only when its last change is at
+# least this long before the check: a write within the same timestamp tick (coarse on some file systems) would leave
+# the record unchanged.
+RACY_NS = 2_000_000_000
+
+
+def now_ns() -> int:
+    """The wall clock in nanoseconds, the clock of mtime and ctime (a function so that tests can move it)."""
+    return time.time_ns()
+
 
 try:
     import fcntl

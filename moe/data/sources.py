@@ -16,12 +16,12 @@ import hashlib
 import json
 import os
 import sysconfig
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from moe.data import locking
 from moe.data.locking import atomic_write_bytes
 from moe.errors import InputError
 
@@ -142,8 +142,8 @@ def _local_source(
     # Hashing reads every byte (minutes for a multi-GB corpus, on every rank, on every start), so the hash is
     # remembered under a key of the files' stat records (path, size, mtime, ctime, inode): an unchanged corpus is
     # not read again. ctime cannot be set back by tools that preserve mtime (cp -p, rsync, touch -d), and a record
-    # is only stored for files older than _RACY_NS, so a write in the same timestamp tick as the hash is not missed.
-    started = _now_ns()
+    # is only stored for files older than locking.RACY_NS, so a write in the same timestamp tick as the hash is not missed.
+    started = locking.now_ns()
     stats = _stat_key(files, root, text_field)
     record = hash_cache / f"{stats}.json" if hash_cache is not None else None
     if record is not None and (remembered := _read_hash_record(record)) is not None:
@@ -151,7 +151,7 @@ def _local_source(
     else:
         content_hash, n_bytes = _hash_files(files, root, text_field)
         newest = max(max(p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in files)
-        if record is not None and _stat_key(files, root, text_field) == stats and newest < started - _RACY_NS:
+        if record is not None and _stat_key(files, root, text_field) == stats and newest < started - locking.RACY_NS:
             atomic_write_bytes(record, json.dumps({"content_hash": content_hash, "n_bytes": n_bytes}).encode())
 
     def documents() -> Iterator[str]:
@@ -159,9 +159,6 @@ def _local_source(
             yield from read_documents(path, text_field)
 
     return ResolvedSource(name, content_hash, n_bytes, documents, description)
-
-
-_RACY_NS = 2_000_000_000
 
 
 def _read_hash_record(record: Path) -> tuple[str, int] | None:
@@ -179,10 +176,6 @@ def _read_hash_record(record: Path) -> tuple[str, int] | None:
                       "again", stacklevel=4)
         return None
     return content_hash, n_bytes
-
-
-def _now_ns() -> int:
-    return time.time_ns()
 
 
 def _stat_key(files: list[Path], root: Path, text_field: str) -> str:

@@ -28,8 +28,9 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from moe.data import locking
 from moe.data.locking import atomic_output, atomic_write_bytes, file_lock
-from moe.data.sources import _RACY_NS, ResolvedSource, _now_ns
+from moe.data.sources import DataError, ResolvedSource
 from moe.data.tokenizer import n_token_ids
 
 # The key's format version. Entries without a checksum (before it was added) keep their key: they are upgraded in
@@ -87,7 +88,7 @@ def load_cached(
     stamp = bin_path.with_suffix(".verified")
     if meta.crc32 is not None and _read_stamp(stamp) == {"stat": _stat_record(bin_path), "crc32": meta.crc32}:
         return (tokens, meta), None  # unchanged since it was last verified
-    started, record = _now_ns(), _stat_record(bin_path)
+    started, record = locking.now_ns(), _stat_record(bin_path)
     crc, largest = _scan(tokens)
     if meta.crc32 is not None and crc != meta.crc32:
         return None, (f"{bin_path} does not match its checksum (CRC-32 {crc:08x}, metadata {meta.crc32:08x}): it "
@@ -104,7 +105,7 @@ def load_cached(
     # A write in the same timestamp tick as the file's last change would leave its stat record unchanged, so only a
     # file whose last change is well before this verification is marked verified (as for source hashes).
     newest = max(bin_path.stat().st_mtime_ns, bin_path.stat().st_ctime_ns)
-    if _stat_record(bin_path) == record and newest < started - _RACY_NS:
+    if _stat_record(bin_path) == record and newest < started - locking.RACY_NS:
         with contextlib.suppress(OSError):
             atomic_write_bytes(stamp, json.dumps({"stat": record, "crc32": crc}).encode())
     return (tokens, meta), None
@@ -154,47 +155,64 @@ def tokenize_source(
     cache_dir: Path,
     show_progress: bool = True,
 ) -> tuple[np.memmap, TokenCacheMeta]:
-    """The source's token array, from the cache when present and intact, else tokenized now and cached."""
+    """The source's token array, from the cache when present and intact, else tokenized now and cached.
+
+    A cache that cannot be written (a read-only folder, a full disk) is a `DataError` naming the entry, unless the
+    entry is there and intact: a read-only cache of verified entries is fine."""
     bin_path, meta_path = cache_paths(cache_dir, source, tokenizer_hash)
     n_vocab = n_token_ids(tokenizer)
-    if (cached := load_cached(bin_path, meta_path, n_vocab)[0]) is not None:
+    cached, problem = load_cached(bin_path, meta_path, n_vocab)
+    if cached is not None:
         return cached
-    with file_lock(bin_path.with_suffix(".lock")):
-        cached, problem = load_cached(bin_path, meta_path, n_vocab)  # another process may have built it meanwhile
-        if cached is not None:
-            return cached
-        if problem is not None:
-            warnings.warn(f"token cache: {problem}; rebuilding it from {source.description}", stacklevel=2)
-        dtype = token_dtype(n_vocab)
-        n_tokens = n_docs = max_token_id = crc = 0
-        progress = tqdm(
-            total=source.n_bytes, unit="B", unit_scale=True, desc=f"tokenizing {source.name}", disable=not show_progress
-        )
-        with atomic_output(bin_path) as out:
-            for chunk in _chunks(source):
-                ids = _encode_with_eos(tokenizer, chunk, eos_id)
-                if ids.size and int(ids.max()) >= 1 << (8 * dtype.itemsize):
-                    raise ValueError(f"token id {int(ids.max())} does not fit {dtype}")
-                data = ids.astype(dtype).tobytes()
-                out.write(data)
-                crc = zlib.crc32(data, crc)
-                n_tokens += ids.size
-                n_docs += len(chunk)
-                max_token_id = max(max_token_id, int(ids.max()))
-                progress.update(sum(len(text.encode()) for text in chunk))
-        progress.close()
-        meta = TokenCacheMeta(
-            n_tokens=n_tokens,
-            n_docs=n_docs,
-            dtype=dtype.name,
-            max_token_id=max_token_id,
-            source=source.description,
-            source_hash=source.content_hash,
-            bytes=source.n_bytes,
-            tokenizer_hash=tokenizer_hash,
-            crc32=crc,
-        )
-        atomic_write_bytes(meta_path, _meta_json(meta))
+    try:
+        with file_lock(bin_path.with_suffix(".lock")):
+            cached, problem = load_cached(bin_path, meta_path, n_vocab)  # another process may have built it meanwhile
+            if cached is not None:
+                return cached
+            if problem is not None:
+                warnings.warn(f"token cache: {problem}; rebuilding it from {source.description}", stacklevel=2)
+            return _tokenize(source, tokenizer, eos_id, tokenizer_hash, bin_path, meta_path, n_vocab, show_progress)
+    except OSError as error:
+        if not (error.filename and Path(error.filename).resolve().is_relative_to(cache_dir.resolve())):
+            raise  # not the cache's: reading the source, say
+        why = f"{problem}, and it cannot be rebuilt" if problem else f"{bin_path} cannot be written"
+        raise DataError(f"token cache: {why} ({error.strerror or error}: {error.filename}); point $MOE_CACHE_DIR "
+                        "or --data.cache_dir at a writable folder with free space") from error
+
+
+def _tokenize(source: ResolvedSource, tokenizer: Tokenizer, eos_id: int, tokenizer_hash: str, bin_path: Path,
+              meta_path: Path, n_vocab: int, show_progress: bool) -> tuple[np.memmap, TokenCacheMeta]:
+    """Tokenize `source` into a new cache entry (under its lock) and return it."""
+    dtype = token_dtype(n_vocab)
+    n_tokens = n_docs = max_token_id = crc = 0
+    progress = tqdm(
+        total=source.n_bytes, unit="B", unit_scale=True, desc=f"tokenizing {source.name}", disable=not show_progress
+    )
+    with atomic_output(bin_path) as out:
+        for chunk in _chunks(source):
+            ids = _encode_with_eos(tokenizer, chunk, eos_id)
+            if ids.size and int(ids.max()) >= 1 << (8 * dtype.itemsize):
+                raise ValueError(f"token id {int(ids.max())} does not fit {dtype}")
+            data = ids.astype(dtype).tobytes()
+            out.write(data)
+            crc = zlib.crc32(data, crc)
+            n_tokens += ids.size
+            n_docs += len(chunk)
+            max_token_id = max(max_token_id, int(ids.max()))
+            progress.update(sum(len(text.encode()) for text in chunk))
+    progress.close()
+    meta = TokenCacheMeta(
+        n_tokens=n_tokens,
+        n_docs=n_docs,
+        dtype=dtype.name,
+        max_token_id=max_token_id,
+        source=source.description,
+        source_hash=source.content_hash,
+        bytes=source.n_bytes,
+        tokenizer_hash=tokenizer_hash,
+        crc32=crc,
+    )
+    atomic_write_bytes(meta_path, _meta_json(meta))
     # Just written from the bytes checksummed above: not read again (the next open verifies it).
     return np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,)), meta
 

@@ -292,6 +292,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def install_atomic_checkpoint_io(trainer) -> None:
     """Give the trainer's strategy an `AtomicCheckpointIO` where it has Lightning's default `TorchCheckpointIO`;
-    a checkpoint IO the user chose, or a strategy's own (sharded, DeepSpeed, async), is left alone."""
-    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    a checkpoint IO the user chose, or a strategy's own (sharded, DeepSpeed, async), is left alone.
+
+    With several processes only rank 0 writes, and the others wait for it in a barrier: a save that fails on rank 0
+    alone would leave them waiting (NCCL) or dying on a closed connection with a traceback (gloo). So the outcome
+    is broadcast after the write and every process raises the same `CheckpointNotSaved`."""
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is not TorchCheckpointIO:
+        return
+    strategy.checkpoint_io = AtomicCheckpointIO()
+    if trainer.world_size > 1 and not hasattr(strategy.save_checkpoint, "agrees_on_failure"):
+        strategy.save_checkpoint = _agreeing_on_failure(strategy, strategy.save_checkpoint)
+
+
+def _agreeing_on_failure(strategy, save: Callable) -> Callable:
+    def save_checkpoint(checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        failure = None
+        try:
+            save(checkpoint, filepath, storage_options=storage_options)
+        except CheckpointNotSaved as error:
+            failure = str(error)
+        failure = strategy.broadcast(failure, src=0)
+        if failure is not None:
+            raise CheckpointNotSaved(failure)
+
+    save_checkpoint.agrees_on_failure = True
+    return save_checkpoint

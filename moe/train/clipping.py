@@ -14,7 +14,8 @@ add up each process's shard only). So the norm is computed and applied here inst
   and FSDPStrategy's flat shards, which only the FSDP root can add up over its process groups.
 - clipping scales every gradient by max_norm / (norm + 1e-6) when that is below 1 (torch's coefficient), using
   the norm already computed for the step guard instead of a second pass over the gradients.
-- DeepSpeed clips inside its engine (Lightning passes `gradient_clip_val` into its config): nothing to do here.
+- DeepSpeed clips inside its engine (Lightning passes `gradient_clip_val` into its config): nothing to do here,
+  and no norm to give the guard or the log before its step (the guard judges the loss alone).
 """
 
 from __future__ import annotations
@@ -40,11 +41,15 @@ def unscale_gradients(precision_plugin, optimizer: torch.optim.Optimizer) -> Non
         scaler.unscale_(optimizer)
 
 
-def gradient_norm(strategy: Strategy, parameters) -> torch.Tensor:
+def gradient_norm(strategy: Strategy, parameters) -> torch.Tensor | None:
     """The L2 norm of the gradients of `parameters` over every process, the same value on each (a collective
-    under FSDP, FSDP2 and tensor parallelism: every process must call it)."""
+    under FSDP, FSDP2 and tensor parallelism: every process must call it); None under DeepSpeed, whose engine
+    keeps the gradients in its own partitioned buffers (parameters have no .grad) and computes the norm inside
+    its step, after the step guard has to decide."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
+    if isinstance(strategy, DeepSpeedStrategy):
+        return None
     root = strategy.model
     if isinstance(root, FullyShardedDataParallel):
         # FSDPStrategy: each process holds a shard of each gradient; the root adds the shards up over its sharding

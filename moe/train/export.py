@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,9 +36,10 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype
     """Write `checkpoint` as an HF model directory at `out_dir` (new, empty, or a previous export, which is
     replaced); anything else at `out_dir` raises an InputError naming it, before the checkpoint is read."""
     out_dir = Path(out_dir)
+    target = Path(os.path.realpath(out_dir))  # through a symlink to a directory, replace the directory
+    _recover_interrupted_swap(target)
     check_export_target(out_dir)
     model, tokenizer = load_lightning_checkpoint(checkpoint)
-    target = Path(os.path.realpath(out_dir))  # through a symlink to a directory, replace the directory
     temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     try:
@@ -65,6 +67,18 @@ def export_to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return out_dir
+
+
+def _recover_interrupted_swap(target: Path) -> None:
+    """Replacing a previous export takes two renames (target -> .NAME.old-PID, new -> target); a process killed
+    between them leaves no target and the previous export under the hidden name. Put it back first."""
+    if target.exists():
+        return
+    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
+        os.replace(old, target)
+        warnings.warn(f"{target}: restored the previous export from {old.name}, left by an export that was "
+                      "killed while replacing it", stacklevel=3)
+        return
 
 
 def _is_io_error(error: Exception) -> bool:

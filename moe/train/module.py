@@ -186,8 +186,8 @@ class LanguageModel(pl.LightningModule):
         self._expert_tokens: torch.Tensor | None = None  # (L, E) assignments since the last report
         self._last_report_step = -1
         self._tokens_seen_before = 0  # tokens seen by the run this one resumes, from its checkpoint
-        self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses (total, then CE)
-        self._step_ce: list[torch.Tensor] = []
+        self._step_total_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch objectives
+        self._step_ce: list[torch.Tensor] = []  # ... and their cross-entropies
         self._grad_norm: float | None = None  # this step's, for clipping
         self._router_sums: torch.Tensor | None = None  # this optimizer step's routing sums (_router_sums_of)
         self._rng_to_restore: dict | None = None
@@ -371,7 +371,7 @@ class LanguageModel(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.model(batch["input_ids"], labels=batch["labels"])
         parts = self.objective(out, batch["labels"])
-        self._step_losses.append(parts["loss"].detach())
+        self._step_total_losses.append(parts["loss"].detach())
         self._step_ce.append(parts["ce"].detach())
         # train/loss, train/total_loss, train/aux_loss and train/z_loss are logged once per optimizer step, of its
         # whole global batch (on_before_optimizer_step); the *_micro_batch values are this process's micro-batch
@@ -438,16 +438,17 @@ class LanguageModel(pl.LightningModule):
         # Runs after the last micro-batch's backward and before clipping and the update: the one place to decide
         # whether the update happens, and to log what the optimizer step trains on.
         unscale_gradients(self.trainer.precision_plugin, optimizer)  # fp16 with a fused optimizer (clipping.py)
-        grad_norm = gradient_norm(self.trainer.strategy, self.model.parameters())
+        grad_norm = gradient_norm(self.trainer.strategy, self.model.parameters())  # None under DeepSpeed
         zero = torch.zeros((), device=self.device)
-        total = torch.stack(self._step_losses).mean() if self._step_losses else zero
+        total = torch.stack(self._step_total_losses).mean() if self._step_total_losses else zero
         ce = torch.stack(self._step_ce).mean() if self._step_ce else zero
-        self._step_losses, self._step_ce = [], []
+        self._step_total_losses, self._step_ce = [], []
         # Every process must reach the same verdict: decide on the mean over processes (a non-finite value on one
         # process makes the mean non-finite too). The means over micro-batches and processes are also the losses
         # of the global batch, which is what the step trains on: those are logged, not process 0's micro-batch.
-        values = torch.stack([total.float(), ce.float(), grad_norm.float()])
+        values = torch.stack([total.float(), ce.float(), zero.float() if grad_norm is None else grad_norm.float()])
         total, ce, norm = self.trainer.strategy.reduce(values, reduce_op="mean").tolist()
+        norm = None if grad_norm is None else norm
         # fp16's gradient scaler skips overflowing steps itself and lowers its scale; that is not a divergence.
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         verdict = self.guard.check(self.trainer.global_step, total, None if scaler is not None else norm)
@@ -457,12 +458,13 @@ class LanguageModel(pl.LightningModule):
             # counts for the schedule and global_step, as a skipped batch does in PaLM and Megatron.
             optimizer.zero_grad(set_to_none=True)
             self.print(f"step {self.trainer.global_step}: update dropped ({verdict.reason}; "
-                       f"total loss {total:.4g}, gradient norm {norm:.4g})")
+                       f"total loss {total:.4g}" + ("" if norm is None else f", gradient norm {norm:.4g}") + ")")
         self.log("train/loss", ce, prog_bar=True)
         if self.model_config.is_moe:
             self.log("train/total_loss", total)
         self._log_router_losses()
-        self.log("train/grad_norm", norm)
+        if norm is not None:
+            self.log("train/grad_norm", norm)
         self.log("train/lr", optimizer.param_groups[0]["lr"])
         self.log("train/skipped_nonfinite", float(self.guard.skipped_nonfinite))
         self.log("train/skipped_spikes", float(self.guard.skipped_spikes))

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from moe.data import locking
 from moe.data.sources import DataError, Source, resolve_source, stdlib_files
 
 
@@ -151,7 +152,7 @@ def test_unchanged_files_are_not_hashed_again(tmp_path, helpers, monkeypatch):
     folder = helpers.write_text_folder(tmp_path / "docs", helpers.make_documents(5))
     cache = tmp_path / "hashes"
     # As if the corpus was written long before this run: only then is its stat record trusted.
-    monkeypatch.setattr(sources, "_now_ns", lambda: time.time_ns() + 10**11)
+    monkeypatch.setattr(locking, "now_ns", lambda: time.time_ns() + 10**11)
     first = resolve_source(Source(str(folder)), hash_cache=cache)
     real_hash = sources._hash_files
 
@@ -176,11 +177,10 @@ def test_unchanged_files_are_not_hashed_again(tmp_path, helpers, monkeypatch):
 
 @pytest.mark.parametrize("damage", [b"\xff\xfe\x00\x91 not UTF-8", b'{"content_hash": "4f1a', b'{"n_bytes": 3}', b"[1, 2]"])
 def test_damaged_hash_record_is_hashed_again_and_rewritten(tmp_path, helpers, monkeypatch, damage):
-    from moe.data import sources
 
     folder = helpers.write_text_folder(tmp_path / "docs", helpers.make_documents(5))
     cache = tmp_path / "hashes"
-    monkeypatch.setattr(sources, "_now_ns", lambda: time.time_ns() + 10**11)
+    monkeypatch.setattr(locking, "now_ns", lambda: time.time_ns() + 10**11)
     first = resolve_source(Source(str(folder)), hash_cache=cache)
     (record,) = cache.iterdir()
     record.write_bytes(damage)

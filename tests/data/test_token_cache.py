@@ -1,6 +1,7 @@
 """The token cache: content equals a brute-force per-document encoding, reuse, crash safety, and an array changed
 after it was written (other valid ids, ids past the vocabulary, damaged metadata) rebuilt instead of trained on."""
 
+import errno
 import json
 import os
 import time
@@ -9,8 +10,8 @@ import zlib
 import numpy as np
 import pytest
 
-from moe.data import token_cache
-from moe.data.sources import Source, resolve_source
+from moe.data import locking, token_cache
+from moe.data.sources import DataError, Source, resolve_source
 from moe.data.token_cache import cache_paths, token_dtype, tokenize_source
 from moe.data.tokenizer import eos_id, tokenizer_hash, train_tokenizer
 
@@ -144,6 +145,26 @@ def test_changed_array_is_found_and_rebuilt(setup, change):
     assert meta.crc32 == built.crc32
 
 
+def test_read_only_cache_serves_intact_entries_and_names_a_changed_one(setup, monkeypatch):
+    """A cache nobody may write (a shared, read-only folder): verified entries load; one changed after it was
+    written cannot be rebuilt there, which is a DataError naming the entry and what to do, not an OSError."""
+    _docs, source, tokenizer, cache_dir = setup
+    build(source, tokenizer, cache_dir)
+    bin_path, _ = cache_paths(cache_dir, source, tokenizer_hash(tokenizer))
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(token_cache, "file_lock", read_only)
+    build(source, tokenizer, cache_dir)  # intact: needs no lock
+    tokens = np.memmap(bin_path, dtype=np.uint16, mode="r+")
+    tokens[:200] = tokens[:200][::-1].copy()
+    tokens.flush()
+    with pytest.raises(DataError, match=rf"token cache: {bin_path} does not match its checksum.*cannot be rebuilt "
+                                        r"\(Read-only file system: .*\.lock\); point \$MOE_CACHE_DIR"):
+        build(source, tokenizer, cache_dir)
+
+
 def strip_checksum(meta_path):
     meta = json.loads(meta_path.read_text())
     del meta["crc32"]
@@ -170,10 +191,10 @@ def test_entry_written_before_checksums_gets_one_without_tokenizing_again(setup,
 
 
 def test_unchanged_array_is_verified_once(setup, monkeypatch):
-    # Marked verified only when its last change is older than the verification by _RACY_NS (see load_cached):
+    # Marked verified only when its last change is older than the verification by locking.RACY_NS (see load_cached):
     # the clock is moved forward instead of waiting.
     docs, source, tokenizer, cache_dir = setup
-    monkeypatch.setattr(token_cache, "_now_ns", lambda: time.time_ns() + 10**11)
+    monkeypatch.setattr(locking, "now_ns", lambda: time.time_ns() + 10**11)
     build(source, tokenizer, cache_dir)  # written: checksummed while writing, not read
     bin_path, _ = cache_paths(cache_dir, source, tokenizer_hash(tokenizer))
     real_scan, scans = token_cache._scan, []

@@ -8,6 +8,7 @@ Usage: python ddp_resilience_worker.py <cli arguments>; the callback is configur
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -24,7 +25,8 @@ sys.path[:0] = [str(HERE.parent.parent), str(HERE)]
 
 class RankRecorder(pl.Callback):
     def __init__(self, prefix: str, sigterm_ranks: list[int] | None = None, sigterm_step: int | None = None,
-                 nonfinite_rank: int | None = None, nonfinite_step: int | None = None, dropout: float = 0.1):
+                 nonfinite_rank: int | None = None, nonfinite_step: int | None = None, dropout: float = 0.1,
+                 disk_full_rank: int | None = None):
         """
         Args:
             prefix: Path prefix of what each rank writes: <prefix>.rank<r>.pid (its process id),
@@ -40,11 +42,14 @@ class RankRecorder(pl.Callback):
             nonfinite_step: See nonfinite_rank.
             dropout: Dropout on the embeddings' output, so that training draws from torch's global generator and
                 resuming must restore its state.
+            disk_full_rank: The rank whose checkpoint writes fail as on a full disk (ENOSPC), as atomic_save writes
+                them (a hidden temporary file beside the checkpoint); its other files are written.
         """
         self.prefix = prefix
         self.sigterm_ranks, self.sigterm_step = sigterm_ranks or [], sigterm_step
         self.nonfinite = (nonfinite_rank, nonfinite_step)
         self.dropout = dropout
+        self.disk_full_rank = disk_full_rank
         self._exit: dict = {"exception": None}
 
     def _path(self, trainer, suffix: str) -> Path:
@@ -52,6 +57,15 @@ class RankRecorder(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._path(trainer, "pid").write_text(str(os.getpid()))
+        if trainer.global_rank == self.disk_full_rank:
+            save = torch.save
+
+            def save_on_a_full_disk(obj, f, *args, **kwargs):
+                if ".ckpt.tmp-" in str(getattr(f, "name", f)):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return save(obj, f, *args, **kwargs)
+
+            torch.save = save_on_a_full_disk
         if self.dropout:
             p = self.dropout
             pl_module.model.embed_tokens.register_forward_hook(

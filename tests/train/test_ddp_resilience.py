@@ -162,6 +162,7 @@ def runs(tmp_path_factory) -> Iterator[dict[str, Run]]:
         for action in ("stop", "skip"):
             runs[f"nonfinite-{action}"] = Run(tmp_path, corpus, f"nonfinite-{action}", GUARD_STEPS,
                                               on_nonfinite=action, nonfinite_rank=1, nonfinite_step=NONFINITE_AT)
+        runs["disk-full"] = Run(tmp_path, corpus, "disk-full", GUARD_STEPS, disk_full_rank=0)
         for run in runs.values():
             run.finish()
         yield runs
@@ -267,3 +268,16 @@ def test_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(runs):
         skipped = [r["skipped"] for r in run.records(rank)]
         assert skipped == [0] * NONFINITE_AT + [1] * (GUARD_STEPS - NONFINITE_AT), rank
     assert_same_weights(run.weights(0), run.weights(1))
+
+
+# ---------------------------------------------------------------------------------------------------------- full disk
+def test_a_full_disk_on_rank_0_stops_every_rank_with_one_line(runs):
+    """Only rank 0 writes a checkpoint while the others wait in a barrier: a failed write must reach every rank
+    (checkpoint_io.install_atomic_checkpoint_io), not leave them waiting or dying with a traceback."""
+    run = runs["disk-full"].finish()
+    assert not run.hung and run.returncode == 2, run.output()
+    for rank in range(RANKS):
+        assert run.exit(rank)["exception"] == "CheckpointNotSaved", (rank, run.output())
+    assert "error: could not save checkpoint" in run.stderr and "No space left on device" in run.stderr
+    assert "Traceback" not in run.stderr, run.output()
+    assert not list(run.ckpt_dir.iterdir())  # nothing half-written, no temporary left

@@ -129,7 +129,8 @@ def test_parallel_fit_matches_single_process(parallel_runs, mode, kind, activati
         torch.testing.assert_close(losses, expected_losses.expand(2, -1), rtol=rtol, atol=0)
     assert losses[:, -1].mean() < losses[:, 0].mean()  # it trained
     for rank in ranks:  # the norm of the full gradient, not of one process's shard (moe.train.clipping)
-        assert rank["grad_norm"] == pytest.approx(expected_grad_norm, rel=10 * rtol)
+        # (A shard's norm would be about 1/sqrt(2) of the whole's: 29% off.)
+        assert rank["grad_norm"] == pytest.approx(expected_grad_norm, rel=rtol)
         before, after = rank["norms"]  # each step's, as logged and as the optimizer saw it: clipped at 1
         assert len(after) == STEPS and max(before) > 1.0
         assert after == pytest.approx([min(norm, 1.0) for norm in before], rel=1e-4)
