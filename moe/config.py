@@ -1,9 +1,15 @@
 """The one model configuration: dense Llama-style and Mixtral-style MoE transformers.
 
-A config with `n_experts == 0` is a dense model; anything else replaces every feed-forward block with a
-sparse MoE layer. The config validates itself when built (a bad value raises a ConfigError, a ValueError naming
-the field) and counts total and active parameters analytically, so a 65B preset can be sized without allocating it.
-Presets live in `moe/presets.py`.
+A config with `n_experts == 0` is a dense model; anything else replaces the feed-forward block of every layer, or
+of the layers its layer pattern names (every n-th, after the first k, Switch/GLaM, DeepSeek and Qwen2-MoE style),
+with a sparse MoE layer. The config validates itself when built (a bad value raises a ConfigError, a ValueError
+naming the field as `ModelConfig.<field>`; the checks are in `moe/config_validation.py`) and counts total and
+active parameters analytically, so a 65B preset can be sized without allocating it. Presets live in
+`moe/presets.py`.
+
+Field metadata says what a field is for beyond the architecture: `runtime` fields say how the model runs or
+trains, not what its weights are, so they may differ from the checkpoint a run is initialised from; `resumable`
+fields may even change when a run resumes. `runtime_fields()` and `resumable_fields()` list them.
 """
 
 from __future__ import annotations
@@ -12,11 +18,13 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from moe.config_validation import validate
 from moe.errors import ConfigError
 
-NORM_TYPES = ("rmsnorm", "layernorm", "layernorm_nonparam")
-ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "eager")
-EXPERT_BACKENDS = ("auto", "loop", "grouped", "megablocks")
+# How the model runs or trains, not its weights: may differ from the checkpoint of init_from.
+RUNTIME = {"runtime": True}
+# ... and changes nothing a resumed run computes, so it may change on resume too.
+RESUMABLE = {"runtime": True, "resumable": True}
 
 
 @dataclass
@@ -38,7 +46,7 @@ class ModelConfig:
     head_dim: int | None = None
     """Width of one attention head. None means d_model // n_heads."""
     ffn_dim: int = 11008
-    """Hidden width of the dense SwiGLU feed-forward block (HF: intermediate_size)."""
+    """Hidden width of the dense SwiGLU feed-forward block, of every layer that is not MoE (HF: intermediate_size)."""
     max_seq_len: int = 2048
     """Longest sequence the model is meant to see (sizes the RoPE cache; informational for training)."""
     rope_theta: float = 10000.0
@@ -55,7 +63,7 @@ class ModelConfig:
     """Mistral-style attention window in tokens (a query sees itself and window - 1 earlier keys); None = full."""
     layer_windows: list[int | None] | None = None
     """Per-layer windows overriding sliding_window, one entry per layer (None entries attend fully)."""
-    attention_backend: str = "auto"
+    attention_backend: str = field(default="auto", metadata=RESUMABLE)
     """'auto' (FlexAttention/flash on GPU, SDPA on CPU), 'sdpa', 'flex' (no backward on CPU) or 'eager'."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of weights."""
@@ -69,16 +77,25 @@ class ModelConfig:
     """Hidden width of one expert's SwiGLU. None means ffn_dim."""
     n_shared_experts: int = 0
     """Experts every token passes through in addition to its routed ones (DeepSeekMoE-style)."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output by sigmoid of a learned per-token gate (Qwen2-MoE's shared_expert_gate)."""
     norm_topk_prob: bool = True
     """Renormalise the chosen top-k router probabilities to sum to one (Mixtral)."""
-    aux_loss_coef: float = 0.01
+    aux_loss_coef: float = field(default=0.01, metadata=RUNTIME)
     """Weight of the load-balancing loss in the training objective."""
-    z_loss_coef: float = 0.001
+    z_loss_coef: float = field(default=0.001, metadata=RUNTIME)
     """Weight of the router z-loss in the training objective."""
-    capacity_factor: float | None = None
+    capacity_factor: float | None = field(default=None, metadata=RUNTIME)
     """Expert capacity as a multiple of the even share of assignments; None = dropless."""
-    expert_backend: str = "auto"
+    expert_backend: str = field(default="auto", metadata=RESUMABLE)
     """'auto' (grouped on GPU, loop on CPU), 'loop' (reference), 'grouped' (torch grouped matmul) or 'megablocks'."""
+    # Which layers are MoE: layer i is when i >= first_k_dense, (i + 1) % moe_every == 0 and i not in dense_layers.
+    moe_every: int = 1
+    """Every n-th layer is MoE: layers n-1, 2n-1, ... (Switch/GLaM every other layer; Qwen2-MoE decoder_sparse_step)."""
+    first_k_dense: int = 0
+    """The first k layers keep the dense SwiGLU; MoE layers start at layer k (DeepSeek first_k_dense_replace)."""
+    dense_layers: list[int] = field(default_factory=list)
+    """Indices (0-based) of further layers that keep the dense SwiGLU (Qwen2-MoE mlp_only_layers)."""
 
     extra: dict = field(default_factory=dict)
     """Free-form metadata (for example the HF config a model was imported from); not used by the model."""
@@ -88,90 +105,34 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
             if self.n_heads > 0 and self.d_model % self.n_heads != 0:
-                raise ConfigError(
-                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim explicitly",
-                    "n_heads",
-                )
+                raise ConfigError(f"ModelConfig.d_model={self.d_model} is not divisible by ModelConfig.n_heads="
+                                  f"{self.n_heads}; set ModelConfig.head_dim explicitly", "n_heads")
             self.head_dim = self.d_model // max(self.n_heads, 1)
         if self.is_moe and self.expert_ffn_dim is None:
             self.expert_ffn_dim = self.ffn_dim
         if self.layer_windows is not None:
             self.layer_windows = list(self.layer_windows)
+        self.dense_layers = list(self.dense_layers)
         self.validate()
 
-    # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise a ConfigError (a ValueError) that names the first inconsistent field, so that a value the model
         cannot run with fails here rather than as a shape error inside the first forward pass."""
-        positive = ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"]
-        if not self.is_moe or self.n_shared_experts == 0:
-            positive.append("ffn_dim")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}", name)
-        if self.head_dim % 2 != 0:
-            derived = "" if self.head_dim != self.d_model // self.n_heads else \
-                f" (d_model={self.d_model} // n_heads={self.n_heads})"
-            raise ConfigError(f"head_dim={self.head_dim}{derived} must be even: rotary position embeddings rotate "
-                              "pairs of channels", "head_dim")
-        if self.n_heads % self.n_kv_heads != 0:
-            raise ConfigError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}",
-                              "n_kv_heads")
-        if self.norm_type not in NORM_TYPES:
-            raise ConfigError(f"norm_type={self.norm_type!r} is not one of {NORM_TYPES}", "norm_type")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ConfigError(f"attention_backend={self.attention_backend!r} is not one of {ATTENTION_BACKENDS}",
-                              "attention_backend")
-        # Written so that NaN fails too: every comparison with NaN is False.
-        if not 0 < self.rope_theta < math.inf:
-            raise ConfigError(f"rope_theta must be a positive finite number, got {self.rope_theta}", "rope_theta")
-        if not 0 <= self.norm_eps < math.inf:
-            raise ConfigError(f"norm_eps must be a finite number >= 0, got {self.norm_eps}", "norm_eps")
-        if not 0 <= self.init_std < math.inf:
-            raise ConfigError(f"init_std must be a finite number >= 0, got {self.init_std}", "init_std")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ConfigError(f"sliding_window must be positive or None, got {self.sliding_window}", "sliding_window")
-        if self.layer_windows is not None:
-            if len(self.layer_windows) != self.n_layers:
-                raise ConfigError(
-                    f"layer_windows has {len(self.layer_windows)} entries but n_layers={self.n_layers}",
-                    "layer_windows",
-                )
-            for i, window in enumerate(self.layer_windows):
-                if window is not None and window <= 0:
-                    raise ConfigError(f"layer_windows[{i}] must be positive or None, got {window}", "layer_windows")
-        if self.n_experts < 0:
-            raise ConfigError(f"n_experts must be >= 0, got {self.n_experts}", "n_experts")
-        if self.is_moe:
-            if not 1 <= self.top_k <= self.n_experts:
-                raise ConfigError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}", "top_k")
-            if self.expert_ffn_dim <= 0:
-                raise ConfigError(f"expert_ffn_dim must be positive, got {self.expert_ffn_dim}", "expert_ffn_dim")
-            if self.n_shared_experts < 0:
-                raise ConfigError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}", "n_shared_experts")
-            if self.capacity_factor is not None and not 0 < self.capacity_factor < math.inf:
-                raise ConfigError(f"capacity_factor must be a positive finite number or None, got "
-                                  f"{self.capacity_factor}", "capacity_factor")
-            if self.expert_backend not in EXPERT_BACKENDS:
-                raise ConfigError(f"expert_backend={self.expert_backend!r} is not one of {EXPERT_BACKENDS}",
-                                  "expert_backend")
-            if self.expert_backend == "grouped":
-                # torch's grouped matmul needs 16-byte aligned rows, i.e. widths divisible by 8 in bf16.
-                for name in ("d_model", "expert_ffn_dim"):
-                    if getattr(self, name) % 8 != 0:
-                        raise ConfigError(
-                            f"{name}={getattr(self, name)} must be a multiple of 8 for expert_backend='grouped' "
-                            "(torch grouped matmul alignment); use expert_backend='loop' for odd sizes",
-                            name,
-                        )
-        for name in ("aux_loss_coef", "z_loss_coef"):
-            if not 0 <= getattr(self, name) < math.inf:
-                raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)}", name)
+        validate(self)
 
     # ------------------------------------------------------------------ derived values
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` (0-based) has an MoE layer, rather than the dense SwiGLU of width ffn_dim."""
+        return (self.is_moe and layer >= self.first_k_dense and (layer + 1) % self.moe_every == 0
+                and layer not in self.dense_layers)
+
+    def moe_layer_indices(self) -> tuple[int, ...]:
+        """The blocks with an MoE layer, in order: ModelOutput.moe[j] comes from block moe_layer_indices()[j]."""
+        return tuple(i for i in range(self.n_layers) if self.is_moe_layer(i))
 
     def window_for_layer(self, layer: int) -> int | None:
         """The attention window of one layer, or None for full causal attention."""
@@ -210,13 +171,15 @@ class ModelConfig:
         """Parameters of one routed expert (a SwiGLU of width expert_ffn_dim)."""
         return 3 * self.d_model * self.expert_ffn_dim
 
-    def ffn_params(self, active: bool = False) -> int:
-        """Parameters of one feed-forward block; with active=True only those one token uses."""
-        if not self.is_moe:
-            return 3 * self.d_model * self.ffn_dim
+    def dense_ffn_params(self) -> int:
+        """Parameters of the dense SwiGLU block of a layer that is not MoE."""
+        return 3 * self.d_model * self.ffn_dim
+
+    def moe_ffn_params(self, active: bool = False) -> int:
+        """Parameters of one MoE layer; with active=True only those one token uses."""
         router = self.d_model * self.n_experts
         routed = (self.top_k if active else self.n_experts) * self.expert_params()
-        shared = self.n_shared_experts * self.expert_params()
+        shared = self.n_shared_experts * self.expert_params() + (self.d_model if self.shared_expert_gate else 0)
         return router + routed + shared
 
     def embedding_params(self) -> int:
@@ -225,8 +188,11 @@ class ModelConfig:
 
     def num_params(self, active: bool = False) -> int:
         """Total parameters, or with active=True those one token passes through (embeddings included)."""
-        block = self.attention_params() + self.ffn_params(active) + 2 * self._norm_params()
-        return self.embedding_params() + self.n_layers * block + self._norm_params()
+        n_moe = len(self.moe_layer_indices())
+        moe = n_moe * self.moe_ffn_params(active) if n_moe else 0  # a dense model has no expert_ffn_dim
+        ffn = moe + (self.n_layers - n_moe) * self.dense_ffn_params()
+        blocks = self.n_layers * (self.attention_params() + 2 * self._norm_params()) + ffn
+        return self.embedding_params() + blocks + self._norm_params()
 
     def num_active_params(self) -> int:
         return self.num_params(active=True)
@@ -239,6 +205,17 @@ class ModelConfig:
         if self.tie_embeddings:
             weights += self.vocab_size * self.d_model  # the tied output matmul is still done
         return 6 * weights + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+
+
+def runtime_fields() -> tuple[str, ...]:
+    """ModelConfig fields that say how the model runs or trains, not what its weights are: a run initialised from
+    a checkpoint (init_from) takes these from its own config and everything else from the checkpoint."""
+    return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get("runtime"))
+
+
+def resumable_fields() -> tuple[str, ...]:
+    """ModelConfig fields a resumed run may change: they change nothing the run computes."""
+    return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get("resumable"))
 
 
 def format_count(n: int) -> str:

@@ -1,9 +1,12 @@
-"""HF transformers interoperability: load Llama / Mistral / Mixtral / Qwen2 checkpoints into our Transformer and
-save ours as HF checkpoints (config.json plus safetensors, sharded with an index above max_shard_size).
+"""HF transformers interoperability: load Llama / Mistral / Mixtral / Qwen2 / Qwen2-MoE checkpoints into our
+Transformer and save ours as HF checkpoints (config.json plus safetensors, sharded with an index above
+max_shard_size).
 
 One key mapping, `hf_key_map`, serves import and export: our module names already follow HF's, so most
-entries are renames; Mixtral's per-expert matrices (hub format `block_sparse_moe.experts.{j}.w1/w2/w3`, which
-transformers 5 fuses on load and splits again on save) stack into our (E, F, D) / (E, D, F) expert weights.
+entries are renames; per-expert matrices (hub format `block_sparse_moe.experts.{j}.w1/w2/w3` for Mixtral,
+`mlp.experts.{j}.gate_proj/up_proj/down_proj` for Qwen2-MoE, which transformers 5 fuses on load and splits again
+on save) stack into our (E, F, D) / (E, D, F) expert weights. Qwen2-MoE always has a gated shared expert: a model
+of ours without shared experts exports it with width 0 (`hf_placeholders`), which computes nothing.
 Config translation lives in `moe/hf_config.py`.
 
 Losses differ by design: HF Mixtral's model-level `aux_loss` applies `load_balancing_loss_func` to all layers'
@@ -15,6 +18,7 @@ HF Mixtral has no router z-loss; our z_loss_coef is not exported.
 from __future__ import annotations
 
 import json
+import math
 import re
 from contextlib import ExitStack
 from pathlib import Path
@@ -28,13 +32,19 @@ from moe.config import ModelConfig
 from moe.hf_config import config_from_hf, config_to_hf, hf_model_type, hf_model_type_for
 from moe.model import Transformer
 
-__all__ = ["KeyMap", "config_from_hf", "config_to_hf", "hf_key_map", "load_hf_checkpoint", "save_hf_checkpoint"]
+__all__ = ["KeyMap", "config_from_hf", "config_to_hf", "hf_key_map", "hf_placeholders", "load_hf_checkpoint",
+           "save_hf_checkpoint"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Keys some HF checkpoints carry that hold no parameters of ours (old Llama checkpoints saved RoPE buffers).
 _IGNORED_HF_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# Per HF MoE family: the MoE block's module name and the HF name of each of our stacked expert matrices.
+_MOE_NAMES = {
+    "mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}),
+    "qwen2_moe": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}),
+}
 
 
 class KeyMap(NamedTuple):
@@ -45,20 +55,29 @@ class KeyMap(NamedTuple):
     how: str  # 'rename': hf[0] is the same tensor; 'stack': ours = torch.stack(hf tensors) along a new dim 0
 
 
-def hf_key_map(config: ModelConfig) -> list[KeyMap]:
-    """Every parameter of our model for `config` with its HF hub-format key(s), in checkpoint order."""
+def hf_key_map(config: ModelConfig, model_type: str | None = None) -> list[KeyMap]:
+    """Every parameter of our model for `config` with its HF hub-format key(s), in checkpoint order, in HF family
+    `model_type` (None: the family export chooses, moe.hf_config.hf_model_type_for)."""
+    model_type = model_type or hf_model_type_for(config)
     entries = [KeyMap("embed_tokens.weight", ("model.embed_tokens.weight",), "rename")]
     for i in range(config.n_layers):
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
         names = [f"self_attn.{p}_proj.weight" for p in "qkvo"]
         names += [f"self_attn.{p}_proj.bias" for p in "qkv"] if config.attn_bias else []
         names += ["input_layernorm.weight", "post_attention_layernorm.weight"]
-        if config.is_moe:
-            moe = hf + "block_sparse_moe."
+        if config.is_moe_layer(i):
+            block, expert_names = _MOE_NAMES[model_type]
+            moe = f"{hf}{block}."
             entries.append(KeyMap(ours + "mlp.router.gate.weight", (moe + "gate.weight",), "rename"))
-            for our_name, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+            for our_name, w in expert_names.items():
                 experts = tuple(f"{moe}experts.{j}.{w}.weight" for j in range(config.n_experts))
                 entries.append(KeyMap(f"{ours}mlp.experts.{our_name}", experts, "stack"))
+            if config.n_shared_experts:
+                entries += [KeyMap(f"{ours}mlp.shared_experts.{p}_proj.weight", (f"{moe}shared_expert.{p}_proj.weight",),
+                                   "rename") for p in ("gate", "up", "down")]
+            if config.shared_expert_gate:
+                entries.append(KeyMap(ours + "mlp.shared_expert_gate.weight", (moe + "shared_expert_gate.weight",),
+                                      "rename"))
         else:
             names += [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
         entries += [KeyMap(ours + name, (hf + name,), "rename") for name in names]
@@ -66,6 +85,19 @@ def hf_key_map(config: ModelConfig) -> list[KeyMap]:
     if not config.tie_embeddings:
         entries.append(KeyMap("lm_head.weight", ("lm_head.weight",), "rename"))
     return entries
+
+
+def hf_placeholders(config: ModelConfig, model_type: str | None = None) -> dict[str, tuple[int, ...]]:
+    """HF tensors (key -> shape) with no parameter of ours behind them: the width-0 shared expert of each MoE layer
+    of a Qwen2-MoE checkpoint without shared experts, and its gate, which scales the zeros that expert returns.
+    Export writes them as zeros; import accepts and ignores them."""
+    model_type = model_type or hf_model_type_for(config)
+    if model_type != "qwen2_moe" or not config.is_moe or config.n_shared_experts:
+        return {}
+    D = config.d_model
+    shapes = {"shared_expert.gate_proj.weight": (0, D), "shared_expert.up_proj.weight": (0, D),
+              "shared_expert.down_proj.weight": (D, 0), "shared_expert_gate.weight": (1, D)}
+    return {f"model.layers.{i}.mlp.{name}": shape for i in config.moe_layer_indices() for name, shape in shapes.items()}
 
 
 def to_hf_tensors(entry: KeyMap, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -124,15 +156,17 @@ def load_hf_checkpoint(
     files = _weight_files(path)
     device = torch.device(device or "cpu")
 
-    entries = hf_key_map(config)
+    model_type = hf_model_type(hf_config)
+    entries = hf_key_map(config, model_type)
     expected = {key for entry in entries for key in entry.hf}
     optional = {"lm_head.weight"} if config.tie_embeddings else set()  # a tied checkpoint may repeat the head
+    optional |= set(hf_placeholders(config, model_type))
     missing = expected - files.keys()
     unexpected = {k for k in files.keys() - expected - optional if not _IGNORED_HF_KEYS.fullmatch(k)}
     if missing or unexpected:
         problems = [_list_keys(kind, keys) for kind, keys in (("missing", missing), ("unexpected", unexpected))
                     if keys]
-        raise ValueError(f"checkpoint {path} does not match its config.json ({hf_model_type(hf_config)}): "
+        raise ValueError(f"checkpoint {path} does not match its config.json ({model_type}): "
                          + "; ".join(problems))
 
     with torch.device("meta"):
@@ -187,24 +221,27 @@ def save_hf_checkpoint(
     dtype None keeps the model's parameter dtype.
     """
     config = model.config
-    hf_model_type_for(config)  # refuse early
+    model_type = hf_model_type_for(config)  # refuse early
     state = model.state_dict()
-    entries = hf_key_map(config)
+    entries = hf_key_map(config, model_type)
+    placeholders = hf_placeholders(config, model_type)
     if state.keys() != {entry.ours for entry in entries}:
         raise ValueError("model parameters do not match the HF key mapping: "
                          + _list_keys("unmapped", state.keys() - {e.ours for e in entries}))
     dtype = dtype or state["embed_tokens.weight"].dtype
     hf_config = config_to_hf(config, dtype)
 
-    # Plan shards from shapes alone, then materialise one shard at a time.
-    shards: list[list[KeyMap]] = [[]]
+    # Plan shards from shapes alone, then materialise one shard at a time. A part is a KeyMap or a placeholder key.
+    parts = [(entry, state[entry.ours].numel()) for entry in entries]
+    parts += [(key, math.prod(shape)) for key, shape in placeholders.items()]
+    shards: list[list[KeyMap | str]] = [[]]
     shard_bytes, limit, total = 0, parse_size(max_shard_size), 0
-    for entry in entries:
-        size = state[entry.ours].numel() * dtype.itemsize
+    for part, numel in parts:
+        size = numel * dtype.itemsize
         if shards[-1] and shard_bytes + size > limit:
             shards.append([])
             shard_bytes = 0
-        shards[-1].append(entry)
+        shards[-1].append(part)
         shard_bytes += size
         total += size
 
@@ -217,6 +254,9 @@ def save_hf_checkpoint(
         name = SINGLE_FILE if len(shards) == 1 else f"model-{n:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for entry in shard:
+            if isinstance(entry, str):
+                tensors[entry] = torch.zeros(placeholders[entry], dtype=dtype)
+                continue
             tensor = state[entry.ours].detach().to(device="cpu", dtype=dtype)
             for key, t in to_hf_tensors(entry, tensor).items():
                 tensors[key] = t.contiguous() if entry.how == "rename" else t.clone()  # no shared storage

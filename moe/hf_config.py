@@ -1,10 +1,18 @@
-"""Translation between our ModelConfig and HF transformers' config.json for Llama, Mistral, Mixtral and Qwen2.
+"""Translation between our ModelConfig and HF transformers' config.json for Llama, Mistral, Mixtral, Qwen2 and
+Qwen2-MoE.
 
 Reads both transformers-v4 configs (top-level `rope_theta`, `rope_scaling`) and v5 configs (`rope_parameters`),
 and writes both spellings so that either version loads the export. Defaults for absent keys are those of the
 family's HF config class (transformers 5). What HF cannot represent is refused on export with a ValueError
-naming the field. The capacity factor is dropped with a warning (HF Mixtral is dropless); the z-loss
-coefficient is dropped silently (HF Mixtral has no z-loss) and reads back as our default.
+naming the field. The capacity factor is dropped with a warning (HF's MoE models are dropless); the z-loss
+coefficient is dropped silently (HF has no z-loss) and reads back as our default.
+
+An MoE model exports as Mixtral when Mixtral can express it (every layer MoE, no shared experts, renormalised
+top-k, no q/k/v bias), else as Qwen2-MoE: its `decoder_sparse_step` is our `moe_every` and its `mlp_only_layers`
+our `dense_layers` (plus the `first_k_dense` leading layers on export); its dense layers are SwiGLUs of width
+`intermediate_size` (our ffn_dim), its experts of `moe_intermediate_size` (our expert_ffn_dim), and its one shared
+expert of `shared_expert_intermediate_size` (our n_shared_experts x expert_ffn_dim) is always gated
+(shared_expert_gate). Qwen2-MoE's `qkv_bias` (our attn_bias) needs transformers >= 4.51 to be False.
 """
 
 from __future__ import annotations
@@ -27,6 +35,12 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "qwen2": ("Qwen2ForCausalLM", dict(rope_theta=10000.0, num_key_value_heads=32, rms_norm_eps=1e-6,
                                        max_position_embeddings=32768, use_sliding_window=False, sliding_window=4096,
                                        max_window_layers=28)),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", dict(rope_theta=10000.0, num_key_value_heads=16, rms_norm_eps=1e-6,
+                                              max_position_embeddings=32768, use_sliding_window=False, num_experts=60,
+                                              num_experts_per_tok=4, moe_intermediate_size=1408,
+                                              shared_expert_intermediate_size=5632, norm_topk_prob=False,
+                                              router_aux_loss_coef=0.001, decoder_sparse_step=1, mlp_only_layers=[],
+                                              qkv_bias=True)),
 }
 ARCHITECTURES = {arch: model_type for model_type, (arch, _) in FAMILIES.items()}
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -79,8 +93,24 @@ def _qwen2_layer_windows(hf: dict, n_layers: int, get) -> list[int | None] | Non
     return [window if t == "sliding_attention" else None for t in layer_types]
 
 
+def _qwen2_moe_fields(hf: dict, n_layers: int, get) -> dict:
+    """Qwen2MoeDecoderLayer: layer i is MoE when i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0;
+    every MoE layer has one shared expert behind a sigmoid gate (width 0: none)."""
+    if get("use_sliding_window"):
+        raise NotImplementedError("Qwen2-MoE sliding windows (use_sliding_window=true) are not supported")
+    expert_dim, shared_dim = get("moe_intermediate_size"), get("shared_expert_intermediate_size")
+    if shared_dim % expert_dim:
+        raise NotImplementedError(f"shared_expert_intermediate_size={shared_dim} is not a multiple of "
+                                  f"moe_intermediate_size={expert_dim}: our shared experts have the routed width")
+    return dict(n_experts=get("num_experts"), top_k=get("num_experts_per_tok"), expert_ffn_dim=expert_dim,
+                n_shared_experts=shared_dim // expert_dim, shared_expert_gate=shared_dim > 0,
+                norm_topk_prob=get("norm_topk_prob"), aux_loss_coef=get("router_aux_loss_coef"),
+                moe_every=get("decoder_sparse_step"),
+                dense_layers=sorted({i for i in get("mlp_only_layers") or [] if 0 <= i < n_layers}))
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
-    """Our ModelConfig for an HF config.json dict of a Llama, Mistral, Mixtral or Qwen2 causal LM."""
+    """Our ModelConfig for an HF config.json dict of a Llama, Mistral, Mixtral, Qwen2 or Qwen2-MoE causal LM."""
     model_type = hf_model_type(hf)
     defaults = FAMILIES[model_type][1]
 
@@ -108,7 +138,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         max_seq_len=get("max_position_embeddings"),
         rope_theta=_rope_theta(hf, defaults["rope_theta"]),
         norm_eps=get("rms_norm_eps"),
-        attn_bias=model_type == "qwen2",
+        attn_bias=model_type == "qwen2" or (model_type == "qwen2_moe" and get("qkv_bias")),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         extra={"hf_config": dict(hf)},
     )
@@ -120,6 +150,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
         config.update(n_experts=get("num_local_experts"), top_k=get("num_experts_per_tok"),
                       expert_ffn_dim=hf["intermediate_size"], norm_topk_prob=True,
                       aux_loss_coef=get("router_aux_loss_coef"))
+    if model_type == "qwen2_moe":
+        config.update(_qwen2_moe_fields(hf, n_layers, get))
     return ModelConfig(**config)
 
 
@@ -127,39 +159,67 @@ def _windows(config: ModelConfig) -> list[int | None]:
     return [config.window_for_layer(i) for i in range(config.n_layers)]
 
 
+def _layer_pattern(config: ModelConfig) -> str:
+    """The layer-pattern fields set away from 'every layer is MoE', as `ModelConfig.<field>=<value>`."""
+    every_layer = {"moe_every": 1, "first_k_dense": 0, "dense_layers": []}
+    return ", ".join(f"ModelConfig.{name}={getattr(config, name)}" for name, value in every_layer.items()
+                     if getattr(config, name) != value)
+
+
+def _moe_model_type(config: ModelConfig) -> str:
+    """Mixtral when it can represent the MoE config, else Qwen2-MoE; a ValueError when neither can."""
+    moe_layers = config.moe_layer_indices()
+    beyond_mixtral = [reason for reason, present in (
+        (f"MoE on layers {list(moe_layers)} only ({_layer_pattern(config)})", len(moe_layers) < config.n_layers),
+        (f"ModelConfig.n_shared_experts={config.n_shared_experts}", config.n_shared_experts > 0),
+        ("ModelConfig.norm_topk_prob=False", not config.norm_topk_prob),
+        ("ModelConfig.attn_bias=True", config.attn_bias),
+    ) if present]
+    windows = _windows(config)
+    if not beyond_mixtral:
+        if len(set(windows)) > 1:
+            raise ValueError(f"per-layer windows {windows} (ModelConfig.layer_windows) with experts: Mixtral applies "
+                             "one sliding_window to every layer")
+        return "mixtral"
+    if config.n_shared_experts and not config.shared_expert_gate:
+        raise ValueError(f"ModelConfig.n_shared_experts={config.n_shared_experts} with shared_expert_gate=False: "
+                         "Mixtral has no shared experts and Qwen2-MoE gates its shared expert "
+                         "(ModelConfig.shared_expert_gate=True)")
+    if any(w is not None for w in windows):
+        raise ValueError(f"{'; '.join(beyond_mixtral)} need Qwen2-MoE (Mixtral has none of these), whose sliding "
+                         f"windows are not supported: windows {windows} (ModelConfig.sliding_window / layer_windows)")
+    return "qwen2_moe"
+
+
 def hf_model_type_for(config: ModelConfig) -> str:
-    """The HF family that represents a config: Mixtral for MoE, Qwen2 for q/k/v bias, Mistral for a uniform
-    sliding window, Llama otherwise. Raises ValueError for what no supported family can represent."""
+    """The HF family that represents a config: with experts Mixtral if it can, else Qwen2-MoE (see the module
+    docstring); without, Qwen2 for q/k/v bias, Mistral for a uniform sliding window, Llama otherwise. Raises
+    ValueError for what no supported family can represent."""
     if config.norm_type != "rmsnorm":
-        raise ValueError(f"norm_type={config.norm_type!r} has no HF Llama-family equivalent (only 'rmsnorm')")
+        raise ValueError(f"ModelConfig.norm_type={config.norm_type!r} has no HF Llama-family equivalent "
+                         "(only 'rmsnorm')")
     if config.is_moe:
-        if config.n_shared_experts:
-            raise ValueError(f"n_shared_experts={config.n_shared_experts}: Mixtral has no shared experts")
-        if not config.norm_topk_prob:
-            raise ValueError("norm_topk_prob=False: Mixtral always renormalises the top-k router probabilities")
-        if config.attn_bias:
-            raise ValueError("attn_bias=True with experts: Mixtral has no q/k/v bias")
-    windows = set(_windows(config))
+        return _moe_model_type(config)
+    windows = _windows(config)
     if config.attn_bias:
-        model_type = "qwen2"
-        windowed = [w is not None for w in _windows(config)]
+        windowed = [w is not None for w in windows]
         first = windowed.index(True) if any(windowed) else config.n_layers
-        if len(windows - {None}) > 1 or not all(windowed[first:]):
-            raise ValueError(f"layer windows {_windows(config)} are not Qwen2-expressible: Qwen2 windows all layers "
-                             "from max_window_layers on, with one window size")
-    else:
-        if len(windows) > 1:
-            raise ValueError(f"per-layer windows {_windows(config)} need Qwen2 (attn_bias=True); Llama, Mistral "
-                             "and Mixtral apply one sliding_window to every layer")
-        model_type = "mixtral" if config.is_moe else ("mistral" if windows != {None} else "llama")
-    return model_type
+        if len(set(windows) - {None}) > 1 or not all(windowed[first:]):
+            raise ValueError(f"layer windows {windows} (ModelConfig.layer_windows) are not Qwen2-expressible: Qwen2 "
+                             "windows all layers from max_window_layers on, with one window size")
+        return "qwen2"
+    if len(set(windows)) > 1:
+        raise ValueError(f"per-layer windows {windows} (ModelConfig.layer_windows) need Qwen2 "
+                         "(ModelConfig.attn_bias=True); Llama and Mistral apply one sliding_window to every layer")
+    return "mistral" if windows[0] is not None else "llama"
 
 
 def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     """The HF config.json dict for a config (see hf_model_type_for for the family chosen)."""
     model_type = hf_model_type_for(config)
     if config.capacity_factor is not None:
-        warnings.warn(f"capacity_factor={config.capacity_factor} dropped: HF Mixtral is dropless", stacklevel=3)
+        warnings.warn(f"ModelConfig.capacity_factor={config.capacity_factor} dropped: HF's MoE models are dropless",
+                      stacklevel=3)
     dtype_name = str(dtype).removeprefix("torch.")
     hf = dict(
         architectures=[FAMILIES[model_type][0]], model_type=model_type,
@@ -188,4 +248,14 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         hf.update(intermediate_size=config.expert_ffn_dim, num_local_experts=config.n_experts,
                   num_experts_per_tok=config.top_k, router_aux_loss_coef=config.aux_loss_coef,
                   output_router_logits=False, router_jitter_noise=0.0)
+    if model_type == "qwen2_moe":
+        step, moe_layers = config.moe_every, set(config.moe_layer_indices())
+        hf.update(num_experts=config.n_experts, num_experts_per_tok=config.top_k,
+                  moe_intermediate_size=config.expert_ffn_dim,
+                  shared_expert_intermediate_size=config.n_shared_experts * config.expert_ffn_dim,
+                  norm_topk_prob=config.norm_topk_prob, router_aux_loss_coef=config.aux_loss_coef,
+                  decoder_sparse_step=step,
+                  mlp_only_layers=[i for i in range(config.n_layers) if (i + 1) % step == 0 and i not in moe_layers],
+                  qkv_bias=config.attn_bias, use_sliding_window=False, sliding_window=None,
+                  max_window_layers=config.n_layers, output_router_logits=False)
     return hf

@@ -1,9 +1,10 @@
 """Decoder-only transformer, dense (LLaMA, Touvron et al. 2023) or sparse MoE (Mixtral, Jiang et al. 2024).
 
-Pre-norm blocks of attention and a feed-forward network, the latter a SwiGLU or a MoE layer depending on the
-config; module names follow HF's Llama/Mistral/Mixtral so that checkpoint conversion is renaming. An optional
-key/value cache (moe/kv_cache.py) lets a forward pass append tokens to the ones already seen, for decoding.
-Shapes: B batch, T time, D model dim, V vocabulary, L layers, E experts.
+Pre-norm blocks of attention and a feed-forward network, the latter a SwiGLU or a MoE layer as the config's
+layer pattern says (ModelConfig.is_moe_layer); module names follow HF's Llama/Mistral/Mixtral so that checkpoint
+conversion is renaming. An optional key/value cache (moe/kv_cache.py) lets a forward pass append tokens to the
+ones already seen, for decoding.
+Shapes: B batch, T time, D model dim, V vocabulary, L MoE layers, E experts.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from moe.rope import RotaryEmbedding
 
 @dataclass
 class ModelOutput:
+    """What a forward pass returns. `moe` holds one MoEStats per MoE layer, in layer order, and nothing for dense
+    layers: moe[j] comes from block config.moe_layer_indices()[j], so len(moe) is the number of MoE layers, not
+    n_layers, and the stacked properties below have one row per MoE layer."""
+
     # (B, T, V), or (N, V) at the positions selected by forward's logits_at; None when forward got labels
     logits: torch.Tensor | None
     moe: list[MoEStats] = field(default_factory=list)  # one entry per MoE layer; empty for dense models
@@ -35,7 +40,7 @@ class ModelOutput:
 
     @property
     def aux_loss(self) -> torch.Tensor | None:
-        """Load-balancing loss averaged over layers (each layer's loss is computed on its own routing). In training
+        """Load-balancing loss averaged over MoE layers (each layer's loss is computed on its own routing). In training
         under torch.distributed, each layer's assignment fractions are those of all data-parallel processes and its
         mean probabilities this process's (moe/losses.py): the mean over processes is the global batch's loss."""
         return torch.stack([s.load_balancing_loss for s in self.moe]).mean() if self.moe else None
@@ -70,7 +75,7 @@ class Block(nn.Module):
         self.input_layernorm = build_norm(config.norm_type, config.d_model, config.norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = build_norm(config.norm_type, config.d_model, config.norm_eps)
-        self.mlp = MoELayer(config) if config.is_moe else SwiGLU(config.d_model, config.ffn_dim)
+        self.mlp = MoELayer(config) if config.is_moe_layer(layer_idx) else SwiGLU(config.d_model, config.ffn_dim)
 
     def forward(self, x, cos, sin, cache: LayerKVCache | None = None,
                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:

@@ -1,5 +1,6 @@
 """Sparse Mixture-of-Experts feed-forward layer: router, experts and auxiliary losses composed.
 
+Shared experts, when configured, see every token; Qwen2-MoE scales their output by a learned sigmoid gate.
 Dropless by default (every token reaches all of its top-k experts, MegaBlocks-style). With a capacity factor,
 each expert takes at most ceil(capacity_factor * N * k / E) assignments, first choices before second choices
 and earlier tokens first (GShard / Switch priority); a dropped assignment contributes nothing, so a token whose
@@ -61,6 +62,8 @@ class MoELayer(nn.Module):
         self.experts = Experts(config.n_experts, config.d_model, config.expert_ffn_dim, config.expert_backend)
         shared_dim = config.n_shared_experts * config.expert_ffn_dim
         self.shared_experts = SwiGLU(config.d_model, shared_dim) if shared_dim else None
+        # Qwen2-MoE: sigmoid(gate . x) scales each token's shared-expert output.
+        self.shared_expert_gate = nn.Linear(config.d_model, 1, bias=False) if config.shared_expert_gate else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         B, T, D = x.shape
@@ -89,7 +92,10 @@ class MoELayer(nn.Module):
         per_choice = torch.zeros_like(expert_out).index_copy(0, order, expert_out).view(-1, self.top_k, D)
         out = (per_choice * weights.unsqueeze(-1)).sum(dim=1)  # (N, D)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(tokens)
+            shared = self.shared_experts(tokens)  # (N, D)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+            out = out + shared
 
         # In training the assignment fractions are counted over the data-parallel processes (losses.py explains
         # why that gives the global batch's gradient); evaluation keeps them local, so that one process may

@@ -3,6 +3,9 @@
 Each preset overrides a base config and cites the source it mirrors: the HF `config.json` of the released
 checkpoint, or the paper table where the release predates HF. `tests/test_presets.py` checks every preset's
 parameter count against the published figure and against HF transformers' own model built on the meta device.
+
+configs/model/<name>.yaml are generated from PRESETS by `python -m moe.preset_configs configs/model`
+(moe/preset_configs.py); `tests/test_configs.py` fails when they are out of date.
 """
 
 from __future__ import annotations

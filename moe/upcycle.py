@@ -1,9 +1,10 @@
 """Sparse upcycling (Komatsuzaki et al. 2023, "Sparse Upcycling: Training Mixture-of-Experts from Dense
 Checkpoints"): build an MoE model from a dense one by copying its feed-forward block into every expert.
 
-Everything else (embeddings, attention, norms, output layer) is copied unchanged. The router is new: normal
-init as in the paper, or zeros, which routes uniformly; with Mixtral's top-k renormalisation a uniform router
-weighs k identical experts by 1/k each, so the upcycled model starts out computing exactly the dense function.
+Everything else (embeddings, attention, norms, output layer, and the feed-forward block of each layer the
+config's layer pattern keeps dense) is copied unchanged. The router is new: normal init as in the paper, or zeros,
+which routes uniformly; with Mixtral's top-k renormalisation a uniform router weighs k identical experts by 1/k
+each, so the upcycled model starts out computing exactly the dense function.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def upcycle(
         if ".mlp." not in key:
             moe_state[key].copy_(value)
     for i, block in enumerate(dense.layers):
+        if not config.is_moe_layer(i):  # a layer the pattern keeps dense (ModelConfig.first_k_dense, ...) is copied
+            moe.layers[i].mlp.load_state_dict(block.mlp.state_dict())
+            continue
         experts = moe.layers[i].mlp.experts
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(experts, name).copy_(getattr(block.mlp, name).weight.expand_as(getattr(experts, name)))

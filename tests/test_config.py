@@ -1,9 +1,10 @@
-"""ModelConfig: validation names the offending field; derived fields; analytic counts vs built models."""
+"""ModelConfig: validation names the offending field; derived fields; field metadata; analytic counts vs built
+models."""
 
 import pytest
 import torch
 
-from moe.config import ModelConfig, format_count
+from moe.config import ModelConfig, format_count, resumable_fields, runtime_fields
 from moe.errors import ConfigError, InputError
 from moe.model import Transformer
 
@@ -35,9 +36,9 @@ def tiny(**overrides) -> ModelConfig:
     ],
 )
 def test_inconsistent_config_names_the_field(overrides, field):
-    with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match="ModelConfig." + field.replace("[", r"\[").replace("]", r"\]")) as error:
         tiny(**overrides)
-
+    assert error.value.field == ("n_heads" if field == "d_model" else field.partition("[")[0])
 
 
 @pytest.mark.parametrize(
@@ -58,9 +59,36 @@ def test_inconsistent_config_names_the_field(overrides, field):
 )
 def test_values_the_model_cannot_run_with_are_refused_naming_the_field(overrides, field):
     """Each of these built a model that crashed in its first forward pass (or initialisation), or trained to NaN."""
-    with pytest.raises(ConfigError, match=field) as error:
+    with pytest.raises(ConfigError, match=f"ModelConfig.{field}=") as error:
         tiny(**overrides)
     assert error.value.field == field and isinstance(error.value, InputError)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(head_dim=7), "ModelConfig.head_dim=7 must be even: rotary position embeddings rotate pairs of channels"),
+        (dict(d_model=28), "ModelConfig.head_dim=7 (ModelConfig.d_model=28 // ModelConfig.n_heads=4) must be even"),
+        (dict(d_model=30), "ModelConfig.d_model=30 is not divisible by ModelConfig.n_heads=4; set ModelConfig.head_dim"),
+        (dict(n_kv_heads=3), "ModelConfig.n_heads=4 must be divisible by ModelConfig.n_kv_heads=3"),
+        (dict(vocab_size=0), "ModelConfig.vocab_size=0 must be positive"),
+        (dict(rope_theta=0.0), "ModelConfig.rope_theta=0.0 must be a positive finite number"),
+        (dict(norm_eps=-1.0), "ModelConfig.norm_eps=-1.0 must be a finite number >= 0"),
+    ],
+)
+def test_messages_name_fields_as_model_config_attributes(overrides, message):
+    """`ModelConfig.<field>` reads right from Python; the command line turns it into --model.config.<field>."""
+    with pytest.raises(ConfigError) as error:
+        tiny(**overrides)
+    assert str(error.value).startswith(message)
+
+
+def test_runtime_and_resumable_fields():
+    """The field metadata replaces the lists moe/train kept by hand (module.RUNTIME_FIELDS, resume.RESUMABLE_CHANGES)."""
+    assert set(runtime_fields()) == {"attention_backend", "expert_backend", "aux_loss_coef", "z_loss_coef",
+                                     "capacity_factor"}
+    assert set(resumable_fields()) == {"attention_backend", "expert_backend"}
+    assert set(resumable_fields()) <= set(runtime_fields())  # what may change on resume may differ from init_from
 
 def test_derived_fields():
     config = tiny()
@@ -103,6 +131,7 @@ def test_layer_windows_override_the_global_window():
         dict(n_kv_heads=1, head_dim=16),
         dict(n_experts=4, top_k=2, expert_ffn_dim=16),
         dict(n_experts=4, top_k=1, n_shared_experts=2, expert_ffn_dim=16),
+        dict(n_experts=4, top_k=1, n_shared_experts=2, shared_expert_gate=True, expert_ffn_dim=16),
     ],
 )
 def test_analytic_count_equals_built_model(overrides):

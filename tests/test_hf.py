@@ -14,11 +14,12 @@ from transformers import (
     MistralConfig,
     MixtralConfig,
     Qwen2Config,
+    Qwen2MoeConfig,
 )
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from moe.config import ModelConfig
-from moe.hf import config_from_hf, hf_key_map, load_hf_checkpoint, save_hf_checkpoint
+from moe.hf import config_from_hf, hf_key_map, hf_placeholders, load_hf_checkpoint, save_hf_checkpoint
 from moe.model import Transformer
 
 from .tiny_models import randomize
@@ -34,6 +35,13 @@ HF_FAMILIES = {
                                      num_experts_per_tok=2),
     "qwen2": lambda: Qwen2Config(**HF_DIMS, tie_word_embeddings=True, use_sliding_window=True, sliding_window=5,
                                  max_window_layers=1),
+    # A dense first layer, then MoE layers with a gated shared expert of twice the expert width.
+    "qwen2_moe": lambda: Qwen2MoeConfig(**HF_DIMS, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+                                        num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0]),
+    # MoE on every 2nd layer (1 and 3), no shared expert (width 0), no q/k/v bias, renormalised top-k.
+    "qwen2_moe-step": lambda: Qwen2MoeConfig(**{**HF_DIMS, "num_hidden_layers": 4}, moe_intermediate_size=16,
+                                             shared_expert_intermediate_size=0, num_experts=4, num_experts_per_tok=2,
+                                             decoder_sparse_step=2, qkv_bias=False, norm_topk_prob=True),
 }
 OUR_DIMS = dict(vocab_size=96, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
 OUR_CONFIGS = {  # name: (overrides, HF architecture expected, max_shard_size)
@@ -42,6 +50,13 @@ OUR_CONFIGS = {  # name: (overrides, HF architecture expected, max_shard_size)
     "qwen2-windows": (dict(attn_bias=True, tie_embeddings=True, head_dim=16, layer_windows=[None, 4, 4]),
                       "Qwen2ForCausalLM", "5GB"),
     "moe": (dict(n_experts=4, top_k=2, expert_ffn_dim=48, sliding_window=6), "MixtralForCausalLM", "20KB"),
+    # MoE on some layers only: Qwen2-MoE, whose shared expert a model without one exports with width 0.
+    "moe-dense-first": (dict(n_experts=4, top_k=2, expert_ffn_dim=48, first_k_dense=1), "Qwen2MoeForCausalLM",
+                        "20KB"),
+    "moe-every-2nd-shared": (dict(n_experts=4, top_k=2, expert_ffn_dim=16, moe_every=2, n_shared_experts=2,
+                                  shared_expert_gate=True, attn_bias=True, norm_topk_prob=False, tie_embeddings=True),
+                             "Qwen2MoeForCausalLM", "5GB"),
+    "moe-dense-list": (dict(n_experts=4, top_k=1, expert_ffn_dim=48, dense_layers=[1]), "Qwen2MoeForCausalLM", "5GB"),
 }
 
 
@@ -93,6 +108,26 @@ def test_imported_config_follows_hf(hf_checkpoint):
     assert load_hf_checkpoint(hf_checkpoint("llama")).config.head_dim == 16
     mixtral = load_hf_checkpoint(hf_checkpoint("mixtral")).config
     assert (mixtral.n_experts, mixtral.top_k, mixtral.expert_ffn_dim, mixtral.rope_theta) == (4, 2, 48, 1e6)
+    qwen2_moe = load_hf_checkpoint(hf_checkpoint("qwen2_moe")).config
+    assert (qwen2_moe.dense_layers, qwen2_moe.moe_every, qwen2_moe.moe_layer_indices()) == ([0], 1, (1, 2))
+    assert (qwen2_moe.ffn_dim, qwen2_moe.expert_ffn_dim, qwen2_moe.n_shared_experts) == (64, 16, 2)
+    assert qwen2_moe.shared_expert_gate and qwen2_moe.attn_bias and not qwen2_moe.norm_topk_prob
+    step = load_hf_checkpoint(hf_checkpoint("qwen2_moe-step")).config
+    assert (step.moe_every, step.dense_layers, step.moe_layer_indices()) == (2, [], (1, 3))
+    assert step.n_shared_experts == 0 and not step.shared_expert_gate and not step.attn_bias and step.norm_topk_prob
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen2_moe-step"])
+@torch.no_grad()
+def test_qwen2_moe_router_logits_match_hf_per_moe_layer(hf_checkpoint, family):
+    """ModelOutput.moe has one entry per MoE layer, in layer order, as HF's router_logits."""
+    path = hf_checkpoint(family)
+    ids = input_ids()
+    ours = load_hf_checkpoint(path)
+    out, theirs = ours(ids), hf_load(path)(ids, output_router_logits=True)
+    assert len(out.moe) == len(theirs.router_logits) == len(ours.config.moe_layer_indices())
+    for stats, hf_logits in zip(out.moe, theirs.router_logits):
+        torch.testing.assert_close(stats.router_logits, hf_logits, rtol=0, atol=1e-5)
 
 
 @torch.no_grad()
@@ -135,49 +170,6 @@ def test_tied_checkpoint_may_contain_lm_head(hf_checkpoint, tmp_path):
     assert all(torch.equal(expected[k], loaded[k]) for k in expected)
 
 
-@pytest.mark.parametrize(
-    "hf_config, theta",
-    [
-        (dict(rope_theta=123.0), 123.0),  # transformers v4
-        (dict(rope_theta=123.0, rope_scaling=None), 123.0),
-        (dict(rope_parameters={"rope_theta": 321.0, "rope_type": "default"}), 321.0),  # v5
-        (dict(), 10000.0),  # LlamaConfig's default
-    ],
-)
-def test_rope_theta_from_v4_and_v5_configs(hf_config, theta):
-    base = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4)
-    assert config_from_hf({**base, **hf_config}).rope_theta == theta
-
-
-@pytest.mark.parametrize(
-    "hf_config, name",
-    [
-        (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "linear", "factor": 2.0}), "linear"),
-        (dict(rope_theta=1e4, rope_scaling={"type": "dynamic", "factor": 2.0}), "dynamic"),
-        (dict(rope_theta=1e4, rope_scaling={"rope_type": "llama3", "factor": 8.0}), "llama3"),
-    ],
-)
-def test_rope_scaling_is_refused_by_name(hf_config, name):
-    base = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4)
-    with pytest.raises(NotImplementedError, match=name):
-        config_from_hf({**base, **hf_config})
-
-
-@pytest.mark.parametrize("v4", [False, True])
-@pytest.mark.parametrize("use_sliding_window, max_window_layers", [(True, 0), (True, 2), (True, 4), (False, 1)])
-def test_qwen2_layer_windows_match_hf_layer_types(use_sliding_window, max_window_layers, v4):
-    hf = Qwen2Config(**{**HF_DIMS, "num_hidden_layers": 4}, use_sliding_window=use_sliding_window,
-                     sliding_window=7, max_window_layers=max_window_layers)
-    hf_dict = hf.to_dict()
-    if v4:  # configs written before transformers had layer_types
-        del hf_dict["layer_types"]
-        hf_dict["sliding_window"] = 7
-    windows = config_from_hf(hf_dict).layer_windows or [None] * 4
-    assert windows == [7 if t == "sliding_attention" else None for t in hf.layer_types]
-
-
 # ---------------------------------------------------------------------------------------------------- export
 @pytest.mark.parametrize("name", OUR_CONFIGS)
 @torch.no_grad()
@@ -190,11 +182,14 @@ def test_export_round_trip(name, tmp_path):
     hf_config.pop("layer_types", None)  # transformers v4 reads max_window_layers instead
     v4_config = config_from_hf(hf_config)
     assert [v4_config.window_for_layer(i) for i in range(3)] == [ours.config.window_for_layer(i) for i in range(3)]
+    assert v4_config.moe_layer_indices() == ours.config.moe_layer_indices()
     assert (tmp_path / "model.safetensors.index.json").is_file() == (max_shard_size != "5GB")
 
     theirs, info = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
                                                         output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched weights on HF's side
+    hf_moe_layers = [i for i, layer in enumerate(theirs.model.layers) if hasattr(layer.mlp, "experts")]
+    assert hf_moe_layers == list(ours.config.moe_layer_indices())
     ids = input_ids()
     torch.testing.assert_close(theirs.eval()(ids).logits, ours(ids).logits, rtol=0, atol=1e-5)
 
@@ -215,8 +210,13 @@ def test_export_dtype(tmp_path):
     [
         (dict(norm_type="layernorm"), "norm_type"),
         (dict(n_experts=4, n_shared_experts=1), "shared experts"),
-        (dict(n_experts=4, norm_topk_prob=False), "norm_topk_prob"),
-        (dict(n_experts=4, attn_bias=True), "attn_bias"),
+        (dict(n_experts=4, n_shared_experts=1, shared_expert_gate=False), "ModelConfig.shared_expert_gate=True"),
+        # Beyond Mixtral, and Qwen2-MoE's sliding windows are not supported.
+        (dict(n_experts=4, norm_topk_prob=False, sliding_window=4), "norm_topk_prob=False .* windows"),
+        (dict(n_experts=4, attn_bias=True, sliding_window=4), "attn_bias=True .* windows"),
+        (dict(n_experts=4, first_k_dense=1, layer_windows=[None, 4, 4]),
+         r"MoE on layers \[1, 2\] only \(ModelConfig.first_k_dense=1\) .* windows"),
+        (dict(n_experts=4, layer_windows=[4, None, 4]), "per-layer windows"),
         (dict(layer_windows=[4, None, 4]), "per-layer windows"),
         (dict(attn_bias=True, layer_windows=[4, None, 4]), "not Qwen2-expressible"),
         (dict(attn_bias=True, layer_windows=[None, 4, 6]), "not Qwen2-expressible"),
@@ -240,7 +240,7 @@ def test_key_map_covers_every_parameter_once():
     for overrides, _, _ in OUR_CONFIGS.values():
         config = ModelConfig(**OUR_DIMS, **overrides)
         entries = hf_key_map(config)
-        hf_keys = [key for entry in entries for key in entry.hf]
+        hf_keys = [key for entry in entries for key in entry.hf] + list(hf_placeholders(config))
         assert sorted(e.ours for e in entries) == sorted(Transformer(config).state_dict())
         assert len(hf_keys) == len(set(hf_keys))
 

@@ -22,6 +22,9 @@ CONFIGS = {
     "moe_shared": {**MOE, "n_shared_experts": 1},
     "moe_tied_layernorm": {**MOE, "tie_embeddings": True, "norm_type": "layernorm", "attn_bias": True},
     "dense_tied_nonparam": {"tie_embeddings": True, "norm_type": "layernorm_nonparam", "n_kv_heads": 1},
+    # MoE on some layers only (tests/test_layer_pattern.py has the patterns themselves).
+    "moe_dense_first": {**MOE, "first_k_dense": 1},
+    "moe_every_2nd_gated_shared": {**MOE, "moe_every": 2, "n_shared_experts": 1, "shared_expert_gate": True},
 }
 
 
@@ -41,8 +44,9 @@ def test_forward_shapes(name):
     assert out.logits.shape == (2, 12, V)
     assert torch.isfinite(out.logits).all()
     if model.config.is_moe:
-        assert len(out.moe) == 2
-        assert out.tokens_per_expert.shape == (2, 4)
+        n_moe = len(model.config.moe_layer_indices())  # one entry per MoE layer, none for dense layers
+        assert len(out.moe) == n_moe == (1 if name.startswith(("moe_dense", "moe_every")) else 2)
+        assert out.tokens_per_expert.shape == (n_moe, 4)
         assert (out.tokens_per_expert.sum(-1) == 2 * 12 * 2).all()
         assert out.aux_loss.shape == out.z_loss.shape == ()
         assert all(logits.shape == (24, 4) for logits in out.router_logits)

@@ -1,6 +1,6 @@
 """moe.moe_layer.MoELayer against a per-token oracle built from the definitions: softmax over the router
 logits, top-k, optional renormalisation, weighted sum of each chosen expert's SwiGLU from the stacked
-weights, plus the shared experts; capacity limits against a brute-force first-come queue per expert.
+weights, plus the shared experts (scaled by a sigmoid gate, Qwen2-MoE); capacity limits against a brute-force first-come queue per expert.
 
 Shapes: B batch, T time, N = B*T tokens, D model dim, E experts, k experts per token.
 """
@@ -69,7 +69,10 @@ def oracle(layer: MoELayer, x: torch.Tensor, normalize: bool, capacity: int | No
                 out = out + w * swiglu(t, ex.gate_proj[e], ex.up_proj[e], ex.down_proj[e])
         if layer.shared_experts is not None:
             s = layer.shared_experts
-            out = out + swiglu(t, s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
+            shared = swiglu(t, s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
+            if layer.shared_expert_gate is not None:
+                shared = torch.sigmoid(layer.shared_expert_gate.weight[0] @ t) * shared
+            out = out + shared
         outs.append(out)
     return torch.stack(outs).view_as(x), experts, keep
 
@@ -86,17 +89,18 @@ def routed_inputs(logits: torch.Tensor, layer: MoELayer, seed: int = 0) -> torch
 
 
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
-@pytest.mark.parametrize("n_shared_experts", [0, 1, 2])
+@pytest.mark.parametrize("n_shared_experts, shared_expert_gate", [(0, False), (1, False), (2, False), (2, True)])
 @pytest.mark.parametrize("backend", ["loop", "grouped"])
-def test_layer_matches_per_token_oracle(backend, n_shared_experts, norm_topk_prob):
+def test_layer_matches_per_token_oracle(backend, n_shared_experts, shared_expert_gate, norm_topk_prob):
     layer = make_layer(expert_backend=backend, n_shared_experts=n_shared_experts, norm_topk_prob=norm_topk_prob,
-                       n_experts=6, top_k=2)
+                       n_experts=6, top_k=2, shared_expert_gate=shared_expert_gate)
     x = torch.randn(2, 7, D, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out, stats = layer(x)
         expected, experts, _ = oracle(layer, x, norm_topk_prob)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert (layer.shared_experts is None) == (n_shared_experts == 0)
+    assert (layer.shared_expert_gate is None) == (not shared_expert_gate)
     torch.testing.assert_close(stats.router_logits, x.reshape(-1, D) @ layer.router.gate.weight.T)
     counts = torch.bincount(torch.tensor(experts).flatten(), minlength=6)
     assert torch.equal(stats.tokens_per_expert, counts)
@@ -175,10 +179,10 @@ def test_large_capacity_equals_dropless(backend):
     assert stats_dropless.tokens_per_expert.sum() == 18 * 2
 
 
-@pytest.mark.parametrize("n_shared_experts", [0, 1])
+@pytest.mark.parametrize("n_shared_experts, shared_expert_gate", [(0, False), (1, False), (1, True)])
 @pytest.mark.parametrize("backend", ["loop", "grouped"])
-def test_backward_reaches_every_parameter(backend, n_shared_experts):
-    layer = make_layer(expert_backend=backend, n_shared_experts=n_shared_experts)
+def test_backward_reaches_every_parameter(backend, n_shared_experts, shared_expert_gate):
+    layer = make_layer(expert_backend=backend, n_shared_experts=n_shared_experts, shared_expert_gate=shared_expert_gate)
     x = torch.randn(2, 16, D, generator=torch.Generator().manual_seed(6), requires_grad=True)
     out, stats = layer(x)
     assert (stats.tokens_per_expert > 0).all()  # so that every expert should receive a gradient
