@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -24,17 +26,19 @@ from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from eval.callback import ZeroShotEvaluation
-from moe.config import ModelConfig, format_count
+from moe.config import ModelConfig, format_count, runtime_fields
 from moe.data import TextDataModule
+from moe.data.sources import Source
 from moe.errors import ConfigError, InputError, TrainingStopped
 from moe.presets import get_preset, preset_names
 from moe.train import LanguageModel
 from moe.train.checkpoint import consolidate_checkpoint, is_sharded_checkpoint
 from moe.train.checkpoint_io import verify_checkpoint
 from moe.train.export import export_to_hf
-from moe.train.module import RUNTIME_FIELDS, Sampling
+from moe.train.module import Sampling
 from moe.train.preemption import CheckpointOnSigterm
 from moe.train.strategies import check_strategy
 from moe.train.trainer_checks import check_trainer_flags
@@ -62,9 +66,70 @@ def tokenizer_vocab_size(data: TextDataModule) -> int:
     return data.n_vocab
 
 
-def refuse(message: str) -> None:
-    """End the command with one line on stderr and exit status 2, as for a bad flag (and no usage text)."""
-    print(f"error: {message}", file=sys.stderr)
+# ---- Python settings as flags -----------------------------------------------------------------------------------
+# Library errors name a setting as Python spells it, `<Class>.<field>` (`TextDataModule.num_workers=-1 must be
+# >= 0`), so that a Python user reads what they set; the command line prints each as the flag that sets it
+# (`--data.num_workers=-1 must be >= 0`). One row per class this CLI configures: its flag prefix.
+FLAG_PREFIXES: dict[type, str] = {
+    ModelConfig: "--model.config.",
+    LanguageModel: "--model.",
+    Sampling: "--model.sampling.",
+    TextDataModule: "--data.",
+    # An entry of the data mixture. The data module names its index (`TextDataModule.sources[1].weight` is
+    # --data.sources[1].weight); a Source alone does not know it, and its message names the source by its path.
+    Source: "--data.sources[*].",
+    ZeroShotEvaluation: "--eval.",
+    CheckpointOnSigterm: "--preemption.",
+    # Lightning's, whose arguments the project's subclass (moe.train.parallel, configs/strategy/fsdp2.yaml) takes.
+    ModelParallelStrategy: "--trainer.strategy.init_args.",
+    Trainer: "--trainer.",
+}
+# Settings this CLI fills in by a link (add_arguments_to_parser), which cannot be given as flags: the flag the
+# value comes from, or None where it is computed (the vocabulary size, from the data's tokenizer), which keeps the
+# Python name.
+LINKED_SETTINGS: dict[str, str | None] = {
+    "TextDataModule.seq_len": "--model.config.max_seq_len",
+    "ModelConfig.vocab_size": None,
+}
+_CLASSES = {cls.__name__: cls for cls in FLAG_PREFIXES}
+# A class name on its own (not the tail of a dotted path such as moe.config.ModelConfig), a dot, a field name.
+_SETTING = re.compile(rf"(?<![\w.])({'|'.join(_CLASSES)})\.([A-Za-z_]\w*)")
+
+
+def _settings(cls: type) -> set[str]:
+    """The names a class takes as configuration: a dataclass's fields, otherwise its constructor's parameters."""
+    if dataclasses.is_dataclass(cls):
+        return {field.name for field in dataclasses.fields(cls)}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name for name, p in inspect.signature(cls).parameters.items() if p.kind in kinds}
+
+
+def as_flags(message: str, read_from_checkpoint: tuple[type, ...] = ()) -> str:
+    """`message` with each `<Class>.<field>` of a class in FLAG_PREFIXES written as its flag.
+
+    Only settings are rewritten: a method (`Trainer.fit`, in Lightning's messages) keeps its name. The fields of
+    the classes in `read_from_checkpoint` were read from a checkpoint, not given as flags, so they are written as
+    the bare field name."""
+    def flag(match: re.Match) -> str:
+        name, field = match.groups()
+        cls = _CLASSES[name]
+        if field not in _settings(cls):
+            return match[0]
+        if cls in read_from_checkpoint:
+            return field
+        if match[0] in LINKED_SETTINGS:
+            return LINKED_SETTINGS[match[0]] or match[0]
+        return FLAG_PREFIXES[cls] + field
+
+    return _SETTING.sub(flag, message)
+
+
+def refuse(message: str, flags: bool = True) -> None:
+    """End the command with one line on stderr and exit status 2, as for a bad flag (and no usage text).
+
+    With `flags`, the settings the message names (`TextDataModule.seq_len`) are written as this CLI's flags;
+    commands whose settings are not flags (`moe export`) pass False."""
+    print(f"error: {as_flags(message) if flags else message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -124,7 +189,8 @@ class MoECLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:
-        # The tokenizer may be trained by the data module, so its size is known only once the module exists.
+        # The tokenizer may be trained by the data module, so its size is known only once the module exists. (A
+        # linked setting is no flag: LINKED_SETTINGS says how an error names these two.)
         parser.link_arguments("data", "model.config.vocab_size", compute_fn=tokenizer_vocab_size,
                               apply_on="instantiate")
         parser.link_arguments("model.config.max_seq_len", "data.seq_len")
@@ -201,13 +267,13 @@ class MoECLI(LightningCLI):
             # jsonargparse wraps an error raised while computing the vocab_size link in one that prints the whole
             # data module; the cause alone says what is wrong.
             cause = error.__cause__ if isinstance(error.__cause__, (InputError, FileNotFoundError)) else error
-            if isinstance(cause, ConfigError) and cause.field:  # the library names the field; here, its flag
-                config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-                init_from = config.model.get("init_from")
-                from_checkpoint = init_from and cause.field not in RUNTIME_FIELDS  # the rest is the checkpoint's
-                refuse(f"{cause} (in the model config of --model.init_from {init_from})" if from_checkpoint
-                       else f"{cause} (--model.config.{cause.field})")
-            refuse(str(cause))
+            config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+            init_from = config.model.get("init_from")
+            if init_from and isinstance(cause, ConfigError) and cause.field not in runtime_fields():
+                # The model config is the checkpoint's but for the runtime fields: no flag set the field at fault.
+                refuse(f"the model config of --model.init_from {init_from}: "
+                       + as_flags(str(cause), read_from_checkpoint=(ModelConfig,)))
+            refuse(str(cause))  # the settings it names, as flags
 
     def _run_subcommand(self, subcommand: str) -> None:
         # Errors whose message says what to do (bad data, a checkpoint that does not fit, a diverged run) end
@@ -219,7 +285,7 @@ class MoECLI(LightningCLI):
         except InputError as error:  # exit status 2, as for a bad flag
             refuse(str(error))
         except TrainingStopped as error:
-            sys.exit(f"training stopped: {error}")  # exit status 1
+            sys.exit(f"training stopped: {as_flags(str(error))}")  # exit status 1
 
 
 def build_cli(argv: list[str] | None = None, run: bool = True) -> MoECLI:
@@ -248,7 +314,9 @@ def export(argv: list[str]) -> None:
     try:
         out = export_to_hf(args.checkpoint, args.out_dir, DTYPES.get(args.dtype))
     except (ValueError, FileNotFoundError) as error:
-        refuse(str(error))  # what the command's arguments name is wrong, not their syntax: no usage text
+        # What the command's arguments name is wrong, not their syntax: no usage text. A setting the message names
+        # is the checkpoint's, which no flag of this command sets.
+        refuse(str(error), flags=False)
     print(f"wrote {out}")
 
 
@@ -262,7 +330,7 @@ def consolidate(argv: list[str]) -> None:
     try:
         out = consolidate_checkpoint(args.src, args.dst)
     except (ValueError, FileNotFoundError) as error:
-        refuse(str(error))
+        refuse(str(error), flags=False)
     print(f"wrote {out}")
 
 

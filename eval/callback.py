@@ -47,10 +47,13 @@ class ZeroShotEvaluation(pl.Callback):
         """
         self.tasks = list(tasks or [])
         for name in self.tasks:
-            get_task(name)  # an unknown task fails now, listing the available ones
+            try:
+                get_task(name)  # an unknown task fails now, listing the available ones
+            except ValueError as error:
+                raise ValueError(f"ZeroShotEvaluation.tasks: {error}") from None
         for name, value in (("every_n_steps", every_n_steps), ("limit", limit), ("batch_tokens", batch_tokens)):
             if value is not None and value <= 0:
-                raise ValueError(f"{name}={value} must be positive or None")
+                raise ValueError(f"ZeroShotEvaluation.{name}={value} must be positive or None")
         self.every_n_steps, self.at_validation = every_n_steps, at_validation
         self.limit, self.seed, self.batch_tokens, self.output = limit, seed, batch_tokens, output
         self.data_dir = data_dir

@@ -1,13 +1,18 @@
 """Errors the user can act on: bad input (a data file, a flag, a checkpoint) and a run that must stop.
 
 The command line prints these as one message and a non-zero exit instead of a traceback, because the message
-already says what is wrong, where (file, line, key or flag) and what to do; any other exception is a bug and keeps
+already says what is wrong, where (file, line, key or setting) and what to do; any other exception is a bug and keeps
 its traceback.
+
+A message names a setting as Python spells it, `<Class>.<field>` (`ModelConfig.n_kv_heads`,
+`TextDataModule.num_workers`, `TextDataModule.sources[1].weight`), never as a flag: a Python user sees what they
+set, and the command line prints it as the flag that sets it (`--model.config.n_kv_heads`; the table is
+`FLAG_PREFIXES` in cli.py).
 """
 
 
 class InputError(ValueError):
-    """Input that cannot be used as given: the message names the file, line, key or flag at fault."""
+    """Input that cannot be used as given: the message names the file, line, key or setting at fault."""
 
 
 class IncompatibleResume(InputError):
@@ -21,7 +26,8 @@ class TrainingStopped(RuntimeError):
 
 class ConfigError(InputError):
     """A configuration value that cannot be used, alone or with another one; `field` names the config field at
-    fault, so that the command line can name its flag (`head_dim` is --model.config.head_dim)."""
+    fault, so that the command line can tell a value it was given from one read from a checkpoint (`init_from`),
+    which no flag set."""
 
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)

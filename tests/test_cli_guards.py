@@ -164,7 +164,7 @@ def test_sampling_edges():
     Sampling(max_new_tokens=1, temperature=0, top_k=1, top_p=1)
     Sampling(top_k=None, top_p=None)
     for field in ("temperature", "top_p"):  # NaN compares false with everything
-        with pytest.raises(ValueError, match=f"--model.sampling.{field}=nan"):
+        with pytest.raises(ValueError, match=f"Sampling.{field}=nan"):
             Sampling(**{field: float("nan")})
 
 

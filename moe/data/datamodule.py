@@ -49,13 +49,13 @@ _BASELINE_CHUNK_TOKENS = 1 << 24
 _VAL_SPLIT_STREAM = 0  # SeedSequence tag; the mixture schedule uses 1 and 2
 # How each part of the resume fingerprint is set, for the message that refuses a resume.
 _FINGERPRINT_LABELS = {
-    "sources": "--data.sources (name, content hash, weight)",
+    "sources": "TextDataModule.sources (name, content hash, weight)",
     "tokenizer": "tokenizer (hash of its JSON)",
-    "seq_len": "--data.seq_len",
-    "seed": "--data.seed",
-    "val_fraction": "--data.val_fraction",
-    "global_batch_size": "global batch size (--data.batch_size x devices x nodes)",
-    "accumulate_grad_batches": "--trainer.accumulate_grad_batches (micro-batches per optimizer step, so the tokens "
+    "seq_len": "TextDataModule.seq_len",
+    "seed": "TextDataModule.seed",
+    "val_fraction": "TextDataModule.val_fraction",
+    "global_batch_size": "global batch size (TextDataModule.batch_size x Trainer.devices x Trainer.num_nodes)",
+    "accumulate_grad_batches": "Trainer.accumulate_grad_batches (micro-batches per optimizer step, so the tokens "
     "per step are those of the global batch times this)",
     "schedule": "mixture schedule version",
     "token_cache": "token cache (CRC-32 of each source's token array)",
@@ -98,7 +98,7 @@ class TextDataModule(pl.LightningDataModule):
             prompts: Prompts served by predict_dataloader.
         """
         super().__init__()
-        _check_arguments(tokenizer, vocab_size, seq_len, batch_size, val_fraction, num_workers, seed,
+        _check_arguments(sources, tokenizer, vocab_size, seq_len, batch_size, val_fraction, num_workers, seed,
                          corpus_max_bytes, planned_tokens, prompts)
         self.sources = list(sources) if sources else [Source(STDLIB)]
         self.tokenizer_path = tokenizer
@@ -193,7 +193,8 @@ class TextDataModule(pl.LightningDataModule):
         n_val, world = sum(len(v) for v in self._val_windows), self._rank_and_world()[1]
         if 0 < n_val < world:
             raise DataError(
-                f"{n_val} validation sequences cannot give each of {world} devices one; raise val_fraction or set 0"
+                f"{n_val} validation sequences cannot give each of {world} devices one; raise "
+                "TextDataModule.val_fraction or set it to 0"
             )
         if self._checkpoint_fingerprint is not None:
             self._check_fingerprint(self._checkpoint_fingerprint)
@@ -214,7 +215,8 @@ class TextDataModule(pl.LightningDataModule):
             if n == 0:
                 raise DataError(
                     f"source {source.name!r} ({source.description}) has {meta.n_tokens} tokens, fewer than one "
-                    f"sequence of seq_len + 1 = {self.seq_len + 1}; add text to it, lower seq_len, or leave it out"
+                    f"sequence of seq_len + 1 = {self.seq_len + 1}; add text to it, lower TextDataModule.seq_len, "
+                    "or leave it out"
                 )
             rng = np.random.default_rng([self.seed, _VAL_SPLIT_STREAM, index])
             train, val = split_windows(n, self.val_fraction, rng)
@@ -247,7 +249,8 @@ class TextDataModule(pl.LightningDataModule):
             raise DataError(
                 f"the corpus is smaller than one batch: {n_train} training sequences of {self.seq_len} tokens "
                 f"({per_source}), but one global batch needs {self.global_batch_size()} (batch_size "
-                f"{self.batch_size} x {self._rank_and_world()[1]} devices); add data or lower seq_len / batch_size"
+                f"{self.batch_size} x {self._rank_and_world()[1]} devices); add data or lower "
+                "TextDataModule.seq_len / TextDataModule.batch_size"
             )
         return batches
 
@@ -407,11 +410,12 @@ class TextDataModule(pl.LightningDataModule):
             probabilities += source.weight / total_weight * (counts + 1) / (counts.sum() + V)
             val_counts += source_val_counts
         if val_counts.sum() == 0:
-            raise ValueError("no validation tokens (val_fraction is 0)")
+            raise ValueError("no validation tokens (TextDataModule.val_fraction is 0)")
         return float(-(val_counts * np.log(probabilities)).sum() / val_counts.sum())
 
 
 def _check_arguments(
+    sources: list[Source] | None,
     tokenizer: str | None,
     vocab_size: int,
     seq_len: int,
@@ -423,7 +427,8 @@ def _check_arguments(
     planned_tokens: int | None,
     prompts: list[str],
 ) -> None:
-    """Refuse, by flag, the arguments that would otherwise fail later with a traceback or run a wrong job."""
+    """Refuse, naming the setting (`TextDataModule.<name>`), the arguments that would otherwise fail later with a
+    traceback or run a wrong job."""
     checks = [
         ("seq_len", seq_len, seq_len >= 1, ">= 1"),
         ("batch_size", batch_size, batch_size >= 1, ">= 1"),
@@ -434,17 +439,22 @@ def _check_arguments(
         ("corpus_max_bytes", corpus_max_bytes, corpus_max_bytes is None or corpus_max_bytes >= 1,
          ">= 1, or null for the whole corpus"),
         ("planned_tokens", planned_tokens, planned_tokens is None or planned_tokens >= 1,
-         ">= 1, or null to derive it from --trainer.max_steps"),
+         ">= 1, or null to derive it from Trainer.max_steps"),
         # Only a trained tokenizer needs it; a given one brings its own vocabulary.
         ("vocab_size", vocab_size, tokenizer is not None or vocab_size >= 257,
          ">= 257 (the 256 bytes and the end-of-text token) to train a tokenizer"),
     ]
     for name, value, valid, expected in checks:
         if not valid:
-            raise InputError(f"--data.{name}={value} must be {expected}")
+            raise InputError(f"TextDataModule.{name}={value} must be {expected}")
+    for index, source in enumerate(sources or []):
+        if not source.weight > 0:  # NaN too
+            raise InputError(f"TextDataModule.sources[{index}].weight={source.weight} must be positive "
+                             f"(source {source.path!r})")
     for index, prompt in enumerate(prompts):
         if not prompt:
-            raise InputError(f"--data.prompts[{index}] is empty; a prompt needs at least one character to continue")
+            raise InputError(f"TextDataModule.prompts[{index}] is empty; a prompt needs at least one character to "
+                             "continue")
 
 
 class _ListDataset(Dataset):

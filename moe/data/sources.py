@@ -69,8 +69,8 @@ def resolve_source(
     source: Source, stdlib_max_bytes: int | None = None, hash_cache: Path | None = None
 ) -> ResolvedSource:
     """Bind `source` to its files; `hash_cache` is a folder where content hashes of unchanged files are kept."""
-    if source.weight <= 0:
-        raise DataError(f"source {source.path!r}: weight must be positive, got {source.weight}")
+    if not source.weight > 0:  # NaN too
+        raise DataError(f"Source.weight={source.weight} must be positive (source {source.path!r})")
     if source.path == STDLIB:
         files, root = stdlib_files(stdlib_max_bytes), Path(sysconfig.get_paths()["stdlib"])
         name = source.name or "python-stdlib"

@@ -177,7 +177,7 @@ def tokenize_source(
             raise  # not the cache's: reading the source, say
         why = f"{problem}, and it cannot be rebuilt" if problem else f"{bin_path} cannot be written"
         raise DataError(f"token cache: {why} ({error.strerror or error}: {error.filename}); point $MOE_CACHE_DIR "
-                        "or --data.cache_dir at a writable folder with free space") from error
+                        "or TextDataModule.cache_dir at a writable folder with free space") from error
 
 
 def _tokenize(source: ResolvedSource, tokenizer: Tokenizer, eos_id: int, tokenizer_hash: str, bin_path: Path,

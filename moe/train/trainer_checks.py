@@ -4,6 +4,9 @@ count of 0, and an accelerator this machine does not have (`gpu` or `cuda` witho
 
 -1 is Lightning's "no limit" for max_steps and max_epochs, and "every device" for devices. The GPU-only
 strategies are checked by `moe.train.strategies.check_strategy`.
+
+Only the command line calls this, on its parsed `trainer` section before the Trainer exists, so its messages name
+flags (`--trainer.devices`): a Python user builds the Trainer and gets Lightning's own errors.
 """
 
 from __future__ import annotations

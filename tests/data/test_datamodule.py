@@ -204,10 +204,11 @@ def original_kwargs(module):
 @pytest.mark.parametrize(
     "change,field",
     [
-        ({"seq_len": 8}, r"--data.seq_len: checkpoint 16, now 8"),
-        ({"seed": 8}, r"--data.seed: checkpoint 7, now 8"),
-        ({"batch_size": 2}, r"global batch size \(--data.batch_size x devices x nodes\): checkpoint 4, now 2"),
-        ({"val_fraction": 0.2}, r"--data.val_fraction: checkpoint 0.1, now 0.2"),
+        ({"seq_len": 8}, r"TextDataModule.seq_len: checkpoint 16, now 8"),
+        ({"seed": 8}, r"TextDataModule.seed: checkpoint 7, now 8"),
+        ({"batch_size": 2},
+         r"global batch size \(TextDataModule.batch_size x Trainer.devices x Trainer.num_nodes\): checkpoint 4, now 2"),
+        ({"val_fraction": 0.2}, r"TextDataModule.val_fraction: checkpoint 0.1, now 0.2"),
         ({"vocab_size": 300}, r"tokenizer \(hash of its JSON\): checkpoint '\w+', now '\w+'"),
     ],
 )
@@ -218,12 +219,12 @@ def test_resume_with_changed_pipeline_says_what_changed(sources, tmp_path, chang
         changed.load_state_dict(state)
 
 
-def test_resume_with_other_accumulation_is_refused_naming_the_flag(sources, tmp_path):
+def test_resume_with_other_accumulation_is_refused_naming_the_setting(sources, tmp_path):
     # The same micro-batches in the same order, but twice the tokens per optimizer step.
     state = make(sources, tmp_path).state_dict()
     changed = make(sources, tmp_path, trainer=fake_trainer(accumulate=2))
     assert changed.global_batch_size() == BATCH
-    with pytest.raises(IncompatibleResume, match=r"--trainer.accumulate_grad_batches \(.*\): checkpoint 1, now 2"):
+    with pytest.raises(IncompatibleResume, match=r"Trainer.accumulate_grad_batches \(.*\): checkpoint 1, now 2"):
         changed.load_state_dict(state)
     make(sources, tmp_path, trainer=fake_trainer(accumulate=2)).load_state_dict(changed.state_dict())
 
@@ -258,23 +259,26 @@ def test_changed_source_content_is_caught(sources, tmp_path):
     state = make(sources, tmp_path, tokenizer=None).state_dict()
     with open(sources[1].path, "a") as f:
         f.write('{"text": "one more document"}\n')
-    with pytest.raises(IncompatibleResume, match=r"--data.sources \(name, content hash, weight\)"):
+    with pytest.raises(IncompatibleResume, match=r"TextDataModule.sources \(name, content hash, weight\)"):
         make(sources, tmp_path).load_state_dict(state)
 
 
 @pytest.mark.parametrize("argument,value,message", [
-    ("num_workers", -1, "--data.num_workers=-1 must be >= 0"),
-    ("batch_size", 0, "--data.batch_size=0 must be >= 1"),
-    ("seq_len", 0, "--data.seq_len=0 must be >= 1"),
-    ("seed", -3, "--data.seed=-3 must be >= 0"),
-    ("val_fraction", 1.0, r"--data.val_fraction=1.0 must be in \[0, 1\)"),
-    ("val_fraction", float("nan"), r"--data.val_fraction=nan must be in \[0, 1\)"),
-    ("corpus_max_bytes", 0, "--data.corpus_max_bytes=0 must be >= 1"),
-    ("planned_tokens", -5, "--data.planned_tokens=-5 must be >= 1"),
-    ("vocab_size", 200, r"--data.vocab_size=200 must be >= 257 \(the 256 bytes and the end-of-text token\)"),
-    ("prompts", ["def ", ""], r"--data.prompts\[1\] is empty"),
+    ("num_workers", -1, "TextDataModule.num_workers=-1 must be >= 0"),
+    ("batch_size", 0, "TextDataModule.batch_size=0 must be >= 1"),
+    ("seq_len", 0, "TextDataModule.seq_len=0 must be >= 1"),
+    ("seed", -3, "TextDataModule.seed=-3 must be >= 0"),
+    ("val_fraction", 1.0, r"TextDataModule.val_fraction=1.0 must be in \[0, 1\)"),
+    ("val_fraction", float("nan"), r"TextDataModule.val_fraction=nan must be in \[0, 1\)"),
+    ("corpus_max_bytes", 0, "TextDataModule.corpus_max_bytes=0 must be >= 1"),
+    ("planned_tokens", -5, "TextDataModule.planned_tokens=-5 must be >= 1, or null to derive it from Trainer.max_steps"),
+    ("vocab_size", 200, r"TextDataModule.vocab_size=200 must be >= 257 \(the 256 bytes and the end-of-text token\)"),
+    ("prompts", ["def ", ""], r"TextDataModule.prompts\[1\] is empty"),
+    ("sources", [Source("a"), Source("b", weight=0.0)],
+     r"TextDataModule.sources\[1\].weight=0.0 must be positive \(source 'b'\)"),
+    ("sources", [Source("a", weight=float("nan"))], r"TextDataModule.sources\[0\].weight=nan must be positive"),
 ])
-def test_unusable_argument_is_refused_naming_its_flag(tmp_path, argument, value, message):
+def test_unusable_argument_is_refused_naming_its_setting(tmp_path, argument, value, message):
     with pytest.raises(InputError, match=f"^{message}"):
         TextDataModule(cache_dir=str(tmp_path), **{argument: value})
 

@@ -136,7 +136,7 @@ def test_hf_source_reads_the_text_column(monkeypatch):
 
 
 def test_nonpositive_weight_rejected(tmp_path):
-    with pytest.raises(DataError, match="weight"):
+    with pytest.raises(DataError, match=rf"^Source.weight=0 must be positive \(source '{re.escape(str(tmp_path))}'\)"):
         resolve_source(Source(str(tmp_path), weight=0))
 
 

@@ -59,5 +59,5 @@ def test_a_continuation_without_tokens_names_file_and_line(tmp_path):
 
 @pytest.mark.parametrize("name", ["limit", "batch_tokens", "every_n_steps"])
 def test_callback_settings_that_are_not_positive_are_refused_when_built(name):
-    with pytest.raises(ValueError, match=f"{name}=0 must be positive or None"):
+    with pytest.raises(ValueError, match=f"^ZeroShotEvaluation.{name}=0 must be positive or None"):
         ZeroShotEvaluation(tasks=["piqa"], **{name: 0})
