@@ -134,3 +134,20 @@ def test_help_documents_model_fields_and_module_arguments(workdir, capsys):
     assert "Width of the residual stream (HF: hidden_size)." in out  # a ModelConfig field docstring
     assert "Peak learning rate." in out  # LanguageModel's docstring
     assert "Tokens per training sequence." in out  # TextDataModule's docstring
+
+
+def test_a_model_with_dense_first_layers_trains_logs_its_moe_layers_and_exports(workdir):
+    """DeepSeek-style first_k_dense through the real commands: expert load is logged under the MoE layer's own index,
+    and the export (a Qwen2-MoE directory, with mlp_only_layers) gives HF's logits equal to ours."""
+    cli.main(["fit", *tiny_run_args(workdir), "--model.config.first_k_dense", "1", "--trainer.max_steps", "4",
+              "--trainer.val_check_interval", "4"])
+    run = workdir / "runs" / "quickstart" / "version_0"
+    columns = next(csv.reader((run / "metrics.csv").open()))
+    assert "experts/layer_1/max_over_mean" in columns and not [c for c in columns if "layer_0" in c]
+    cli.main(["export", str(run / "checkpoints/last.ckpt"), str(workdir / "hf")])
+    ours, _ = load_lightning_checkpoint(run / "checkpoints/last.ckpt")
+    assert not ours.config.is_moe_layer(0) and ours.config.is_moe_layer(1)
+    hf = AutoModelForCausalLM.from_pretrained(workdir / "hf", torch_dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours.eval()(ids).logits, rtol=1e-4, atol=1e-4)

@@ -84,3 +84,22 @@ def clip_gradients(strategy: Strategy, optimizer: torch.optim.Optimizer, clip_va
     for grad in grads:
         if isinstance(grad, DTensor):
             grad.mul_(coefficient)
+
+
+class StepGradientNorm:
+    """The gradient norm of the optimizer step in flight, as a float, computed once (after fp16's unscaling) by
+    whichever needs it first, the step guard or clipping, and forgotten after the step. None under DeepSpeed."""
+
+    def __init__(self):
+        self._value: float | None = None
+        self._known = False
+
+    def get(self, trainer, optimizer: torch.optim.Optimizer, parameters) -> float | None:
+        if not self._known:
+            unscale_gradients(trainer.precision_plugin, optimizer)
+            norm = gradient_norm(trainer.strategy, parameters)
+            self._value, self._known = (None if norm is None else float(norm)), True
+        return self._value
+
+    def forget(self) -> None:
+        self._value, self._known = None, False

@@ -7,7 +7,11 @@ standard deviations above the mean of the last `spike_window` applied steps (PaL
 batches around spikes; OLMo 2 and Megatron-LM guard the same way). Dropped steps are counted, and too many in a
 row stop the run: a loss that stays high is a new level or a divergence, not a spike.
 
-The window and the counters are part of the checkpoint, so a resumed run makes the same decisions.
+`StepGuard` is a Lightning callback, registered by `LanguageModel` unless `trainer.callbacks` holds one (which is how
+its settings are given: `--trainer.callbacks+=moe.train.guard.StepGuard --trainer.callbacks.on_nonfinite skip`).
+It judges the step's total loss (what each micro-batch backpropagates, cross-entropy plus router losses) and the
+gradient norm, both as means over processes so that every process takes the same decision, right before the
+update. The window and the counters are part of the checkpoint, so a resumed run makes the same decisions.
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+import lightning.pytorch as pl
+import torch
+
 from moe.errors import TrainingStopped
+from moe.train.clipping import StepGradientNorm
 
 NONFINITE_ACTIONS = ("stop", "skip")
 
@@ -30,24 +38,37 @@ class Verdict:
 APPLY = Verdict(True)
 
 
-class StepGuard:
+class StepGuard(pl.Callback):
     def __init__(
         self,
         on_nonfinite: str = "stop",
         spike_zscore: float | None = None,
         spike_window: int = 128,
-        spike_min_steps: int = 32,
+        spike_min_steps: int | None = None,
         max_consecutive_skips: int = 8,
     ):
+        """
+        Args:
+            on_nonfinite: What a non-finite loss or gradient norm does: 'stop' (raise before the update, naming the
+                step) or 'skip' (drop that update and count it).
+            spike_zscore: Drop an update whose loss is more than this many standard deviations above the mean of
+                the last spike_window applied steps, and count it; None turns the spike guard off.
+            spike_window: Applied steps the spike guard's mean and deviation are taken over.
+            spike_min_steps: Applied steps the window needs before the spike guard judges; None: 32, or the whole
+                window if shorter.
+            max_consecutive_skips: Stop training when this many updates in a row are dropped.
+        """
+        spike_min_steps = min(32, spike_window) if spike_min_steps is None else spike_min_steps
         if on_nonfinite not in NONFINITE_ACTIONS:
-            raise ValueError(f"--model.on_nonfinite={on_nonfinite!r} is not one of {NONFINITE_ACTIONS}")
+            raise ValueError(f"StepGuard.on_nonfinite={on_nonfinite!r} is not one of {NONFINITE_ACTIONS}")
         if spike_zscore is not None and spike_zscore <= 0:
-            raise ValueError(f"--model.spike_zscore={spike_zscore} must be positive (or null to turn the guard off)")
+            raise ValueError(f"StepGuard.spike_zscore={spike_zscore} must be positive (or null to turn the guard off)")
         if not 2 <= spike_min_steps <= spike_window:
-            raise ValueError(f"--model.spike_window={spike_window} must be at least spike_min_steps={spike_min_steps}"
-                             " (and that at least 2)")
+            raise ValueError(f"StepGuard.spike_window={spike_window} must be at least spike_min_steps="
+                             f"{spike_min_steps} (and that at least 2)")
         if max_consecutive_skips < 1:
-            raise ValueError(f"--model.max_consecutive_skips={max_consecutive_skips} must be >= 1")
+            raise ValueError(f"StepGuard.max_consecutive_skips={max_consecutive_skips} must be >= 1")
+        self._losses: list[torch.Tensor] = []  # this step's micro-batch losses, each divided by the accumulation
         self.on_nonfinite = on_nonfinite
         self.spike_zscore = spike_zscore
         self.spike_min_steps = spike_min_steps
@@ -69,7 +90,7 @@ class StepGuard:
                     f"non-finite {' and '.join(nonfinite)} (total loss {loss}, gradient norm {grad_norm}) at step {step}: "
                     f"training stopped before applying it, so the weights are those of the {step} steps before and "
                     "the last checkpoint is intact. Lower the learning rate or resume from an earlier checkpoint; "
-                    f"--model.on_nonfinite skip drops such steps instead"
+                    f"StepGuard(on_nonfinite='skip') drops such steps instead"
                 )
             self.skipped_nonfinite += 1
             return self._skip(step, "nonfinite", f"non-finite {' and '.join(nonfinite)}")
@@ -97,9 +118,38 @@ class StepGuard:
             raise TrainingStopped(
                 f"{self.consecutive_skips} consecutive optimizer steps were dropped, the last at step {step} ({why}): "
                 "training stopped. The loss is diverging or has moved to a new level; lower the learning rate, "
-                "resume from an earlier checkpoint, or raise --model.spike_zscore / --model.max_consecutive_skips"
+                "resume from an earlier checkpoint, or raise StepGuard.spike_zscore / StepGuard.max_consecutive_skips"
             )
         return Verdict(False, reason)
+
+    # ---------------------------------------------------------------------------------------------- as a callback
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        self._losses.append(loss.detach())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # After the last micro-batch's backward, before clipping and the update: the one place to decide whether
+        # the update happens.
+        step_norm = getattr(pl_module, "step_grad_norm", None) or StepGradientNorm()
+        grad_norm = step_norm.get(trainer, optimizer, pl_module.parameters())  # None under DeepSpeed
+        device = pl_module.device
+        loss = torch.stack(self._losses).sum() if self._losses else torch.zeros((), device=device)
+        self._losses = []
+        values = torch.stack([loss.float(), torch.tensor(grad_norm or 0.0, device=device)])
+        loss, norm = trainer.strategy.reduce(values, reduce_op="mean").tolist()
+        norm = None if grad_norm is None else norm
+        # fp16's gradient scaler skips overflowing steps itself and lowers its scale; that is not a divergence.
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        verdict = self.check(trainer.global_step, loss, None if scaler is not None else norm)
+        if not verdict.apply:
+            # With no gradients the optimizer leaves every parameter and its moments untouched; the step still
+            # counts for the schedule and global_step, as a skipped batch does in PaLM and Megatron.
+            optimizer.zero_grad(set_to_none=True)
+            pl_module.print(f"step {trainer.global_step}: update dropped ({verdict.reason}; total loss {loss:.4g}"
+                            + ("" if norm is None else f", gradient norm {norm:.4g}") + ")")
+        if norm is not None:
+            pl_module.log("train/grad_norm", norm)
+        pl_module.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
+        pl_module.log("train/skipped_spikes", float(self.skipped_spikes))
 
     @property
     def skipped(self) -> int:

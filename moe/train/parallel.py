@@ -1,9 +1,10 @@
-"""FSDP2 with optional tensor parallelism (Megatron-LM, Shoeybi et al. 2019), applied from outside the model.
+"""How a built model is prepared for training, in one place (`parallelize`): tensor parallelism (Megatron-LM,
+Shoeybi et al. 2019), activation checkpointing, torch.compile and FSDP2, applied from outside the model.
 
 Lightning's ModelParallelStrategy builds a 2-D device mesh ("data_parallel", "tensor_parallel") and hands it to
-`LanguageModel.configure_model`, which calls `parallelize` on the freshly built model. The order follows
-torchtitan's: tensor parallelism inside each block, then activation checkpointing, then FSDP2
-(`fully_shard`) over the data-parallel dimension, per block and at the root.
+`LanguageModel.configure_model`, which calls `parallelize` on the freshly built model (with no mesh under the other
+strategies). The order follows torchtitan's: tensor parallelism inside each block, then activation checkpointing,
+then compile of each block, then FSDP2 (`fully_shard`) over the data-parallel dimension, per block and at the root.
 
 Tensor parallelism (when the mesh's "tensor_parallel" size tp > 1), per block:
 - attention: q/k/v projections column-parallel (each process holds H / tp query and K / tp key/value heads, so
@@ -31,7 +32,7 @@ Shapes: H query heads, K key/value heads, E experts, F expert hidden dim, D mode
 from __future__ import annotations
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy as _LightningModelParallelStrategy
+import torch.utils.checkpoint
 from torch.distributed.device_mesh import DeviceMesh
 
 from moe.config import ModelConfig
@@ -40,7 +41,7 @@ from moe.mlp import SwiGLU
 from moe.model import Transformer
 
 _get_total_norm = torch.nn.utils.get_total_norm
-TP_FLAG = "--trainer.strategy.init_args.tensor_parallel_size"
+TP_FIELD = "ModelParallelStrategy.tensor_parallel_size"
 
 
 def tensor_parallel_size(device_mesh: DeviceMesh) -> int:
@@ -53,23 +54,24 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
     if tp <= 1:
         return
     sizes = [("n_heads", config.n_heads), ("n_kv_heads", config.n_kv_heads)]
-    if not config.is_moe:
+    if len(config.moe_layer_indices()) < config.n_layers:  # some dense SwiGLU layers, split by tensor parallelism
         sizes.append(("ffn_dim", config.ffn_dim))
     for name, size in sizes:
         if size % tp:
-            raise InputError(f"{TP_FLAG}={tp} does not divide --model.config.{name}={size}: tensor parallelism "
+            raise InputError(f"{TP_FIELD}={tp} does not divide ModelConfig.{name}={size}: tensor parallelism "
                              f"gives each process {name} / tensor_parallel_size of them; pick a tensor-parallel "
                              f"size that divides {name} (and the other head counts)")
 
 
-def parallelize(model: Transformer, device_mesh: DeviceMesh, activation_checkpointing: bool = False) -> None:
-    """Shard `model` in place over `device_mesh`: tensor parallelism over its "tensor_parallel" dimension (when
-    larger than 1), activation checkpointing of every block if asked, FSDP2 over "data_parallel"."""
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+def parallelize(model: Transformer, device_mesh: DeviceMesh | None = None, activation_checkpointing: bool = False,
+                compile: bool = False) -> None:
+    """Everything done to a freshly built model before training, in place, in torchtitan's order: tensor
+    parallelism over the mesh's "tensor_parallel" dimension (when larger than 1), recomputation of every block's
+    activations in the backward pass, torch.compile of every block, then FSDP2 over "data_parallel".
+    `device_mesh` is ModelParallelStrategy's; None (one device, DDP, FSDPStrategy, DeepSpeed) shards nothing."""
+    if device_mesh is not None and (tp := tensor_parallel_size(device_mesh)) > 1:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    tp = tensor_parallel_size(device_mesh)
-    if tp > 1:
         check_tensor_parallel(model.config, tp)
         for block in model.layers:
             plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
@@ -79,31 +81,37 @@ def parallelize(model: Transformer, device_mesh: DeviceMesh, activation_checkpoi
                              "mlp.down_proj": RowwiseParallel()})
             parallelize_module(block, device_mesh["tensor_parallel"], plan)
     if activation_checkpointing:
-        from moe.train.module import checkpoint_blocks
+        recompute_blocks(model)
+    if compile:
+        for block in model.layers:
+            block.compile()
+    if device_mesh is not None:
+        from torch.distributed.fsdp import fully_shard
 
-        checkpoint_blocks(model)
-    dp_mesh = device_mesh["data_parallel"]
+        dp_mesh = device_mesh["data_parallel"]
+        for block in model.layers:
+            fully_shard(block, mesh=dp_mesh)
+        fully_shard(model, mesh=dp_mesh)
+
+
+def recompute_blocks(model: Transformer) -> None:
+    """Activation checkpointing: recompute each block's activations in the backward pass instead of storing them.
+
+    Replaces the block instances' forward rather than wrapping the modules, so parameter names (and therefore
+    checkpoints and HF export) are unchanged.
+    """
     for block in model.layers:
-        fully_shard(block, mesh=dp_mesh)
-    fully_shard(model, mesh=dp_mesh)
+        block.forward = _Recomputed(block.forward)
 
 
-class ModelParallelStrategy(_LightningModelParallelStrategy):
-    """Lightning's ModelParallelStrategy, except that data_parallel_size='auto' takes every device the
-    tensor-parallel groups leave (world size / tensor_parallel_size) instead of the number of nodes, so one
-    config serves any number of devices; and a tensor-parallel size that does not divide the devices is an
-    error naming the flag."""
+class _Recomputed:
+    def __init__(self, forward):
+        self.forward = forward
 
-    def setup_environment(self) -> None:
-        world_size = self.num_nodes * self.num_processes
-        tp = self._tensor_parallel_size
-        if tp != "auto":
-            if world_size % tp:
-                raise InputError(f"{TP_FLAG}={tp} does not divide the {world_size} devices (--trainer.devices x "
-                                 "--trainer.num_nodes); each tensor-parallel group needs tensor_parallel_size of them")
-            if self._data_parallel_size == "auto":
-                self._data_parallel_size = world_size // tp
-        super().setup_environment()
+    def __call__(self, *args):
+        if not torch.is_grad_enabled():
+            return self.forward(*args)
+        return torch.utils.checkpoint.checkpoint(self.forward, *args, use_reentrant=False)
 
 
 def data_parallel_size(trainer) -> int:

@@ -14,11 +14,14 @@ architecture, optimiser or schedule setting, or seed, is refused with the list o
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from moe.config import ModelConfig, resumable_fields
 from moe.errors import IncompatibleResume
 
 # Hyperparameters that change how a run executes or reports, not what it computes: a resume may change them.
@@ -26,11 +29,13 @@ RESUMABLE_CHANGES = {
     "init_from",  # the checkpoint's weights replace whatever it named
     "activation_checkpointing",
     "compile",
-    "peak_tflops",
     "sampling",
-    "config.attention_backend",
-    "config.expert_backend",
-    # The guards decide about later steps; turning skipping on after a stop is what resuming is for.
+    "default_callbacks",
+    *(f"config.{name}" for name in resumable_fields()),  # ModelConfig's fields marked resumable
+    # Settings LanguageModel took before they moved to their callbacks (ThroughputMonitor, StepGuard), so that
+    # checkpoints written then still resume. The guards decide about later steps; turning skipping on after a
+    # stop is what resuming is for.
+    "peak_tflops",
     "on_nonfinite",
     "spike_zscore",
     "spike_window",
@@ -72,22 +77,32 @@ def _flatten(values: dict, prefix: str = "") -> dict:
 
 
 def hparam_changes(saved: dict, current: dict) -> list[str]:
-    """The hyperparameters whose values differ between a checkpoint and this run, as `--model.<key>` lines."""
-    saved, current = _flatten(dict(saved)), _flatten(dict(current))
+    """The hyperparameters whose values differ between a checkpoint and this run, one line each, naming the
+    setting (`LanguageModel.lr`, `ModelConfig.n_layers`)."""
+    saved = dict(saved)
+    if isinstance(saved.get("config"), dict):  # fields added since the checkpoint was written take their defaults
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        saved["config"] = dataclasses.asdict(ModelConfig(**{k: v for k, v in saved["config"].items() if k in known}))
+    saved, current = _flatten(saved), _flatten(dict(current))
 
     def shown(values: dict, key: str) -> str:
         return repr(values[key]) if key in values else "(absent)"
 
+    def name(key: str) -> str:
+        return f"ModelConfig.{key[len('config.'):]}" if key.startswith("config.") else f"LanguageModel.{key}"
+
     return [
-        f"--model.{key}: checkpoint {shown(saved, key)}, now {shown(current, key)}"
+        f"{name(key)}: checkpoint {shown(saved, key)}, now {shown(current, key)}"
         for key in sorted(saved.keys() | current.keys())
         if not {key, key.split(".")[0]} & RESUMABLE_CHANGES and shown(saved, key) != shown(current, key)
     ]
 
 
-def check_resume(checkpoint: dict, hparams: dict, seed: str | None) -> None:
-    """Refuse to resume `checkpoint` into a run with other model, optimiser or schedule settings or another seed."""
-    changes = hparam_changes(checkpoint.get("hyper_parameters", {}), hparams)
+def check_resume(checkpoint: dict, hparams: dict, seed: str | None, defaults: dict | None = None) -> None:
+    """Refuse to resume `checkpoint` into a run with other model, optimiser or schedule settings or another seed.
+    `defaults` are the values of settings the checkpoint may predate."""
+    saved = {**(defaults or {}), **checkpoint.get("hyper_parameters", {})}
+    changes = hparam_changes(saved, hparams)
     saved_seed = checkpoint.get("seed")
     if saved_seed is not None and seed is not None and str(saved_seed) != str(seed):
         changes.append(f"--seed_everything: checkpoint {saved_seed}, now {seed}")
@@ -96,5 +111,25 @@ def check_resume(checkpoint: dict, hparams: dict, seed: str | None) -> None:
             "this run's settings differ from the checkpoint's, so it would not continue the same run:\n  "
             + "\n  ".join(changes)
             + "\nResume with the settings the run was started with, or start a new run from these weights with "
-            "--model.init_from CHECKPOINT (weights only: fresh optimiser, schedule and data stream)"
+            "LanguageModel.init_from=CHECKPOINT (weights only: fresh optimiser, schedule and data stream)"
         )
+
+
+class RestoreRNG(pl.Callback):
+    """Saves torch's, numpy's and Python's generator states with every checkpoint and puts them back right before
+    the first step of a run resumed from it (validation and loader set-up in between must not see them).
+    Registered by LanguageModel by default."""
+
+    def __init__(self):
+        self._to_restore: dict | None = None
+
+    def state_dict(self) -> dict:
+        return {"rng_states": rng_states()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._to_restore = state_dict["rng_states"]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._to_restore is not None:
+            set_rng_states(self._to_restore)
+            self._to_restore = None

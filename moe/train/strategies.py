@@ -1,10 +1,13 @@
-"""Which distributed strategies can run where: `check_strategy` refuses a GPU-only strategy (Lightning's FSDPStrategy,
+"""The strategy classes of our configs (configs/strategy/): `ModelParallelStrategy` (FSDP2 and tensor parallelism,
+whose sharding `moe.train.parallel.parallelize` applies) and `OffloadDeepSpeedStrategy`; and which strategies can
+run where: `check_strategy` refuses a GPU-only strategy (Lightning's FSDPStrategy,
 DeepSpeed) on a CPU run before anything is built, naming the flags to change and what runs on a CPU instead.
 
 Lightning's own answers are a parsing error about `accelerator='cpu'` that names no flag (FSDP with
 `--trainer.accelerator cpu`), "No supported gpu backend found!" as a traceback (FSDP with `gpu` on a machine
 without one), or a traceback asking to install DeepSpeed (DeepSpeed, whatever the accelerator).
-The strategy configurations themselves are YAML files in configs/strategy/.
+Only the command line calls `check_strategy` (on its parsed `trainer` section, before the Trainer exists), so its
+message names flags and config files. The strategy configurations themselves are YAML files in configs/strategy/.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy as _LightningModelParallelStrategy
 
 from moe.errors import InputError
+from moe.train.parallel import TP_FIELD
 
 _GPU_ONLY = ("FSDPStrategy", "DeepSpeedStrategy")  # torch FSDP1 and DeepSpeed need CUDA (NCCL) in Lightning
 
@@ -92,3 +97,21 @@ class OffloadDeepSpeedStrategy(DeepSpeedStrategy):
         super().__init__(stage=stage, offload_optimizer=offload_optimizer, offload_parameters=offload_parameters,
                          **kwargs)
         self.config["zero_force_ds_cpu_optimizer"] = False
+
+
+class ModelParallelStrategy(_LightningModelParallelStrategy):
+    """Lightning's ModelParallelStrategy, except that data_parallel_size='auto' takes every device the
+    tensor-parallel groups leave (world size / tensor_parallel_size) instead of the number of nodes, so one
+    config serves any number of devices; and a tensor-parallel size that does not divide the devices is an
+    error naming the flag."""
+
+    def setup_environment(self) -> None:
+        world_size = self.num_nodes * self.num_processes
+        tp = self._tensor_parallel_size
+        if tp != "auto":
+            if world_size % tp:
+                raise InputError(f"{TP_FIELD}={tp} does not divide the {world_size} devices (Trainer.devices x "
+                                 "Trainer.num_nodes); each tensor-parallel group needs tensor_parallel_size of them")
+            if self._data_parallel_size == "auto":
+                self._data_parallel_size = world_size // tp
+        super().setup_environment()

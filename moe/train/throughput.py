@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import time
 
+import lightning.pytorch as pl
 import torch
+
+from moe.train.parallel import data_parallel_size
 
 # Dense tensor-core peaks in TFLOP/s from NVIDIA datasheets: bf16/fp16 and tf32 (used for fp32 training when
 # TF32 matmuls are allowed). Matched by substring of torch.cuda.get_device_name(), most specific first.
@@ -90,3 +93,63 @@ class ThroughputMeter:
             metrics["mfu"] = tflops_per_device / self.peak_tflops
         self.start()
         return metrics
+
+
+class ThroughputMonitor(pl.Callback):
+    """Logs perf/tokens_per_s, perf/tflops_per_device and perf/mfu (with a known or given peak) over the optimizer
+    steps since the previous log, and train/tokens_seen, every `trainer.log_every_n_steps` optimizer steps.
+    Validation inside fit is not training time: the clock stops for it. tokens_seen continues across a resume.
+    Registered by LanguageModel by default; give one in `trainer.callbacks` to set its peak."""
+
+    def __init__(self, peak_tflops: float | None = None):
+        """
+        Args:
+            peak_tflops: Peak TFLOP/s of one device for MFU; None looks the device up in a datasheet table (no MFU
+                on CPU or unknown devices).
+        """
+        self.peak_tflops = peak_tflops
+        self.meter: ThroughputMeter | None = None
+        self._tokens_seen_before = 0  # of the run this one resumes, from its checkpoint
+        self._last_report_step = -1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.meter is None:
+            peak = self.peak_tflops or device_peak_tflops(pl_module.device, str(trainer.precision))
+            flops = pl_module.model_config.flops_per_token(batch["input_ids"].shape[1])
+            self.meter = ThroughputMeter(flops, trainer.world_size, peak)
+            self.meter.tokens_seen = self._tokens_seen_before
+            self.meter.start()
+        # Counted as the batch starts, so that a checkpoint saved at its end (by any callback) includes it. Tokens
+        # of the global batch: tensor-parallel processes share theirs, so count data-parallel ones only.
+        self.meter.update(batch["input_ids"].numel() * data_parallel_size(trainer))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not is_log_step(trainer, self._last_report_step):
+            return
+        self._last_report_step = step
+        for name, value in self.meter.report().items():
+            pl_module.log(f"perf/{name}", value, prog_bar=name == "tokens_per_s")
+        pl_module.log("train/tokens_seen", torch.tensor(float(self.meter.tokens_seen), dtype=torch.float64))
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self.meter is not None:
+            self.meter.pause()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.meter is not None:
+            self.meter.resume()
+
+    def state_dict(self) -> dict:
+        return {"tokens_seen": self.meter.tokens_seen if self.meter is not None else self._tokens_seen_before}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._tokens_seen_before = int(state_dict["tokens_seen"])
+
+
+def is_log_step(trainer, last_logged_step: int) -> bool:
+    """Whether an optimizer step just ended at one of the steps Lightning logs and nothing logged it yet: global_step
+    counts optimizer steps, so under gradient accumulation it stays 0 through the first micro-batches and repeats
+    after each step."""
+    step = trainer.global_step
+    return step != 0 and step != last_logged_step and step % trainer.log_every_n_steps == 0

@@ -23,6 +23,13 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent.parent), str(HERE)]
 
 
+def step_guard(trainer):
+    from moe.train.guard import StepGuard
+
+    (guard,) = [c for c in trainer.callbacks if isinstance(c, StepGuard)]
+    return guard
+
+
 class RankRecorder(pl.Callback):
     def __init__(self, prefix: str, sigterm_ranks: list[int] | None = None, sigterm_step: int | None = None,
                  nonfinite_rank: int | None = None, nonfinite_step: int | None = None, dropout: float = 0.1,
@@ -88,7 +95,7 @@ class RankRecorder(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         record = {"step": trainer.global_step - 1, "loss": float(outputs["loss"]).hex(),
                   "lr": float(trainer.optimizers[0].param_groups[0]["lr"]).hex(), "index": batch["index"].tolist(),
-                  "skipped": pl_module.guard.skipped}
+                  "skipped": step_guard(trainer).skipped}
         with open(self._path(trainer, "jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -5,7 +5,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
@@ -13,23 +12,30 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_module import TINY, PatternData, trainer
 
 from moe.train import LanguageModel
+from moe.train.routing_metrics import ExpertLoadMonitor
 
 
-class Record(pl.Callback):
-    def __init__(self, module):
-        self.expert_tokens, log = [], module._log_expert_load
-        module._log_expert_load = lambda tokens: (self.expert_tokens.append(tokens.sum().item()), log(tokens))
+class Record(ExpertLoadMonitor):
+    """The default expert-load monitor, keeping the total of each report."""
+
+    def __init__(self):
+        super().__init__()
+        self.expert_tokens = []
+
+    def log_load(self, pl_module, tokens):
+        self.expert_tokens.append(tokens.sum().item())
+        super().log_load(pl_module, tokens)
 
 
 def main(out: Path) -> None:
     warnings.simplefilter("always")
     torch.manual_seed(0)
     module = LanguageModel(TINY, warmup_steps=1)
-    record = Record(module)
+    record = Record()
     data = PatternData(batch_size=4)
     with warnings.catch_warnings(record=True) as caught:
         t = trainer(max_steps=4, devices=2, strategy="ddp", log_every_n_steps=2, limit_val_batches=2,
-                    val_check_interval=4, check_val_every_n_epoch=None)
+                    val_check_interval=4, check_val_every_n_epoch=None, callbacks=[record])
         t.fit(module, datamodule=data)
     if not t.is_global_zero:
         return

@@ -18,7 +18,8 @@ from precision_worker import RecordClipping
 from test_model_parallel import CASES, MODELS, MODES, MODULE_KWARGS, CPUFSDPStrategy, fit_kwargs, run_name, tiny_data
 
 from moe.train import LanguageModel
-from moe.train.parallel import ModelParallelStrategy, full_state
+from moe.train.parallel import full_state
+from moe.train.strategies import ModelParallelStrategy
 
 
 def instrument(module: LanguageModel) -> list[float]:
@@ -31,9 +32,9 @@ def instrument(module: LanguageModel) -> list[float]:
         configure()
 
     def training_step(batch, batch_idx):
-        loss = step(batch, batch_idx)
-        losses.append(loss.item())
-        return loss
+        out = step(batch, batch_idx)
+        losses.append(out["loss"].item())
+        return out
 
     module.configure_model, module.training_step = configure_model, training_step
     return losses

@@ -21,6 +21,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent.parent), str(HERE)]
 
 
+from ddp_resilience_worker import step_guard
+
+
 class StepRecorder(pl.Callback):
     def __init__(self, path: str, signal_at_step: int | None = None, signal_name: str = "SIGKILL",
                  dropout: float = 0.0, signal_in_validation: bool = False):
@@ -75,7 +78,7 @@ class StepRecorder(pl.Callback):
             return
         self._step_seen = trainer.global_step
         record = {"step": trainer.global_step - 1, "lr": trainer.optimizers[0].param_groups[0]["lr"],
-                  "micro_batches": self._micro_batches, "skipped": pl_module.guard.skipped}
+                  "micro_batches": self._micro_batches, "skipped": step_guard(trainer).skipped}
         record["lr"] = float(record["lr"]).hex()
         self._micro_batches = []
         with open(self.path, "a") as f:

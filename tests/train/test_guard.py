@@ -90,9 +90,9 @@ def test_state_dict_round_trip_makes_the_same_decisions():
 
 @pytest.mark.parametrize("kwargs", [{"on_nonfinite": "ignore"}, {"spike_zscore": 0.0}, {"spike_window": 1},
                                     {"max_consecutive_skips": 0}])
-def test_bad_settings_name_the_flag(kwargs):
-    with pytest.raises(ValueError, match=f"--model.{next(iter(kwargs))}"):
-        LanguageModel(TINY, **kwargs)
+def test_bad_settings_name_the_field(kwargs):
+    with pytest.raises(ValueError, match=f"StepGuard.{next(iter(kwargs))}"):
+        StepGuard(**kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ inside a Trainer
@@ -102,8 +102,8 @@ class Faulty(LanguageModel):
     """Corrupts chosen optimizer steps: "nan_loss", "inf_grad" (finite loss, one infinite gradient entry) or
     "spike" (the loss, and so the gradients, 30x)."""
 
-    def __init__(self, faults: dict[int, str] | None = None, **kwargs):
-        super().__init__(TINY, warmup_steps=1, lr=1e-3, **kwargs)
+    def __init__(self, faults: dict[int, str] | None = None):
+        super().__init__(TINY, warmup_steps=1, lr=1e-3)
         self.faults = faults or {}
 
     def objective(self, out, labels):
@@ -158,12 +158,13 @@ def test_nonfinite_step_stops_before_the_update(fault):
 
 @pytest.mark.parametrize("fault", ["nan_loss", "inf_grad"])
 def test_nonfinite_step_is_skipped_on_request(fault):
-    module, snapshots = Faulty({3: fault}, on_nonfinite="skip"), Snapshots()
-    t = trainer(max_steps=6, limit_val_batches=0, log_every_n_steps=1, callbacks=[snapshots])
+    module, snapshots, guard = Faulty({3: fault}), Snapshots(), StepGuard(on_nonfinite="skip")
+    t = trainer(max_steps=6, limit_val_batches=0, log_every_n_steps=1, callbacks=[snapshots, guard])
     t.fit(module, datamodule=PatternData())
     assert same(snapshots.before[3], snapshots.after[3])
     assert not same(snapshots.before[4], snapshots.after[4])  # training goes on
-    assert t.global_step == 6 and module.guard.skipped_nonfinite == 1
+    assert t.global_step == 6 and guard.skipped_nonfinite == 1
+    assert sum(isinstance(c, StepGuard) for c in t.callbacks) == 1  # the one given replaced the default
     assert float(t.callback_metrics["train/skipped_nonfinite"]) == 1
     assert all(torch.isfinite(p).all() for p in module.model.parameters())
 
@@ -171,25 +172,30 @@ def test_nonfinite_step_is_skipped_on_request(fault):
 def test_spike_is_skipped_and_the_count_survives_a_resume(tmp_path):
     """The spike at step 12 is dropped and counted; a run resumed from step 14 starts from the checkpoint's
     counter and window (not from zero) and still catches the spike at step 16."""
-    guard = {"spike_zscore": 6.0, "spike_window": 8}
+    settings = {"spike_zscore": 6.0, "spike_window": 8}
     faults = {12: "spike", 16: "spike"}
-    module, snapshots = Faulty(faults, **guard), Snapshots()
+    module, snapshots, guard = Faulty(faults), Snapshots(), StepGuard(**settings)
     saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=14, save_top_k=-1,
                                          filename="{step}")
-    t = trainer(max_steps=18, limit_val_batches=0, enable_checkpointing=True, callbacks=[snapshots, saver])
+    t = trainer(max_steps=18, limit_val_batches=0, enable_checkpointing=True, callbacks=[snapshots, saver, guard])
     t.fit(module, datamodule=PatternData())
     assert same(snapshots.before[12], snapshots.after[12]) and same(snapshots.before[16], snapshots.after[16])
     assert not same(snapshots.before[13], snapshots.after[13])
-    assert module.guard.skipped_spikes == 2
-    saved = torch.load(tmp_path / "step=14.ckpt", weights_only=True)["step_guard"]
+    assert guard.skipped_spikes == 2
+    callbacks = torch.load(tmp_path / "step=14.ckpt", weights_only=True)["callbacks"]
+    saved = callbacks[guard.state_key]
     assert saved["skipped_spikes"] == 1 and len(saved["recent"]) == 8
 
     class GuardAtStart(pl.Callback):
-        def on_train_start(self, trainer, module):
-            self.state = copy.deepcopy(module.guard.state_dict())
+        def __init__(self, guard):
+            self.guard = guard
 
-    resumed, at_start = Faulty(faults, **guard), GuardAtStart()
-    trainer(max_steps=18, limit_val_batches=0, callbacks=[at_start]).fit(
+        def on_train_start(self, trainer, module):
+            self.state = copy.deepcopy(self.guard.state_dict())
+
+    resumed, resumed_guard = Faulty(faults), StepGuard(**settings)
+    at_start = GuardAtStart(resumed_guard)
+    trainer(max_steps=18, limit_val_batches=0, callbacks=[resumed_guard, at_start]).fit(
         resumed, datamodule=PatternData(), ckpt_path=tmp_path / "step=14.ckpt")
     assert at_start.state == saved
-    assert resumed.guard.skipped_spikes == 2
+    assert resumed_guard.skipped_spikes == 2

@@ -24,7 +24,8 @@ from test_module import PatternData
 from moe import get_preset
 from moe.model import Block, Transformer
 from moe.train import LanguageModel
-from moe.train.parallel import ModelParallelStrategy, check_tensor_parallel, parallelize
+from moe.train.parallel import check_tensor_parallel, parallelize
+from moe.train.strategies import ModelParallelStrategy
 
 SHAPE = dict(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
 MODELS = {"moe": get_preset("tiny-moe", **SHAPE, ffn_dim=32, n_experts=4, top_k=2, n_shared_experts=1),
@@ -154,13 +155,16 @@ class FakeMesh:
 
 
 @pytest.mark.parametrize(("tp", "overrides", "message"), [
-    (3, dict(n_heads=6, d_model=48), "tensor_parallel_size=3 does not divide --model.config.n_kv_heads=2"),
-    (4, dict(n_heads=6, d_model=48), "tensor_parallel_size=4 does not divide --model.config.n_heads=6"),
-    (2, dict(ffn_dim=33), "tensor_parallel_size=2 does not divide --model.config.ffn_dim=33"),
+    (3, dict(n_heads=6, d_model=48), "tensor_parallel_size=3 does not divide ModelConfig.n_kv_heads=2"),
+    (4, dict(n_heads=6, d_model=48), "tensor_parallel_size=4 does not divide ModelConfig.n_heads=6"),
+    (2, dict(ffn_dim=33), "tensor_parallel_size=2 does not divide ModelConfig.ffn_dim=33"),
+    # A partly-MoE model's dense layers are split too.
+    (2, dict(ffn_dim=33, n_experts=4, top_k=2, expert_ffn_dim=32, first_k_dense=1),
+     "tensor_parallel_size=2 does not divide ModelConfig.ffn_dim=33"),
 ])
 def test_tensor_parallel_size_must_divide_heads_and_ffn_dim(tp, overrides, message):
     config = MODELS["dense"].replace(**overrides, head_dim=None)
-    pattern = "--trainer.strategy.init_args." + message
+    pattern = "ModelParallelStrategy." + message
     with pytest.raises(ValueError, match=pattern.replace(".", r"\.")):
         check_tensor_parallel(config, tp)
     with pytest.raises(ValueError, match=pattern.replace(".", r"\.")):  # parallelize checks before sharding
@@ -174,7 +178,7 @@ def test_moe_expert_width_need_not_divide_tensor_parallel_size():
 def test_tensor_parallel_size_must_divide_devices():
     strategy = ModelParallelStrategy(tensor_parallel_size=3)
     strategy.parallel_devices = [torch.device("cpu")] * 4
-    with pytest.raises(ValueError, match=r"--trainer\.strategy\.init_args\.tensor_parallel_size=3 does not divide "
+    with pytest.raises(ValueError, match=r"ModelParallelStrategy\.tensor_parallel_size=3 does not divide "
                                          r"the 4 devices"):
         strategy.setup_environment()
 
@@ -185,5 +189,5 @@ def test_strategy_configs_parse():
     root = Path(__file__).parents[2] / "configs" / "strategy"
     for name, tp in (("fsdp2.yaml", 1), ("fsdp2-tp.yaml", 2)):
         strategy = yaml.safe_load((root / name).read_text())["trainer"]["strategy"]
-        assert strategy["class_path"] == "moe.train.parallel.ModelParallelStrategy"
+        assert strategy["class_path"] == "moe.train.strategies.ModelParallelStrategy"
         assert strategy["init_args"] == {"data_parallel_size": "auto", "tensor_parallel_size": tp}

@@ -18,8 +18,9 @@ from moe import get_preset
 from moe.hf import save_hf_checkpoint
 from moe.train import LanguageModel, throughput
 from moe.train.callbacks import GenerateSample
+from moe.train.routing_metrics import ExpertLoadMonitor
 from moe.train.schedule import warmup_cosine
-from moe.train.throughput import ThroughputMeter
+from moe.train.throughput import ThroughputMeter, ThroughputMonitor
 
 TINY = get_preset("tiny-moe", vocab_size=64, d_model=64, n_layers=2, n_heads=4, ffn_dim=64, max_seq_len=32,
                   n_experts=4)
@@ -170,7 +171,7 @@ def test_expert_load_logs_match_the_counts():
     logged = {}
     module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
     tokens = torch.tensor([[5.0, 0.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
-    module._log_expert_load(tokens)
+    ExpertLoadMonitor().log_load(module, tokens)
     assert logged["experts/layer_0/max_over_mean"] == pytest.approx(5 / 2)
     assert logged["experts/layer_0/idle"] == 2 and logged["experts/layer_1/idle"] == 0
     assert logged["experts/layer_1/max_over_mean"] == 1.0
@@ -221,8 +222,8 @@ def test_init_from_hf_directory_and_from_a_checkpoint(tmp_path):
         torch.testing.assert_close(p, q, msg=name)
 
 
-def test_init_from_missing_path_names_the_flag(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--model.init_from=.*nowhere"):
+def test_init_from_missing_path_names_the_field(tmp_path):
+    with pytest.raises(FileNotFoundError, match="LanguageModel.init_from=.*nowhere"):
         LanguageModel(TINY, init_from=str(tmp_path / "nowhere"))
 
 
@@ -233,14 +234,15 @@ def test_token_ids_beyond_the_vocabulary_fail_at_setup():
         t.fit(module, datamodule=PatternData(max_id=64))
 
 
-@pytest.mark.parametrize("kwargs,flag", [
-    (dict(schedule="linear"), "--model.schedule"),
-    (dict(decay_shape="exp"), "--model.decay_shape"),
-    (dict(min_lr_ratio=2.0), "--model.min_lr_ratio"),
-    (dict(warmup_steps=-1), "--model.warmup_steps"),
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(schedule="linear"), "LanguageModel.schedule"),
+    (dict(decay_shape="exp"), "LanguageModel.decay_shape"),
+    (dict(min_lr_ratio=2.0), "LanguageModel.min_lr_ratio"),
+    (dict(warmup_steps=-1), "LanguageModel.warmup_steps"),
+    (dict(default_callbacks=["Throughput"]), "LanguageModel.default_callbacks"),
 ])
-def test_bad_arguments_name_the_flag(kwargs, flag):
-    with pytest.raises(ValueError, match=flag):
+def test_bad_arguments_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
         LanguageModel(TINY, **kwargs)
 
 
@@ -314,20 +316,20 @@ def test_load_from_checkpoint_without_the_init_source_or_unpickling(tmp_path):
         torch.testing.assert_close(p, q, msg=name)
 
 
-class CaptureExpertLoad:
-    def __init__(self, module):
-        self.reports, self._log = [], module._log_expert_load
-        module._log_expert_load = self
+class CaptureExpertLoad(ExpertLoadMonitor):
+    def __init__(self):
+        super().__init__()
+        self.reports = []
 
-    def __call__(self, tokens):
+    def log_load(self, pl_module, tokens):
         self.reports.append(tokens.clone())
-        self._log(tokens)
+        super().log_load(pl_module, tokens)
 
 
 def test_expert_load_and_tokens_cover_every_micro_batch_under_accumulation():
     module = LanguageModel(TINY, warmup_steps=1)
-    capture = CaptureExpertLoad(module)
-    t = trainer(max_steps=4, accumulate_grad_batches=2, log_every_n_steps=2, limit_val_batches=0)
+    capture = CaptureExpertLoad()  # replaces the default ExpertLoadMonitor
+    t = trainer(max_steps=4, accumulate_grad_batches=2, log_every_n_steps=2, limit_val_batches=0, callbacks=[capture])
     t.fit(module, datamodule=PatternData())
     # One report per two optimizer steps, each counting the top-2 assignments of 2 steps x 2 micro-batches.
     assert len(capture.reports) == 2
@@ -348,16 +350,16 @@ def test_tokens_seen_continues_after_a_resume(tmp_path):
 def test_validation_time_is_left_out_of_the_throughput_window(monkeypatch):
     now = [100.0]
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: now[0])
-    module = LanguageModel(TINY)
-    module._meter = ThroughputMeter(1e9, world_size=1, peak_tflops=None)
-    module._meter.start()
-    module._meter.update(1000)
+    monitor = ThroughputMonitor()
+    monitor.meter = ThroughputMeter(1e9, world_size=1, peak_tflops=None)
+    monitor.meter.start()
+    monitor.meter.update(1000)
     now[0] += 1.0  # training
-    module.on_validation_start()
+    monitor.on_validation_start(None, None)
     now[0] += 9.0  # validating
-    module.on_validation_end()
+    monitor.on_validation_end(None, None)
     now[0] += 1.0  # training
-    assert module._meter.report()["tokens_per_s"] == pytest.approx(1000 / 2.0)
+    assert monitor.meter.report()["tokens_per_s"] == pytest.approx(1000 / 2.0)
 
 
 def test_samples_after_optimizer_steps_and_once_at_the_end(capsys):

@@ -1,9 +1,14 @@
-"""Weight-decay groups: matrices decayed; norms, biases and embeddings not."""
+"""The optimizer: weight-decay groups (matrices decayed; norms, biases and embeddings not), any torch.optim class by
+name from Python or the command line, the fused AdamW by default."""
+
+import re
 
 import pytest
+import torch
 
 from moe import build_model
-from moe.train.optim import param_groups
+from moe.train import LanguageModel
+from moe.train.optim import build_optimizer, param_groups
 
 
 def expected_no_decay(name: str) -> bool:
@@ -33,3 +38,50 @@ def test_weight_decay_groups(overrides):
         assert {"layers.0.mlp.router.gate.weight", "layers.0.mlp.experts.gate_proj"} <= decayed
     else:
         assert "layers.0.mlp.down_proj.weight" in decayed
+
+
+def test_another_optimizer_is_chosen_by_name_and_keeps_the_decay_groups():
+    from .test_module import TINY, PatternData, trainer
+
+    module = LanguageModel(TINY, warmup_steps=1, optimizer="SGD", optimizer_args={"momentum": 0.9}, lr=0.01)
+    t = trainer(max_steps=1, limit_val_batches=0)
+    t.fit(module, datamodule=PatternData())
+    (optimizer,) = t.optimizers
+    assert type(optimizer) is torch.optim.SGD
+    assert [g["name"] for g in optimizer.param_groups] == ["decay", "no_decay"]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert optimizer.param_groups[0]["momentum"] == 0.9 and "betas" not in optimizer.defaults
+
+
+def test_the_default_is_fused_adamw_with_the_llama_betas():
+    optimizer = build_optimizer(torch.nn.Linear(4, 4), "AdamW", 3e-4, 0.1, (0.9, 0.95), 1e-8)
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"]
+    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["eps"] == 1e-8
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(optimizer="Adamw"), "LanguageModel.optimizer='Adamw' is not an optimizer class"),
+    (dict(optimizer="torch.nn.Linear"), "LanguageModel.optimizer='torch.nn.Linear' is not an optimizer class"),
+])
+def test_an_unknown_optimizer_is_refused_naming_the_field(kwargs, message):
+    from .test_module import TINY
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LanguageModel(TINY, **kwargs)
+
+
+def test_an_argument_the_optimizer_does_not_take_is_refused():
+    with pytest.raises(ValueError, match="LanguageModel.optimizer_args: SGD takes no betas_typo"):
+        build_optimizer(torch.nn.Linear(4, 4), "SGD", 0.1, 0.1, (0.9, 0.95), 1e-8, {"betas_typo": 1})
+
+
+def test_the_optimizer_is_chosen_from_the_command_line(workdir):
+    import cli
+
+    from ..cli_runs import tiny_run_args
+
+    parsed = cli.build_cli([*tiny_run_args(workdir), "--trainer.max_steps", "2", "--model.optimizer", "torch.optim.SGD",
+                            "--model.optimizer_args", '{"momentum": 0.5}'], run=False)
+    parsed.trainer.fit(parsed.model, datamodule=parsed.datamodule)
+    (optimizer,) = parsed.trainer.optimizers
+    assert type(optimizer) is torch.optim.SGD and optimizer.param_groups[0]["momentum"] == 0.5

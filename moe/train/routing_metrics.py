@@ -1,0 +1,125 @@
+"""What MoE routing did, logged by two callbacks that LanguageModel registers by default.
+
+- `RouterLossMonitor`: train/aux_loss and train/z_loss of each optimizer step's whole global batch (all its
+  micro-batches, all processes). The z-loss is a token mean, so that is the token-weighted mean of the micro-batch
+  values. The load-balancing loss is not linear: it is recomputed from the summed assignment counts and router
+  probabilities (`RouterSums`), which makes it exactly the loss of the global batch in one forward pass, whatever
+  the world size and gradient accumulation. (Its gradient, under accumulation, is that of each micro-batch's own
+  loss with fractions counted over the processes: a micro-batch cannot see the later ones' routing.)
+- `ExpertLoadMonitor`: per MoE layer, experts/layer_<i>/max_over_mean (the busiest expert's load over the mean; 1 is
+  perfect balance) and experts/layer_<i>/idle (experts that received no token), over the steps since the last log.
+
+Both read the routing statistics `LanguageModel.training_step` returns (`outputs["moe"]`, one `MoEStats` per MoE
+layer). Shapes: L MoE layers, k choices per token, E experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import torch
+
+from moe.losses import load_balancing_loss_from_sums
+from moe.moe_layer import MoEStats
+from moe.train.parallel import data_parallel_size
+from moe.train.throughput import is_log_step
+
+
+@dataclass
+class RouterSums:
+    """Routing of some tokens, summable over micro-batches and processes: float64 sums."""
+
+    assignment_counts: torch.Tensor  # (L, k, E) top-k choices per expert
+    probability_sum: torch.Tensor  # (L, E) router probabilities summed over the tokens
+    n_tokens: torch.Tensor  # () tokens routed (each makes exactly one first choice)
+    z_loss_sum: torch.Tensor  # () the z-loss (mean over layers) times n_tokens
+
+    @classmethod
+    def of(cls, stats: list[MoEStats]) -> RouterSums:
+        counts = torch.stack([s.assignment_counts for s in stats])
+        n_tokens = counts[0, 0].sum()
+        z_loss = torch.stack([s.z_loss.detach() for s in stats]).mean()
+        return cls(counts.double(), torch.stack([s.probability_sum.detach() for s in stats]).double(),
+                   n_tokens.double(), (z_loss * n_tokens).double())
+
+    def __add__(self, other: RouterSums) -> RouterSums:
+        return RouterSums(*(a + b for a, b in zip(self._tensors(), other._tensors())))
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
+    def summed_over_processes(self, strategy) -> RouterSums:
+        """The sums over every process, in one collective: the fields travel flattened together and are
+        reshaped by their own shapes."""
+        tensors = self._tensors()
+        flat = strategy.reduce(torch.cat([t.flatten() for t in tensors]), reduce_op="sum")
+        parts = flat.split([t.numel() for t in tensors])
+        return RouterSums(*(part.view(t.shape) for part, t in zip(parts, tensors)))
+
+    def losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(load-balancing loss averaged over the layers, z-loss) of these tokens, float32."""
+        aux = load_balancing_loss_from_sums(self.assignment_counts, self.probability_sum, self.n_tokens).mean()
+        return aux.float(), (self.z_loss_sum / self.n_tokens).float()
+
+
+class RouterLossMonitor(pl.Callback):
+    """Logs train/aux_loss and train/z_loss once per optimizer step, of the step's whole global batch."""
+
+    def __init__(self):
+        self._sums: RouterSums | None = None
+        self._step = -1  # global_step when the sums were last logged (or training started)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stats = outputs.get("moe") if isinstance(outputs, dict) else None
+        if not stats:
+            return
+        sums = RouterSums.of(stats)
+        self._sums = sums if self._sums is None else self._sums + sums
+        if trainer.global_step == self._step:  # the step is still accumulating micro-batches
+            return
+        self._step = trainer.global_step
+        aux, z = self._sums.summed_over_processes(trainer.strategy).losses()
+        self._sums = None
+        pl_module.log("train/aux_loss", aux)
+        pl_module.log("train/z_loss", z)
+
+
+class ExpertLoadMonitor(pl.Callback):
+    """Logs, per MoE layer, the busiest expert's load over the mean load and the number of experts that received no
+    token, over the optimizer steps since the previous log (every `trainer.log_every_n_steps`), summed over
+    processes; tensor-parallel replicas, which route the same tokens, are counted once."""
+
+    def __init__(self):
+        self._tokens: torch.Tensor | None = None  # (L, E) assignments since the last log
+        self._last_report_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stats = outputs.get("moe") if isinstance(outputs, dict) else None
+        if not stats:
+            return
+        counts = torch.stack([s.tokens_per_expert for s in stats]).float()
+        self._tokens = counts if self._tokens is None else self._tokens + counts
+        if not is_log_step(trainer, self._last_report_step):
+            return
+        self._last_report_step = trainer.global_step
+        replicas = trainer.world_size // data_parallel_size(trainer)
+        tokens = trainer.strategy.reduce(self._tokens, reduce_op="sum") / replicas
+        self._tokens = None
+        self.log_load(pl_module, tokens)
+
+    def log_load(self, pl_module, tokens: torch.Tensor) -> None:
+        """Log the load of (L, E) assignment counts, one row per MoE layer."""
+        imbalance = tokens.max(dim=1).values / tokens.mean(dim=1).clamp_min(1e-9)  # (L,)
+        idle = (tokens == 0).sum(dim=1).float()  # (L,)
+        config = pl_module.model_config
+        layers = config.moe_layer_indices()  # row j of the statistics is block layers[j]
+        for row, layer in enumerate(layers):
+            pl_module.log(f"experts/layer_{layer}/max_over_mean", imbalance[row])
+            pl_module.log(f"experts/layer_{layer}/idle", idle[row])
+        pl_module.log("experts/max_over_mean", imbalance.max())
+        pl_module.log("experts/idle", idle.sum())
