@@ -33,12 +33,12 @@ from moe.config import ModelConfig, format_count, runtime_fields
 from moe.data import TextDataModule
 from moe.data.sources import Source
 from moe.errors import ConfigError, InputError, TrainingStopped
+from moe.generate import Sampling
 from moe.presets import get_preset, preset_names
 from moe.train import LanguageModel
 from moe.train.checkpoint import consolidate_checkpoint, is_sharded_checkpoint
 from moe.train.checkpoint_io import verify_checkpoint
 from moe.train.export import export_to_hf
-from moe.train.module import Sampling
 from moe.train.preemption import CheckpointOnSigterm
 from moe.train.strategies import check_strategy
 from moe.train.trainer_checks import check_trainer_flags

@@ -10,13 +10,44 @@ Shapes: B batch, T prompt length, V vocabulary, n generated tokens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 
 from moe.kv_cache import KVCache
 from moe.moe_layer import MoELayer
+
+
+@dataclass
+class Sampling:
+    """How `predict` and the end-of-training sample generate text."""
+
+    max_new_tokens: int = 200
+    """Tokens generated after each prompt."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 picks the most likely token (greedy)."""
+    top_k: int | None = 50
+    """Sample only among the k most likely tokens; None keeps all."""
+    top_p: float | None = 0.95
+    """Nucleus sampling: the smallest set of tokens whose probability reaches p; None keeps all."""
+    seed: int = 0
+    """Seed of the sampling generator, so a sample is reproducible."""
+
+    def __post_init__(self) -> None:
+        # Written as "not (in range)" so that NaN is refused too.
+        checks = (("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
+                  ("temperature", self.temperature, math.isfinite(self.temperature) and self.temperature >= 0,
+                   ">= 0 (0 is greedy)"),
+                  ("top_k", self.top_k, self.top_k is None or self.top_k >= 1, ">= 1, or null to keep all tokens"),
+                  ("top_p", self.top_p, self.top_p is None or 0 < self.top_p <= 1,
+                   "in (0, 1], or null to keep all tokens"))
+        for name, value, valid, expected in checks:
+            if not valid:
+                raise ValueError(f"Sampling.{name}={value} must be {expected}")
+
 
 
 def _check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:

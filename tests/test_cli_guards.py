@@ -15,9 +15,8 @@ from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.loggers import CSVLogger
 
 import cli
-from moe.generate import generate
+from moe.generate import Sampling, generate
 from moe.train.checkpoint import load_lightning_checkpoint
-from moe.train.module import Sampling
 from moe.train.trainer_checks import check_trainer_flags
 
 from .cli_runs import tiny_run_args, write_tiny_run

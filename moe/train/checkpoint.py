@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from moe.config import ModelConfig
+from moe.config import ModelConfig, runtime_fields
 from moe.errors import InputError
 from moe.model import Transformer
 from moe.train.checkpoint_io import atomic_save, verify_checkpoint
@@ -115,3 +115,39 @@ def consolidate_checkpoint(src: str | Path, dst: str | Path) -> Path:
         raise InputError(f"{dst} is a directory: give the path of the .ckpt file to write")
     atomic_save(read_checkpoint(src), dst)
     return dst
+
+
+def init_config(config: ModelConfig, init_from: str | None) -> ModelConfig:
+    """The architecture of a run started from `init_from` (an HF model directory or a checkpoint of ours), with the
+    runtime fields of `config` (how the model runs or trains, not its weights); `config` itself without one."""
+    if init_from is None:
+        return config
+    path = Path(init_from).expanduser()
+    if path.is_dir():
+        from moe.hf import read_hf_config
+        from moe.hf_config import config_from_hf
+
+        base = config_from_hf(read_hf_config(path))
+    elif path.is_file():
+        base = checkpoint_config(read_checkpoint(path))
+    else:
+        raise FileNotFoundError(f"LanguageModel.init_from={init_from}: no such HF model directory or checkpoint file")
+    return base.replace(**{name: getattr(config, name) for name in runtime_fields()})
+
+
+def init_model(config: ModelConfig, init_from: str | None) -> Transformer:
+    """A model of `config` (from `init_config`) on the default device: freshly initialised, or holding the weights
+    of `init_from`."""
+    device = torch.get_default_device()
+    if init_from is None:
+        return Transformer(config)
+    path = Path(init_from).expanduser()
+    if path.is_dir():
+        from moe.hf import load_hf_checkpoint
+
+        runtime = {name: getattr(config, name) for name in runtime_fields()}
+        return load_hf_checkpoint(path, device=device, dtype=torch.float32, **runtime)
+    model = Transformer(config)
+    # Verified when init_config read its config: one read of a large file, not two.
+    model.load_state_dict(checkpoint_weights(read_checkpoint(path, map_location=device, verify=False)))
+    return model

@@ -16,19 +16,18 @@ import dataclasses
 import inspect
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from moe.config import ModelConfig, runtime_fields
+from moe.config import ModelConfig
 from moe.errors import InputError
+from moe.generate import Sampling
 from moe.model import ModelOutput, Transformer
 from moe.moe_layer import MoEStats
-from moe.train.checkpoint import checkpoint_config, checkpoint_weights, read_checkpoint
+from moe.train.checkpoint import init_config, init_model
 from moe.train.checkpoint_io import install_atomic_checkpoint_io
 from moe.train.clipping import StepGradientNorm, clip_gradients
 from moe.train.guard import StepGuard
@@ -36,7 +35,7 @@ from moe.train.optim import build_optimizer, optimizer_class
 from moe.train.parallel import parallelize
 from moe.train.resume import RestoreRNG, check_resume
 from moe.train.routing_metrics import ExpertLoadMonitor, RouterLossMonitor
-from moe.train.schedule import DECAY_SHAPES, SCHEDULES, lr_multiplier
+from moe.train.schedule import check_schedule_settings, lr_scheduler, run_length
 from moe.train.throughput import ThroughputMonitor
 
 # The callbacks every run gets unless trainer.callbacks holds one of the type (LanguageModel.configure_callbacks).
@@ -48,38 +47,6 @@ DEFAULT_CALLBACKS: dict[str, type[pl.Callback]] = {
     "ExpertLoadMonitor": ExpertLoadMonitor,
     "RestoreRNG": RestoreRNG,
 }
-
-# The max_epochs a Trainer gets when given neither max_steps nor max_epochs (lightning.pytorch.loops.fit_loop).
-LIGHTNING_DEFAULT_EPOCHS = 1000
-
-
-@dataclass
-class Sampling:
-    """How `predict` and the end-of-training sample generate text."""
-
-    max_new_tokens: int = 200
-    """Tokens generated after each prompt."""
-    temperature: float = 0.8
-    """Softmax temperature; 0 picks the most likely token (greedy)."""
-    top_k: int | None = 50
-    """Sample only among the k most likely tokens; None keeps all."""
-    top_p: float | None = 0.95
-    """Nucleus sampling: the smallest set of tokens whose probability reaches p; None keeps all."""
-    seed: int = 0
-    """Seed of the sampling generator, so a sample is reproducible."""
-
-    def __post_init__(self) -> None:
-        # Written as "not (in range)" so that NaN is refused too.
-        checks = (("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
-                  ("temperature", self.temperature, math.isfinite(self.temperature) and self.temperature >= 0,
-                   ">= 0 (0 is greedy)"),
-                  ("top_k", self.top_k, self.top_k is None or self.top_k >= 1, ">= 1, or null to keep all tokens"),
-                  ("top_p", self.top_p, self.top_p is None or 0 < self.top_p <= 1,
-                   "in (0, 1], or null to keep all tokens"))
-        for name, value, valid, expected in checks:
-            if not valid:
-                raise ValueError(f"Sampling.{name}={value} must be {expected}")
-
 
 class LanguageModel(pl.LightningModule):
     def __init__(
@@ -141,15 +108,7 @@ class LanguageModel(pl.LightningModule):
             config = ModelConfig(**config)
         if isinstance(sampling, dict):
             sampling = Sampling(**sampling)
-        if schedule not in SCHEDULES:
-            raise ValueError(f"LanguageModel.schedule={schedule!r} is not one of {SCHEDULES}")
-        if decay_shape not in DECAY_SHAPES:
-            raise ValueError(f"LanguageModel.decay_shape={decay_shape!r} is not one of {DECAY_SHAPES}")
-        for name, value in (("lr", lr), ("min_lr_ratio", min_lr_ratio), ("decay_fraction", decay_fraction)):
-            if value < 0 or (name != "lr" and value > 1):
-                raise ValueError(f"LanguageModel.{name}={value} is out of range")
-        if warmup_steps < 0:
-            raise ValueError(f"LanguageModel.warmup_steps={warmup_steps} must be >= 0")
+        check_schedule_settings(schedule, lr, warmup_steps, min_lr_ratio, decay_fraction, decay_shape)
         optimizer_class(optimizer)  # an unknown optimizer fails here, naming it, not at the first step
         unknown = set(default_callbacks or ()) - set(DEFAULT_CALLBACKS)
         if unknown:
@@ -157,7 +116,7 @@ class LanguageModel(pl.LightningModule):
         self.save_hyperparameters()
         self.sampling = sampling or Sampling()
         self.init_from = init_from
-        self.model_config = self._resolve_config(config, init_from)
+        self.model_config = init_config(config, init_from)
         # The hyperparameters in a checkpoint rebuild this module around the checkpoint's own weights: the resolved
         # architecture and no init_from (the weights it named are in the state dict; the path may be gone), as plain
         # values so that torch.load(weights_only=True), the default, can read them. The logged hparams keep what
@@ -175,44 +134,12 @@ class LanguageModel(pl.LightningModule):
         self._resumed_step = 0
 
     # ------------------------------------------------------------------------------------------------ model
-    @staticmethod
-    def _resolve_config(config: ModelConfig, init_from: str | None) -> ModelConfig:
-        if init_from is None:
-            return config
-        path = Path(init_from).expanduser()
-        if path.is_dir():
-            from moe.hf import read_hf_config
-            from moe.hf_config import config_from_hf
-
-            base = config_from_hf(read_hf_config(path))
-        elif path.is_file():
-            base = checkpoint_config(read_checkpoint(path))
-        else:
-            raise FileNotFoundError(f"LanguageModel.init_from={init_from}: no such HF model directory or checkpoint file")
-        return base.replace(**{name: getattr(config, name) for name in runtime_fields()})
-
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = self._build_model()
+        self.model = init_model(self.model_config, self.init_from)
         # device_mesh is set by ModelParallelStrategy (FSDP2, optionally tensor parallel), None otherwise.
         parallelize(self.model, self.device_mesh, self.hparams.activation_checkpointing, self.hparams.compile)
-
-    def _build_model(self) -> Transformer:
-        init_from = self.init_from
-        device = torch.get_default_device()
-        if init_from is None:
-            return Transformer(self.model_config)
-        path = Path(init_from).expanduser()
-        if path.is_dir():
-            from moe.hf import load_hf_checkpoint
-
-            runtime = {name: getattr(self.model_config, name) for name in runtime_fields()}
-            return load_hf_checkpoint(path, device=device, dtype=torch.float32, **runtime)
-        model = Transformer(self.model_config)
-        # Verified when __init__ read its config (_resolve_config): one read of a large file, not two.
-        model.load_state_dict(checkpoint_weights(read_checkpoint(path, map_location=device, verify=False)))
-        return model
 
     def forward(self, input_ids: torch.Tensor) -> ModelOutput:
         return self.model(input_ids)
@@ -280,45 +207,10 @@ class LanguageModel(pl.LightningModule):
         hp = self.hparams
         optimizer = build_optimizer(self.model, hp.optimizer, hp.lr, hp.weight_decay, hp.betas, hp.eps,
                                     hp.optimizer_args)
-        total = self._total_steps()
-        if hp.warmup_steps > total:
-            raise InputError(f"LanguageModel.warmup_steps={hp.warmup_steps} exceeds the {total} optimizer steps of "
-                             "the run; lower it or raise Trainer.max_steps")
-
-        def multiplier_for(total_steps: int, step: int) -> float:
-            return lr_multiplier(step, schedule=hp.schedule, warmup_steps=hp.warmup_steps, total_steps=total_steps,
-                                 min_ratio=hp.min_lr_ratio, decay_fraction=hp.decay_fraction,
-                                 decay_shape=hp.decay_shape)
-
-        def multiplier(step: int) -> float:
-            return multiplier_for(total, step)
-
-        saved_total = self._schedule_total_before
-        if saved_total is not None and saved_total != total:
-            step = self._resumed_step
-            before, after = hp.lr * multiplier_for(saved_total, step), hp.lr * multiplier(step)
-            rank_zero_warn(f"the schedule now spans {total} optimizer steps instead of the checkpoint's {saved_total}, "
-                           f"so the learning rate at step {step} changes from {before:.4g} to {after:.4g}; pass "
-                           f"LanguageModel.total_steps={saved_total} to keep it")
+        total = hp.total_steps if hp.total_steps is not None else run_length(self.trainer, hp.schedule)
+        scheduler = lr_scheduler(optimizer, hp, total, before=(self._schedule_total_before, self._resumed_step))
         self._schedule_total = total
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _total_steps(self) -> int:
-        if self.hparams.total_steps is not None:
-            return self.hparams.total_steps
-        trainer, decays = self.trainer, self.hparams.schedule != "constant"
-        if decays and trainer.max_steps < 0 and trainer.max_epochs == LIGHTNING_DEFAULT_EPOCHS:
-            # Neither --trainer.max_steps nor --trainer.max_epochs given (or 1000 epochs asked for, which only
-            # --model.total_steps can tell apart): Lightning stops after 1000 epochs, and a schedule spread over
-            # them would stay near its peak for the whole of any real run.
-            raise InputError(f"the {self.hparams.schedule} schedule needs the run's length: set Trainer.max_steps "
-                             "(or Trainer.max_epochs, or LanguageModel.total_steps); without them Lightning runs for "
-                             f"{LIGHTNING_DEFAULT_EPOCHS} epochs and the learning rate would not decay")
-        steps = trainer.estimated_stepping_batches
-        if not math.isfinite(steps):
-            raise InputError("the schedule needs a length: set Trainer.max_steps or LanguageModel.total_steps")
-        return int(steps)
 
     # ------------------------------------------------------------------------------------------------ training
     def _loss(self, out: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
