@@ -15,17 +15,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import os
 import re
 import sys
 from pathlib import Path
 
 import torch
-from fsspec.utils import get_protocol
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from eval.callback import ZeroShotEvaluation
@@ -36,10 +33,11 @@ from moe.errors import ConfigError, InputError, TrainingStopped
 from moe.generate import Sampling
 from moe.presets import get_preset, preset_names
 from moe.train import LanguageModel
-from moe.train.checkpoint import consolidate_checkpoint, is_sharded_checkpoint
+from moe.train.checkpoint import consolidate_checkpoint
 from moe.train.checkpoint_io import verify_checkpoint
 from moe.train.export import export_to_hf
 from moe.train.preemption import CheckpointOnSigterm
+from moe.train.run_paths import check_ckpt_path, claim_run_directory
 from moe.train.strategies import check_strategy
 from moe.train.trainer_checks import check_trainer_flags
 
@@ -133,56 +131,6 @@ def refuse(message: str, flags: bool = True) -> None:
     sys.exit(2)
 
 
-def check_ckpt_path(ckpt_path: str) -> None:
-    """Refuse a --ckpt_path that is neither a checkpoint file nor a sharded checkpoint directory. Lightning's own
-    errors for it come only once the Trainer runs (fit: after the data is prepared) and as a traceback."""
-    if ckpt_path in ("best", "last", "hpc") or ckpt_path.startswith("registry") or not _is_local(ckpt_path):
-        return  # resolved by the Trainer, or remote: Lightning's to check
-    path = Path(ckpt_path)
-    if path.is_file() or is_sharded_checkpoint(path):
-        return
-    if path.is_dir():
-        refuse(f"--ckpt_path {path} is a directory but not a sharded checkpoint (no .metadata file of "
-               "torch.distributed.checkpoint in it): give a .ckpt file or a sharded checkpoint directory")
-    refuse(f"--ckpt_path {path}: no such checkpoint file or sharded checkpoint directory")
-
-
-def _is_local(path: str) -> bool:
-    return get_protocol(str(path)) in ("file", "local")
-
-
-def claim_run_directory(trainer: Trainer) -> None:
-    """Create the next free `version_N` of each logger that numbers its runs (CSVLogger, TensorBoardLogger) with
-    os.mkdir, which fails if the directory exists, and fix the logger's version to it.
-
-    Lightning picks the version by listing the existing directories, so two runs started at once with the same
-    logger name both take the same one, and interleave their metrics.csv, config.yaml and checkpoints in it.
-    Claimed on global rank 0 only; the other ranks receive the directory from Lightning's broadcasts of
-    `trainer.log_dir` and of ModelCheckpoint's folder. A version given explicitly is left alone, as is a remote one.
-    """
-    if trainer.global_rank != 0:
-        return
-    claimed: dict[str, int] = {}  # loggers of this run that share a folder share its version, as Lightning's would
-    for logger in trainer.loggers:
-        # `_version` and `_get_next_version` are private: Lightning's loggers have no public way to set a version
-        # after construction, and the listing is the one Lightning itself would have made.
-        if not isinstance(logger, (CSVLogger, TensorBoardLogger)) or logger._version is not None \
-                or not _is_local(logger.root_dir):
-            continue
-        root = os.path.abspath(logger.root_dir)
-        if root not in claimed:
-            os.makedirs(root, exist_ok=True)
-            version = logger._get_next_version()
-            while True:
-                try:
-                    os.mkdir(os.path.join(root, f"version_{version}"))
-                    break
-                except FileExistsError:  # another run took it since the listing: the next one
-                    version += 1
-            claimed[root] = version
-        logger._version = claimed[root]
-
-
 class MoECLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         self._args = args  # parsed again, without defaults, to tell the settings given from the defaults
@@ -204,7 +152,10 @@ class MoECLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path:
-            check_ckpt_path(str(ckpt_path))
+            try:
+                check_ckpt_path(str(ckpt_path))
+            except InputError as error:
+                refuse(str(error))
         if subcommand == "fit":
             # Lightning would replace the model arguments with the checkpoint's. A resumed fit continues the run
             # in the checkpoint, so LanguageModel compares them instead and refuses a changed run by name (and
