@@ -50,16 +50,6 @@ class ModelOutput:
         return torch.stack([s.z_loss for s in self.moe]).mean() if self.moe else None
 
     @property
-    def assignment_counts(self) -> torch.Tensor | None:
-        """(L, k, E) top-k choices per expert of each MoE layer on this process's tokens, before capacity drops."""
-        return torch.stack([s.assignment_counts for s in self.moe]) if self.moe else None
-
-    @property
-    def probability_sum(self) -> torch.Tensor | None:
-        """(L, E) router probabilities of each MoE layer summed over this process's tokens."""
-        return torch.stack([s.probability_sum for s in self.moe]) if self.moe else None
-
-    @property
     def tokens_per_expert(self) -> torch.Tensor | None:
         """(L, E) assignments processed by each expert of each MoE layer."""
         return torch.stack([s.tokens_per_expert for s in self.moe]) if self.moe else None

@@ -136,11 +136,3 @@ def total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Ten
         norm = _get_total_norm(group, norm_type)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     return _get_total_norm(norms, norm_type)
-
-
-def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter as a full, plain tensor (a collective: every process must call it)."""
-    from torch.distributed.tensor import DTensor
-
-    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-            for name, p in model.named_parameters()}

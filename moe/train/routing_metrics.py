@@ -7,7 +7,8 @@
   the world size and gradient accumulation. (Its gradient, under accumulation, is that of each micro-batch's own
   loss with fractions counted over the processes: a micro-batch cannot see the later ones' routing.)
 - `ExpertLoadMonitor`: per MoE layer, experts/layer_<i>/max_over_mean (the busiest expert's load over the mean; 1 is
-  perfect balance) and experts/layer_<i>/idle (experts that received no token), over the steps since the last log.
+  perfect balance) and experts/layer_<i>/idle (experts that received no token), and with a capacity limit
+  experts/dropped_fraction (assignments the limit dropped), over the steps since the last log.
 
 Both read the routing statistics `LanguageModel.training_step` returns (`outputs["moe"]`, one `MoEStats` per MoE
 layer). Shapes: L MoE layers, k choices per token, E experts.
@@ -95,7 +96,8 @@ class ExpertLoadMonitor(pl.Callback):
     processes; tensor-parallel replicas, which route the same tokens, are counted once."""
 
     def __init__(self):
-        self._tokens: torch.Tensor | None = None  # (L, E) assignments since the last log
+        self._tokens: torch.Tensor | None = None  # (L, E) assignments processed since the last log
+        self._dropped: torch.Tensor | None = None  # (L,) assignments dropped by a capacity limit since then
         self._last_report_step = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -103,14 +105,19 @@ class ExpertLoadMonitor(pl.Callback):
         if not stats:
             return
         counts = torch.stack([s.tokens_per_expert for s in stats]).float()
+        dropped = torch.stack([s.dropped for s in stats]).float()
         self._tokens = counts if self._tokens is None else self._tokens + counts
+        self._dropped = dropped if self._dropped is None else self._dropped + dropped
         if not is_log_step(trainer, self._last_report_step):
             return
         self._last_report_step = trainer.global_step
         replicas = trainer.world_size // data_parallel_size(trainer)
         tokens = trainer.strategy.reduce(self._tokens, reduce_op="sum") / replicas
-        self._tokens = None
         self.log_load(pl_module, tokens)
+        if pl_module.model_config.capacity_factor is not None:
+            dropped = trainer.strategy.reduce(self._dropped, reduce_op="sum").sum() / replicas
+            pl_module.log("experts/dropped_fraction", dropped / (dropped + tokens.sum()).clamp_min(1.0))
+        self._tokens = self._dropped = None
 
     def log_load(self, pl_module, tokens: torch.Tensor) -> None:
         """Log the load of (L, E) assignment counts, one row per MoE layer."""

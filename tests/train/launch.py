@@ -1,5 +1,6 @@
-"""What the tests that start training processes share: a free port for torch.distributed, and a small corpus whose
-tokenizer and token cache are built once, before the processes start, so that none of them trains a tokenizer."""
+"""What the tests that start training processes share: a free port for torch.distributed, full weights from
+sharded ones, and a small corpus whose tokenizer and token cache are built once, before the processes start, so
+that none of them trains a tokenizer."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import random
 import socket
 from pathlib import Path
+
+import torch
 
 from moe.data import Source, TextDataModule
 
@@ -29,3 +32,11 @@ def code_corpus(folder: Path, seq_len: int, batch_size: int) -> tuple[Path, Path
                           val_fraction=0.1, cache_dir=str(folder / "cache"))
     data.setup("fit")
     return path, folder / "cache", data.batches_per_epoch()
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter as a full, plain tensor, DTensor shards gathered (a collective: every process must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for name, p in model.named_parameters()}

@@ -14,11 +14,11 @@ import torch
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]  # tests/train, tests
+from launch import full_state
 from precision_worker import RecordClipping
 from test_model_parallel import CASES, MODELS, MODES, MODULE_KWARGS, CPUFSDPStrategy, fit_kwargs, run_name, tiny_data
 
 from moe.train import LanguageModel
-from moe.train.parallel import full_state
 from moe.train.strategies import ModelParallelStrategy
 
 

@@ -44,7 +44,7 @@ class RecordClipping(pl.Callback):
             self.losses.append(float(metrics["train/loss"]))
 
     def on_train_end(self, trainer, module):
-        from moe.train.parallel import full_state
+        from launch import full_state
 
         self.dtypes = {str(p.dtype) for p in module.model.parameters()}
         if self.out is not None:

@@ -90,3 +90,10 @@ def test_the_guard_is_configured_from_the_command_line_and_defaults_turned_off(w
     (guard,) = of_type(parsed.trainer, StepGuard)
     assert guard.on_nonfinite == "skip"
     assert not of_type(parsed.trainer, ThroughputMonitor) and len(of_type(parsed.trainer, RestoreRNG)) == 1
+
+
+def test_a_capacity_limit_logs_the_fraction_of_assignments_it_dropped():
+    t = fitted(LanguageModel(TINY.replace(capacity_factor=0.5), warmup_steps=1))
+    # Half the even share fits: at least half of the assignments are dropped.
+    assert 0.5 <= float(t.callback_metrics["experts/dropped_fraction"]) < 1.0
+    assert "experts/dropped_fraction" not in fitted().callback_metrics  # dropless: nothing to report
