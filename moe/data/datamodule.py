@@ -21,10 +21,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
+from moe.data.checks import check_arguments, fingerprint_changes
 from moe.data.datasets import MixtureDataset, TokenFile, ValidationDataset
 from moe.data.mixture import SCHEDULE_VERSION, MixtureSchedule
 from moe.data.packing import n_windows, split_windows
-from moe.data.report import SourceRow, format_report
+from moe.data.report import SourceRow, format_report, unigram_baseline
 from moe.data.sampler import EvalShardSampler, GlobalBatchSampler, ResumableLoader
 from moe.data.sources import STDLIB, DataError, ResolvedSource, Source, resolve_source
 from moe.data.token_cache import TokenCacheMeta, tokenize_source
@@ -44,24 +45,7 @@ DEFAULT_CORPUS_MAX_BYTES = 16_000_000
 # long before a large corpus is exhausted, and training time grows with the text.
 TOKENIZER_TRAINING_BYTES = 1 << 30
 DEFAULT_PROMPTS = ["def fibonacci(n):\n", "import os\n\n", "class Stack:\n    "]
-# Tokens per read of the unigram baseline's counting, bounding its memory on any corpus size.
-_BASELINE_CHUNK_TOKENS = 1 << 24
 _VAL_SPLIT_STREAM = 0  # SeedSequence tag; the mixture schedule uses 1 and 2
-# How each part of the resume fingerprint is set, for the message that refuses a resume.
-_FINGERPRINT_LABELS = {
-    "sources": "TextDataModule.sources (name, content hash, weight)",
-    "tokenizer": "tokenizer (hash of its JSON)",
-    "seq_len": "TextDataModule.seq_len",
-    "seed": "TextDataModule.seed",
-    "val_fraction": "TextDataModule.val_fraction",
-    "global_batch_size": "global batch size (TextDataModule.batch_size x Trainer.devices x Trainer.num_nodes)",
-    "accumulate_grad_batches": "Trainer.accumulate_grad_batches (micro-batches per optimizer step, so the tokens "
-    "per step are those of the global batch times this)",
-    "schedule": "mixture schedule version",
-    "token_cache": "token cache (CRC-32 of each source's token array)",
-}
-
-
 class TextDataModule(pl.LightningDataModule):
     def __init__(
         self,
@@ -98,7 +82,7 @@ class TextDataModule(pl.LightningDataModule):
             prompts: Prompts served by predict_dataloader.
         """
         super().__init__()
-        _check_arguments(sources, tokenizer, vocab_size, seq_len, batch_size, val_fraction, num_workers, seed,
+        check_arguments(sources, tokenizer, vocab_size, seq_len, batch_size, val_fraction, num_workers, seed,
                          corpus_max_bytes, planned_tokens, prompts)
         self.sources = list(sources) if sources else [Source(STDLIB)]
         self.tokenizer_path = tokenizer
@@ -340,16 +324,7 @@ class TextDataModule(pl.LightningDataModule):
             self._check_fingerprint(self._checkpoint_fingerprint)
 
     def _check_fingerprint(self, saved: dict) -> None:
-        current = self.fingerprint()
-        labels = {**_FINGERPRINT_LABELS}
-        labels["token_cache"] += f" in {', '.join(f.path for f in self._files)}"
-        # A key missing from the checkpoint was added to the fingerprint after it was written: it cannot be
-        # compared, and refusing would make every run started before then impossible to resume.
-        changed = [
-            f"{labels.get(key, key)}: checkpoint {saved[key]!r}, now {current[key]!r}"
-            for key in current
-            if key in saved and saved[key] != current[key]
-        ]
+        changed = fingerprint_changes(saved, self.fingerprint(), [f.path for f in self._files])
         if changed:
             raise IncompatibleResume(
                 "the data pipeline differs from the checkpoint's, so resuming would not continue the "
@@ -383,78 +358,12 @@ class TextDataModule(pl.LightningDataModule):
         return format_report(rows, self._resolved_planned_tokens(), tokenizer_line)
 
     def unigram_baseline(self) -> float:
-        """Cross-entropy (nats/token) of the validation labels under the training unigram distribution.
-
-        Each source's unigram is add-one smoothed and the sources are mixed by weight, as the model sees them. A
-        model that has not beaten this number has learnt nothing beyond token frequencies.
-        """
+        """Cross-entropy (nats/token) of the validation labels under the training unigram distribution
+        (`moe.data.report.unigram_baseline`)."""
         self._require_setup()
-        V, T = self.n_vocab, self.seq_len
-        total_weight = sum(s.weight for s in self.sources)
-        probabilities = np.zeros(V)
-        val_counts = np.zeros(V)
-        for file, train, val, source in zip(self._files, self._train_windows, self._val_windows, self.sources):
-            tokens = file.open()
-            n = len(train) + len(val)
-            # All labels of all windows, minus those of validation windows, are the training labels. Counted in
-            # chunks: bincount widens to int64, so one call over a 100 GB corpus would need 4x that in RAM.
-            counts = np.zeros(V)
-            for start in range(1, n * T + 1, _BASELINE_CHUNK_TOKENS):
-                counts += np.bincount(tokens[start : min(start + _BASELINE_CHUNK_TOKENS, n * T + 1)], minlength=V)
-            source_val_counts = np.zeros(V)
-            per_chunk = max(1, _BASELINE_CHUNK_TOKENS // T)
-            for first in range(0, len(val), per_chunk):
-                labels = tokens[val[first : first + per_chunk, None] * T + 1 + np.arange(T)]  # [windows, T]
-                source_val_counts += np.bincount(labels.ravel(), minlength=V)
-            counts -= source_val_counts
-            probabilities += source.weight / total_weight * (counts + 1) / (counts.sum() + V)
-            val_counts += source_val_counts
-        if val_counts.sum() == 0:
-            raise ValueError("no validation tokens (TextDataModule.val_fraction is 0)")
-        return float(-(val_counts * np.log(probabilities)).sum() / val_counts.sum())
-
-
-def _check_arguments(
-    sources: list[Source] | None,
-    tokenizer: str | None,
-    vocab_size: int,
-    seq_len: int,
-    batch_size: int,
-    val_fraction: float,
-    num_workers: int,
-    seed: int,
-    corpus_max_bytes: int | None,
-    planned_tokens: int | None,
-    prompts: list[str],
-) -> None:
-    """Refuse, naming the setting (`TextDataModule.<name>`), the arguments that would otherwise fail later with a
-    traceback or run a wrong job."""
-    checks = [
-        ("seq_len", seq_len, seq_len >= 1, ">= 1"),
-        ("batch_size", batch_size, batch_size >= 1, ">= 1"),
-        ("num_workers", num_workers, num_workers >= 0, ">= 0 (0 loads batches in the training process)"),
-        ("seed", seed, seed >= 0, ">= 0"),
-        # A NaN fails every comparison, so it is refused too.
-        ("val_fraction", val_fraction, 0 <= val_fraction < 1, "in [0, 1)"),
-        ("corpus_max_bytes", corpus_max_bytes, corpus_max_bytes is None or corpus_max_bytes >= 1,
-         ">= 1, or null for the whole corpus"),
-        ("planned_tokens", planned_tokens, planned_tokens is None or planned_tokens >= 1,
-         ">= 1, or null to derive it from Trainer.max_steps"),
-        # Only a trained tokenizer needs it; a given one brings its own vocabulary.
-        ("vocab_size", vocab_size, tokenizer is not None or vocab_size >= 257,
-         ">= 257 (the 256 bytes and the end-of-text token) to train a tokenizer"),
-    ]
-    for name, value, valid, expected in checks:
-        if not valid:
-            raise InputError(f"TextDataModule.{name}={value} must be {expected}")
-    for index, source in enumerate(sources or []):
-        if not source.weight > 0:  # NaN too
-            raise InputError(f"TextDataModule.sources[{index}].weight={source.weight} must be positive "
-                             f"(source {source.path!r})")
-    for index, prompt in enumerate(prompts):
-        if not prompt:
-            raise InputError(f"TextDataModule.prompts[{index}] is empty; a prompt needs at least one character to "
-                             "continue")
+        weights = [s.weight for s in self.sources]
+        return unigram_baseline([f.open() for f in self._files], self._train_windows, self._val_windows, weights,
+                                self.n_vocab, self.seq_len)
 
 
 class _ListDataset(Dataset):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass
 class SourceRow:
@@ -74,3 +76,39 @@ def format_report(rows: list[SourceRow], planned_tokens: int | None, tokenizer_l
     rule = "-" * len(lines[0])
     planned = f"planned tokens: {human_count(planned_tokens)}" if planned_tokens else "planned tokens: unknown"
     return "\n".join([tokenizer_line, planned, rule, lines[0], rule, *lines[1:-1], rule, lines[-1]])
+
+
+# Tokens per read of the unigram baseline's counting, bounding its memory on any corpus size.
+_BASELINE_CHUNK_TOKENS = 1 << 24
+
+
+def unigram_baseline(token_arrays: list, train_windows: list, val_windows: list, weights: list[float], n_vocab: int,
+                     seq_len: int) -> float:
+    """Cross-entropy (nats/token) of the validation labels under the training unigram distribution.
+
+    Each source's unigram is add-one smoothed and the sources are mixed by weight, as the model sees them. A
+    model that has not beaten this number has learnt nothing beyond token frequencies. Per source: its token array
+    and the indices of its training and validation windows of seq_len + 1 tokens.
+    """
+    V, T = n_vocab, seq_len
+    total_weight = sum(weights)
+    probabilities = np.zeros(V)
+    val_counts = np.zeros(V)
+    for tokens, train, val, weight in zip(token_arrays, train_windows, val_windows, weights):
+        n = len(train) + len(val)
+        # All labels of all windows, minus those of validation windows, are the training labels. Counted in
+        # chunks: bincount widens to int64, so one call over a 100 GB corpus would need 4x that in RAM.
+        counts = np.zeros(V)
+        for start in range(1, n * T + 1, _BASELINE_CHUNK_TOKENS):
+            counts += np.bincount(tokens[start : min(start + _BASELINE_CHUNK_TOKENS, n * T + 1)], minlength=V)
+        source_val_counts = np.zeros(V)
+        per_chunk = max(1, _BASELINE_CHUNK_TOKENS // T)
+        for first in range(0, len(val), per_chunk):
+            labels = tokens[val[first : first + per_chunk, None] * T + 1 + np.arange(T)]  # [windows, T]
+            source_val_counts += np.bincount(labels.ravel(), minlength=V)
+        counts -= source_val_counts
+        probabilities += weight / total_weight * (counts + 1) / (counts.sum() + V)
+        val_counts += source_val_counts
+    if val_counts.sum() == 0:
+        raise ValueError("no validation tokens (TextDataModule.val_fraction is 0)")
+    return float(-(val_counts * np.log(probabilities)).sum() / val_counts.sum())

@@ -338,12 +338,12 @@ class _BoundedReads:
 
 
 def test_unigram_baseline_reads_in_bounded_chunks(sources, tmp_path, monkeypatch):
-    from moe.data import datamodule, datasets
+    from moe.data import datasets, report
 
     module = make(sources, tmp_path)
     expected = module.unigram_baseline()
     limit = 5 * SEQ_LEN
-    monkeypatch.setattr(datamodule, "_BASELINE_CHUNK_TOKENS", limit)
+    monkeypatch.setattr(report, "_BASELINE_CHUNK_TOKENS", limit)
     real_open = datasets.TokenFile.open
     monkeypatch.setattr(datasets.TokenFile, "open", lambda self: _BoundedReads(real_open(self), limit))
     assert module.unigram_baseline() == pytest.approx(expected, rel=1e-12)
