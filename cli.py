@@ -36,9 +36,11 @@ from moe.train import LanguageModel
 from moe.train.checkpoint import consolidate_checkpoint
 from moe.train.checkpoint_io import verify_checkpoint
 from moe.train.export import export_to_hf
+from moe.train.guard import StepGuard
 from moe.train.preemption import CheckpointOnSigterm
 from moe.train.run_paths import check_ckpt_path, claim_run_directory
 from moe.train.strategies import check_strategy
+from moe.train.throughput import ThroughputMonitor
 from moe.train.trainer_checks import check_trainer_flags
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,9 +80,13 @@ FLAG_PREFIXES: dict[type, str] = {
     Source: "--data.sources[*].",
     ZeroShotEvaluation: "--eval.",
     CheckpointOnSigterm: "--preemption.",
-    # Lightning's, whose arguments the project's subclass (moe.train.parallel, configs/strategy/fsdp2.yaml) takes.
+    # Lightning's, whose arguments the project's subclass (moe.train.strategies, configs/strategy/fsdp2.yaml) takes.
     ModelParallelStrategy: "--trainer.strategy.init_args.",
     Trainer: "--trainer.",
+    # Callbacks given in trainer.callbacks, set as `--trainer.callbacks+=moe.train.guard.StepGuard
+    # --trainer.callbacks.<field> VALUE` (the flag sets the last callback added).
+    StepGuard: "--trainer.callbacks.",
+    ThroughputMonitor: "--trainer.callbacks.",
 }
 # Settings this CLI fills in by a link (add_arguments_to_parser), which cannot be given as flags: the flag the
 # value comes from, or None where it is computed (the vocabulary size, from the data's tokenizer), which keeps the
@@ -250,6 +256,9 @@ def build_cli(argv: list[str] | None = None, run: bool = True) -> MoECLI:
         # The LLaMA recipe clips the global gradient norm at 1.0; configs may override it.
         trainer_defaults={"gradient_clip_val": 1.0},
         save_config_kwargs={"overwrite": True},
+        # LightningCLI's --optimizer/--lr_scheduler would replace configure_optimizers, dropping the decay groups and
+        # the schedule; the optimizer is LanguageModel's (--model.optimizer, --model.optimizer_args).
+        auto_configure_optimizers=False,
         parser_kwargs={"description": __doc__.split("\n\n", 1)[1]},
     )
 

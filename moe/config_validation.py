@@ -97,8 +97,9 @@ def _validate_layer_pattern(config: ModelConfig) -> None:
            f"={dense} must hold layer indices 0 .. {config.n_layers - 1} (ModelConfig.n_layers={config.n_layers})")
     _check(len(set(dense)) == len(dense), "dense_layers", f"={dense} names a layer twice")
     if not config.moe_layer_indices():
+        # Blame the setting that removed the last MoE layer: dense_layers only when it names any.
         field = "moe_every" if config.moe_every > config.n_layers else \
-            "first_k_dense" if config.first_k_dense >= config.n_layers else "dense_layers"
+            "first_k_dense" if config.first_k_dense >= config.n_layers or not dense else "dense_layers"
         _check(False, field, f"={getattr(config, field)} leaves no MoE layer among the ModelConfig.n_layers="
                              f"{config.n_layers} (moe_every={config.moe_every}, first_k_dense="
                              f"{config.first_k_dense}, dense_layers={dense}); set n_experts=0 for a dense model")

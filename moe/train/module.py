@@ -1,13 +1,16 @@
-"""The LightningModule: a causal language model trained with the LLaMA recipe (Touvron et al. 2023).
+"""The LightningModule: a causal language model, its objective and its train/validation/test/predict steps, with
+the LLaMA recipe as defaults (Touvron et al. 2023).
 
 Objective: next-token cross-entropy plus, for MoE models, the load-balancing and router z losses weighted by
-the config's coefficients. Optimiser: AdamW (0.9, 0.95), weight decay 0.1 on matrices only, linear warmup
-then cosine decay to 10% of the peak (or warmup-stable-decay); gradient clipping is the Trainer's
-`gradient_clip_val`. Logs loss, learning rate, gradient norm, tokens seen, tokens/s, TFLOP/s, MFU, the MoE
-losses and per-layer expert load.
+the config's coefficients. The optimizer (optim.py: AdamW (0.9, 0.95), weight decay 0.1 on matrices only, or any
+torch.optim class) and the schedule (schedule.py: linear warmup then cosine decay to 10% of the peak, or
+warmup-stable-decay) are built here; clipping (clipping.py) is the Trainer's `gradient_clip_val`. The module logs
+the losses of each optimizer step's global batch and the learning rate; everything else a run reports or guards
+is a callback it registers by default (DEFAULT_CALLBACKS): the step guard, throughput and MFU, router losses,
+expert load, random states on resume.
 
-The model is built in `configure_model`, so sharded strategies can create it directly on the right devices;
-calling it twice is harmless.
+The model is built in `configure_model` (parallel.py applies sharding, recomputation and compile), so sharded
+strategies can create it directly on the right devices; calling it twice is harmless.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from moe.config import ModelConfig
 from moe.errors import InputError
@@ -33,7 +37,7 @@ from moe.train.clipping import StepGradientNorm, clip_gradients
 from moe.train.guard import StepGuard
 from moe.train.optim import build_optimizer, optimizer_class
 from moe.train.parallel import parallelize
-from moe.train.resume import RestoreRNG, check_resume
+from moe.train.resume import RestoreRNG, check_resume, upgrade_checkpoint
 from moe.train.routing_metrics import ExpertLoadMonitor, RouterLossMonitor
 from moe.train.schedule import check_schedule_settings, lr_scheduler, run_length
 from moe.train.throughput import ThroughputMonitor
@@ -126,7 +130,9 @@ class LanguageModel(pl.LightningModule):
         self.hparams["sampling"] = dataclasses.asdict(self.sampling)
         self.model: Transformer | None = None
         self._eval_sums: torch.Tensor | None = None
-        self._step_total_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch objectives
+        # This optimizer step's micro-batch objectives, unscaled and each a mean over its tokens: what the step
+        # guard judges (their mean) before the update.
+        self.step_total_losses: list[torch.Tensor] = []
         self._step_ce: list[torch.Tensor] = []  # ... and their cross-entropies
         self.step_grad_norm = StepGradientNorm()  # shared by the step guard and clipping
         self._schedule_total: int | None = None  # optimizer steps the learning-rate schedule spans
@@ -186,6 +192,11 @@ class LanguageModel(pl.LightningModule):
         checkpoint["schedule_total_steps"] = self._schedule_total
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Runs before the callbacks' states are restored: a checkpoint of an earlier version is given their shape.
+        guard_settings = upgrade_checkpoint(checkpoint)
+        if guard_settings:
+            rank_zero_warn(f"the checkpoint's run set the step guard's {', '.join(guard_settings)}; these are now "
+                           "StepGuard's settings: give moe.train.guard.StepGuard with them in trainer.callbacks")
         if self._trainer is not None and self.trainer.state.fn == "fit":
             # Arguments added since the checkpoint was written take their defaults.
             defaults = {name: p.default for name, p in inspect.signature(LanguageModel.__init__).parameters.items()
@@ -232,7 +243,7 @@ class LanguageModel(pl.LightningModule):
         statistics ("moe": one MoEStats per MoE layer, detached)."""
         out = self.model(batch["input_ids"], labels=batch["labels"])
         parts = self.objective(out, batch["labels"])
-        self._step_total_losses.append(parts["loss"].detach())
+        self.step_total_losses.append(parts["loss"].detach())
         self._step_ce.append(parts["ce"].detach())
         # train/loss and train/total_loss are logged once per optimizer step, of its whole global batch
         # (on_before_optimizer_step); the *_micro_batch values are this process's micro-batch objective, the one
@@ -247,9 +258,9 @@ class LanguageModel(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # Every micro-batch of the step has run. The means over micro-batches and processes are the losses of the
         # global batch, which is what the step trains on, rather than process 0's last micro-batch.
-        values = torch.stack([torch.stack(self._step_ce).mean(), torch.stack(self._step_total_losses).mean()])
+        values = torch.stack([torch.stack(self._step_ce).mean(), torch.stack(self.step_total_losses).mean()])
         ce, total = self.trainer.strategy.reduce(values.float(), reduce_op="mean").tolist()
-        self._step_ce, self._step_total_losses = [], []
+        self._step_ce, self.step_total_losses = [], []
         self.log("train/loss", ce, prog_bar=True)
         if self.model_config.is_moe:
             self.log("train/total_loss", total)

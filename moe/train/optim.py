@@ -54,6 +54,11 @@ def build_optimizer(model: nn.Module, class_path: str, lr: float, weight_decay: 
     kwargs = {name: value for name, value in (("betas", tuple(betas)), ("eps", eps)) if name in accepted}
     if "fused" in accepted and fused_adamw_supported(model.parameters()):
         kwargs["fused"] = True
+    taken = sorted(set(extra or {}) & {"lr", "weight_decay", "betas", "eps"})
+    if taken:
+        raise InputError(f"LanguageModel.optimizer_args sets {', '.join(taken)}: give "
+                         f"{', '.join(f'LanguageModel.{name}' for name in taken)} instead (the schedule scales lr, and "
+                         "weight_decay applies to the decayed group only)")
     kwargs.update(extra or {})
     unknown = sorted(set(kwargs) - set(accepted)) if not any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()) else []

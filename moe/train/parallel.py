@@ -50,7 +50,8 @@ def tensor_parallel_size(device_mesh: DeviceMesh) -> int:
 
 
 def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
-    """Raise a ValueError naming the flags when tp processes cannot split the model's heads or SwiGLU width."""
+    """Raise an InputError naming the settings when tp processes cannot split the model's heads or its dense
+    SwiGLU width."""
     if tp <= 1:
         return
     sizes = [("n_heads", config.n_heads), ("n_kv_heads", config.n_kv_heads)]

@@ -98,6 +98,30 @@ def hparam_changes(saved: dict, current: dict) -> list[str]:
     ]
 
 
+# Where a checkpoint written before the training layer's callbacks held the state that is now theirs: the top-level
+# key, the callback's state key (Callback.state_key, its class name) and the state it becomes.
+_LEGACY_CALLBACK_STATE = {
+    "step_guard": ("StepGuard", lambda value: value),
+    "rng_states": ("RestoreRNG", lambda value: {"rng_states": value}),
+    "tokens_seen": ("ThroughputMonitor", lambda value: {"tokens_seen": value}),
+}
+# The guard settings such a checkpoint's LanguageModel took, with their defaults.
+_LEGACY_GUARD_SETTINGS = {"on_nonfinite": "stop", "spike_zscore": None, "spike_window": 128, "max_consecutive_skips": 8}
+
+
+def upgrade_checkpoint(checkpoint: dict) -> list[str]:
+    """Move the state a checkpoint of an earlier version kept at its top level to the callbacks that keep it now,
+    in place, so that a resume from it stays exact; return the guard settings it was trained with that differ from
+    the defaults (`name=value`), which now belong to a StepGuard in trainer.callbacks."""
+    callbacks = checkpoint.setdefault("callbacks", {})
+    for key, (state_key, state) in _LEGACY_CALLBACK_STATE.items():
+        if key in checkpoint and state_key not in callbacks:
+            callbacks[state_key] = state(checkpoint.pop(key))
+    saved = checkpoint.get("hyper_parameters", {})
+    return [f"{name}={saved[name]!r}" for name, default in _LEGACY_GUARD_SETTINGS.items()
+            if name in saved and saved[name] != default]
+
+
 def check_resume(checkpoint: dict, hparams: dict, seed: str | None, defaults: dict | None = None) -> None:
     """Refuse to resume `checkpoint` into a run with other model, optimiser or schedule settings or another seed.
     `defaults` are the values of settings the checkpoint may predate."""
@@ -105,7 +129,7 @@ def check_resume(checkpoint: dict, hparams: dict, seed: str | None, defaults: di
     changes = hparam_changes(saved, hparams)
     saved_seed = checkpoint.get("seed")
     if saved_seed is not None and seed is not None and str(saved_seed) != str(seed):
-        changes.append(f"--seed_everything: checkpoint {saved_seed}, now {seed}")
+        changes.append(f"seed (seed_everything): checkpoint {saved_seed}, now {seed}")
     if changes:
         raise IncompatibleResume(
             "this run's settings differ from the checkpoint's, so it would not continue the same run:\n  "

@@ -3,6 +3,7 @@ in `trainer.callbacks` (from Python or YAML) instead of its default, `default_ca
 
 import json
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -97,3 +98,29 @@ def test_a_capacity_limit_logs_the_fraction_of_assignments_it_dropped():
     # Half the even share fits: at least half of the assignments are dropped.
     assert 0.5 <= float(t.callback_metrics["experts/dropped_fraction"]) < 1.0
     assert "experts/dropped_fraction" not in fitted().callback_metrics  # dropless: nothing to report
+
+
+def test_a_checkpoint_written_before_the_callbacks_resumes_their_state(tmp_path):
+    """Guard window, random states and tokens seen were top-level keys of the checkpoint; they reach the callbacks
+    that keep them now, and the old guard settings are named in a warning."""
+    t = fitted(max_steps=2, default_root_dir=tmp_path)
+    t.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    callbacks = checkpoint["callbacks"]
+    checkpoint["step_guard"] = saved_guard = callbacks.pop("StepGuard")
+    checkpoint["rng_states"] = callbacks.pop("RestoreRNG")["rng_states"]
+    checkpoint["tokens_seen"] = callbacks.pop("ThroughputMonitor")["tokens_seen"]
+    checkpoint["hyper_parameters"].update(on_nonfinite="skip", spike_zscore=None)
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    guard, restored = StepGuard(), []
+
+    class Window(pl.Callback):
+        def on_train_start(self, trainer, module):
+            restored.append(list(guard.recent))
+
+    module = LanguageModel(TINY, warmup_steps=1)
+    t = trainer(max_steps=4, limit_val_batches=0, log_every_n_steps=1, callbacks=[guard, Window()])
+    with pytest.warns(UserWarning, match="the checkpoint's run set the step guard's on_nonfinite='skip'"):
+        t.fit(module, datamodule=PatternData(), ckpt_path=tmp_path / "old.ckpt")
+    assert restored == [saved_guard["recent"]] and len(restored[0]) == 2
+    assert float(t.callback_metrics["train/tokens_seen"]) == 4 * 8 * 32

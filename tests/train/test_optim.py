@@ -85,3 +85,19 @@ def test_the_optimizer_is_chosen_from_the_command_line(workdir):
     parsed.trainer.fit(parsed.model, datamodule=parsed.datamodule)
     (optimizer,) = parsed.trainer.optimizers
     assert type(optimizer) is torch.optim.SGD and optimizer.param_groups[0]["momentum"] == 0.5
+
+
+def test_optimizer_args_may_not_set_what_languagemodel_sets():
+    with pytest.raises(ValueError, match="LanguageModel.optimizer_args sets lr, weight_decay: give LanguageModel.lr"):
+        build_optimizer(torch.nn.Linear(4, 4), "AdamW", 0.1, 0.1, (0.9, 0.95), 1e-8, {"lr": 0.5, "weight_decay": 0})
+
+
+def test_lightningclis_own_optimizer_flags_are_not_offered(workdir, capsys):
+    """LightningCLI's --optimizer would replace configure_optimizers: no decay groups, no schedule."""
+    import cli
+
+    from ..cli_runs import tiny_run_args
+
+    with pytest.raises(SystemExit):
+        cli.build_cli([*tiny_run_args(workdir), "--optimizer", "SGD"], run=False)
+    assert "--optimizer" in capsys.readouterr().err

@@ -91,10 +91,14 @@ def test_fp16_with_a_gradient_scaler_and_fused_adamw():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
     record, module = run(MixedPrecision("16-mixed", "cpu", scaler=scaler))
     assert module.trainer.optimizers[0].defaults["fused"]
-    reference, _ = run(precision="32-true")
+    reference, reference_module = run(precision="32-true")
     # Unscaled: the norm is that of float32 training to fp16's precision, not 16 times it.
     assert record["before"][0] == pytest.approx(reference["before"][0], rel=0.05)
     assert_clipped(record, CLIP)
+    # The guard judges the loss, not the scaled loss the backward pass starts from (a doubled scale is no spike).
+    (guard,) = [c for c in module.trainer.callbacks if isinstance(c, StepGuard)]
+    (reference_guard,) = [c for c in reference_module.trainer.callbacks if isinstance(c, StepGuard)]
+    assert list(guard.recent) == pytest.approx(list(reference_guard.recent), rel=0.05)
 
     # An overflow: the scaler skips the step and lowers its scale; the guard leaves it to the scaler.
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)

@@ -52,7 +52,7 @@ def test_changed_settings_are_refused_by_name(checkpoint, config, kwargs, messag
 
 def test_changed_seed_is_refused(checkpoint, monkeypatch):
     monkeypatch.setenv("PL_GLOBAL_SEED", "7")
-    with pytest.raises(IncompatibleResume, match="--seed_everything: checkpoint 1234, now 7"):
+    with pytest.raises(IncompatibleResume, match=re.escape("seed (seed_everything): checkpoint 1234, now 7")):
         resume(checkpoint)
 
 
@@ -100,7 +100,7 @@ def test_cli_refuses_a_changed_resume_naming_the_flag(workdir, capsys):
     last = next(workdir.glob("runs/quickstart/version_0/checkpoints/last.ckpt"))
     for change, named in [(["--model.lr", "0.5"], "--model.lr: checkpoint 0.003, now 0.5"),
                           (["--data.seed", "99"], "--data.seed: checkpoint 1234, now 99"),
-                          (["--seed_everything", "5"], "--seed_everything: checkpoint 1234, now 5")]:
+                          (["--seed_everything", "5"], "seed (seed_everything): checkpoint 1234, now 5")]:
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["fit", *tiny_run_args(workdir), "--trainer.max_steps", "8", "--ckpt_path", str(last), *change])
         assert exit_info.value.code == 2
