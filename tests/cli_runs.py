@@ -46,3 +46,20 @@ def tiny_run_args(workdir: Path) -> list[str]:
         "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
         "--trainer.log_every_n_steps", "2", "--config", str(workdir / "tiny-callbacks.yaml"),
     ]
+
+
+def refused(capsys, args: list[str]) -> str:
+    """Run the command `args`, which must end as bad input does: exit status 2, no traceback, no usage text and one
+    `error:` message, the end of stderr (a list of changes may follow on the next lines); that message."""
+    import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err[-3000:]
+    # compute_fn: jsonargparse's dump of a failed link (the vocabulary size), which buries the message.
+    assert "Traceback" not in err and "usage:" not in err and "compute_fn" not in err, err[-3000:]
+    lines = err.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    assert len(starts) == 1, err[-3000:]
+    return "\n".join(lines[starts[0]:])

@@ -19,7 +19,7 @@ from moe.generate import Sampling, generate
 from moe.train.checkpoint import load_lightning_checkpoint
 from moe.train.trainer_checks import check_trainer_flags
 
-from .cli_runs import tiny_run_args, write_tiny_run
+from .cli_runs import refused, tiny_run_args, write_tiny_run
 
 RUN = "runs/quickstart"  # the quickstart's CSVLogger: save_dir runs, name quickstart
 
@@ -28,18 +28,6 @@ def without(args: list[str], flag: str) -> list[str]:
     """`args` less `flag` and its value."""
     i = args.index(flag)
     return args[:i] + args[i + 2:]
-
-
-def assert_one_line_error(exit_, capsys, *named: str) -> str:
-    """Exit status 2 and one `error:` line naming each of `named`; no traceback, no usage text."""
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and "usage:" not in err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, err
-    for name in named:
-        assert name in errors[0]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +141,8 @@ def test_invalid_sampling_flags_are_refused(workdir, trained, capsys, field, val
     args = [command, *tiny_run_args(workdir), f"--model.sampling.{field}", value]
     if command == "predict":
         args += ["--ckpt_path", str(trained)]
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(args)
-    assert_one_line_error(exit_, capsys, f"--model.sampling.{field}=")
+    line = refused(capsys, args)
+    assert all(name in line for name in (f"--model.sampling.{field}=",))
     assert not (workdir / "runs").exists()
 
 
@@ -171,9 +158,8 @@ def test_sampling_edges():
 
 
 def test_predict_without_prompts_is_refused(workdir, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["predict", *tiny_run_args(workdir), "--data.prompts", "[]"])
-    assert_one_line_error(exit_, capsys, "--data.prompts")
+    line = refused(capsys, ["predict", *tiny_run_args(workdir), "--data.prompts", "[]"])
+    assert all(name in line for name in ("--data.prompts",))
 
 
 # ------------------------------------------------------------------------------------------------ --ckpt_path
@@ -183,9 +169,8 @@ def test_predict_without_prompts_is_refused(workdir, capsys):
 @pytest.mark.parametrize("what", ["missing file", "plain directory"])
 def test_ckpt_path_that_is_no_checkpoint_is_refused(workdir, capsys, command, what):
     path = workdir / ("missing.ckpt" if what == "missing file" else "corpus")  # corpus: 40 text files
-    with pytest.raises(SystemExit) as exit_:
-        cli.main([command, *tiny_run_args(workdir), "--ckpt_path", str(path)])
-    assert_one_line_error(exit_, capsys, "--ckpt_path", str(path))
+    line = refused(capsys, [command, *tiny_run_args(workdir), "--ckpt_path", str(path)])
+    assert all(name in line for name in ("--ckpt_path", str(path),))
     assert not (workdir / "runs").exists() and not (workdir / "cache").exists()  # before anything was prepared
     assert len(list((workdir / "corpus").iterdir())) == 40
 
@@ -216,9 +201,8 @@ def no_gpu(monkeypatch):
     ("--trainer.devices", "-2"),
 ])
 def test_trainer_flags_lightning_refuses_are_named(workdir, capsys, no_gpu, flag, value):
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["fit", *tiny_run_args(workdir), flag, value])
-    assert_one_line_error(exit_, capsys, f"{flag} {value}")
+    line = refused(capsys, ["fit", *tiny_run_args(workdir), flag, value])
+    assert all(name in line for name in (f"{flag} {value}",))
     assert not (workdir / "runs").exists() and not (workdir / "cache").exists()
 
 

@@ -21,17 +21,7 @@ from moe.data import Source, TextDataModule
 from moe.data.sources import resolve_source
 from moe.errors import InputError, TrainingStopped
 
-from .cli_runs import QUICKSTART, ROOT, tiny_run_args
-
-
-def refused(capsys, args: list[str]) -> str:
-    """The last line of stderr of a fit that must exit with status 2, with no traceback."""
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["fit", *args])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2, err[-3000:]
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
+from .cli_runs import QUICKSTART, ROOT, refused, tiny_run_args
 
 
 def sources_with_a_zero_weight(workdir) -> list[Source]:
@@ -64,7 +54,7 @@ def test_python_names_the_setting_and_the_command_line_its_flag(workdir, capsys,
         build(workdir)
     assert python_name in str(error.value) and "--" not in str(error.value)
     class_name = python_name.split(".")[0]
-    line = refused(capsys, [*tiny_run_args(workdir), *flags(workdir)])
+    line = refused(capsys, ["fit", *tiny_run_args(workdir), *flags(workdir)])
     assert line.startswith("error: ") and flag in line and class_name not in line, line
 
 
@@ -78,7 +68,7 @@ def test_a_config_read_from_init_from_names_the_checkpoint_not_a_flag(workdir, c
     path = workdir / "odd-head-dim.ckpt"
     config = dataclasses.asdict(get_preset("tiny-moe", d_model=64, n_layers=2, max_seq_len=32))
     torch.save({"model_config": {**config, "head_dim": 7}, "state_dict": {}}, path)
-    line = refused(capsys, [*tiny_run_args(workdir), "--model.init_from", str(path)])
+    line = refused(capsys, ["fit", *tiny_run_args(workdir), "--model.init_from", str(path)])
     assert line.startswith(f"error: the model config of --model.init_from {path}: head_dim=7 must be even"), line
     assert "--model.config" not in line and "ModelConfig" not in line
 

@@ -20,18 +20,8 @@ from moe.data.tokenizer import train_tokenizer
 from moe.model import Transformer
 from moe.train.checkpoint_io import verify_checkpoint
 
-from .cli_runs import ROOT, tiny_run_args
+from .cli_runs import ROOT, refused, tiny_run_args
 from .train.test_checkpoint_io import FullDisk
-
-
-def refused(capsys, args: list[str]) -> str:
-    """The last line of stderr of a command that must exit with status 2 without a traceback."""
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(args)
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2, err[-3000:]
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
 
 
 def nothing_trained(workdir: Path) -> bool:

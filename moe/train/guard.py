@@ -24,7 +24,6 @@ import lightning.pytorch as pl
 import torch
 
 from moe.errors import TrainingStopped
-from moe.train.clipping import StepGradientNorm
 
 NONFINITE_ACTIONS = ("stop", "skip")
 
@@ -68,7 +67,6 @@ class StepGuard(pl.Callback):
                              f"{spike_min_steps} (and that at least 2)")
         if max_consecutive_skips < 1:
             raise ValueError(f"StepGuard.max_consecutive_skips={max_consecutive_skips} must be >= 1")
-        self._losses: list[torch.Tensor] = []  # this step's micro-batch losses, for modules that keep none
         self.on_nonfinite = on_nonfinite
         self.spike_zscore = spike_zscore
         self.spike_min_steps = spike_min_steps
@@ -123,23 +121,15 @@ class StepGuard(pl.Callback):
         return Verdict(False, reason)
 
     # ---------------------------------------------------------------------------------------------- as a callback
-    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        # Only for modules other than LanguageModel, which keeps its step's losses itself (step_total_losses):
-        # what reaches this hook is divided by the accumulation and, under fp16, multiplied by the loss scale.
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self._losses.append(loss.detach() * trainer.accumulate_grad_batches / (scaler.get_scale() if scaler else 1.0))
-
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # After the last micro-batch's backward, before clipping and the update: the one place to decide whether
         # the update happens.
-        step_norm = getattr(pl_module, "step_grad_norm", None) or StepGradientNorm()
-        grad_norm = step_norm.get(trainer, optimizer, pl_module.parameters())  # None under DeepSpeed
+        grad_norm = pl_module.step_grad_norm.get(trainer, optimizer, pl_module.parameters())  # None under DeepSpeed
         device = pl_module.device
-        # The step's total loss: the mean of its micro-batches' objectives, as the module computed them (neither
-        # divided by the accumulation, which a short last window of an epoch would get wrong, nor fp16-scaled).
-        losses = getattr(pl_module, "step_total_losses", None) or self._losses
+        # The step's total loss: the mean of its micro-batches' objectives, as LanguageModel computed them (not the
+        # loss the backward pass starts from, which is divided by the accumulation and fp16-scaled).
+        losses = pl_module.step_total_losses
         loss = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
-        self._losses = []
         values = torch.stack([loss.float(), torch.tensor(grad_norm or 0.0, device=device)])
         loss, norm = trainer.strategy.reduce(values, reduce_op="mean").tolist()
         norm = None if grad_norm is None else norm

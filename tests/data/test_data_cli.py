@@ -14,21 +14,15 @@ import torch
 import cli
 from moe.data.tokenizer import train_tokenizer
 
-from ..cli_runs import tiny_run_args
+from ..cli_runs import refused, tiny_run_args
+
+
+def fit_args(workdir, *extra: str) -> list[str]:
+    return ["fit", *tiny_run_args(workdir), *extra]
 
 
 def fit(workdir, *extra: str) -> None:
-    cli.main(["fit", *tiny_run_args(workdir), *extra])
-
-
-def refused(workdir, capsys, *extra: str) -> str:
-    """The message of a fit that must stop before training, checked to be a message and not a traceback."""
-    with pytest.raises(SystemExit) as exit_:
-        fit(workdir, *extra)
-    err = capsys.readouterr().err
-    assert exit_.value.code not in (0, None)
-    assert "Traceback" not in err and "compute_fn" not in err, err
-    return err
+    cli.main(fit_args(workdir, *extra))
 
 
 @pytest.mark.parametrize("flag,value,message", [
@@ -38,7 +32,7 @@ def refused(workdir, capsys, *extra: str) -> str:
     ("vocab_size", "100", "--data.vocab_size=100 must be >= 257"),
 ])
 def test_unusable_data_flag_exits_naming_it(workdir, capsys, flag, value, message):
-    err = refused(workdir, capsys, f"--data.{flag}", value)
+    err = refused(capsys, fit_args(workdir, f"--data.{flag}", value))
     assert message in err and "TextDataModule" not in err  # the library's name for it, written as the flag
     assert not list(workdir.rglob("*.ckpt"))
 
@@ -61,7 +55,7 @@ def test_unreadable_tokenizer_file_exits_naming_it(workdir, capsys, kind):
     content, message = BAD_TOKENIZERS[kind]
     path = workdir / "tokenizer.json"
     path.write_bytes(content(workdir))
-    err = refused(workdir, capsys, "--data.tokenizer", str(path))
+    err = refused(capsys, fit_args(workdir, "--data.tokenizer", str(path)))
     assert f"{path}: {message}" in err
     assert not list(workdir.rglob("*.ckpt"))
 
@@ -94,8 +88,8 @@ def test_changed_token_cache_is_rebuilt_and_the_run_resumes(workdir):
 def test_resume_with_other_accumulation_or_token_cache_content_is_refused(workdir, capsys):
     fit(workdir)
     last = str(last_checkpoint(workdir))
-    err = refused(workdir, capsys, "--trainer.max_steps", "8", "--ckpt_path", last,
-                  "--trainer.accumulate_grad_batches", "2")
+    err = refused(capsys, fit_args(workdir, "--trainer.max_steps", "8", "--ckpt_path", last,
+                                   "--trainer.accumulate_grad_batches", "2"))
     assert "--trainer.accumulate_grad_batches (" in err and "checkpoint 1, now 2" in err and "Trainer." not in err
     # The whole entry replaced, array and metadata, by a consistent one with other content: it is not damaged, so
     # it would be used, but the checkpoint's stream position would then point at other tokens.
@@ -105,6 +99,6 @@ def test_resume_with_other_accumulation_or_token_cache_content_is_refused(workdi
     tokens.flush()
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "crc32": zlib.crc32(bin_path.read_bytes())}))
-    err = refused(workdir, capsys, "--trainer.max_steps", "8", "--ckpt_path", last)
+    err = refused(capsys, fit_args(workdir, "--trainer.max_steps", "8", "--ckpt_path", last))
     assert "token cache (CRC-32 of each source's token array)" in err and str(bin_path) in err
     assert len(list(workdir.glob("runs/quickstart/version_*/checkpoints/last.ckpt"))) == 1

@@ -143,6 +143,21 @@ def test_grad_norm_is_logged_before_clipping():
     assert float(t.callback_metrics["train/grad_norm"]) > 0.1
 
 
+def test_clipping_by_value_bounds_every_gradient_entry():
+    """gradient_clip_algorithm='value', which moe/train/clipping.py applies itself like the norm."""
+    seen = []
+
+    class LargestGradient(pl.Callback):
+        def on_train_start(self, trainer, module):
+            trainer.optimizers[0].register_step_post_hook(lambda *_: seen.append(
+                max(p.grad.abs().max().item() for p in module.parameters() if p.grad is not None)))
+
+    t = trainer(max_steps=2, gradient_clip_val=1e-3, gradient_clip_algorithm="value", limit_val_batches=0,
+                callbacks=[LargestGradient()])
+    t.fit(LanguageModel(TINY, warmup_steps=1), datamodule=PatternData())
+    assert len(seen) == 2 and max(seen) == pytest.approx(1e-3, rel=1e-6)  # float32 1e-3: the bound binds
+
+
 def test_validation_loss_is_the_token_mean_over_the_whole_set():
     module = LanguageModel(TINY)
     data = PatternData(batch_size=6)  # 16 validation rows: batches of 6, 6 and 4
