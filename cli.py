@@ -34,7 +34,7 @@ from moe.generate import Sampling
 from moe.presets import get_preset, preset_names
 from moe.train import LanguageModel
 from moe.train.checkpoint import consolidate_checkpoint
-from moe.train.checkpoint_io import verify_checkpoint
+from moe.train.checkpoint_verify import verify_checkpoint
 from moe.train.export import export_to_hf
 from moe.train.guard import StepGuard
 from moe.train.preemption import CheckpointOnSigterm

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from eval.tasks import Task
-from moe.data.sources import DataError, json_records
+from moe.data.readers import DataError, json_records
 
 
 class EvalDataError(DataError):

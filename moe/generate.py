@@ -174,3 +174,14 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
                 break
             logits = model(next_token[:, None], cache=cache).logits[:, -1]
         return torch.cat(tokens, dim=1)
+
+
+def complete(model, prompt_ids: torch.Tensor, sampling: Sampling, eos_id: int | None = None) -> list[int]:
+    """The tokens `model` generates after one prompt (n,) or (1, n) with `sampling`'s settings and seed, up to (not
+    including) the first EOS."""
+    generator = torch.Generator(device=prompt_ids.device).manual_seed(sampling.seed)
+    prompt = prompt_ids.view(1, -1)
+    out = generate(model, prompt, sampling.max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+                   top_p=sampling.top_p, eos_id=eos_id, generator=generator)
+    new = out[0, prompt.shape[1]:].tolist()
+    return new[: new.index(eos_id)] if eos_id in new else new

@@ -32,11 +32,6 @@ def expert_assignment_counts(experts: torch.Tensor, n_experts: int) -> torch.Ten
     return F.one_hot(experts, n_experts).float().sum(dim=0)  # (k, E)
 
 
-def expert_assignment_fraction(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """(k, E) fraction of tokens sending their j-th choice to each expert, for indices of shape (N, k)."""
-    return expert_assignment_counts(experts, n_experts) / experts.shape[0]
-
-
 def all_reduce_counts(counts: torch.Tensor) -> torch.Tensor:
     """Sum of `counts` over all processes; `counts` itself without torch.distributed. All processes, even when
     some share their tokens (tensor-parallel ranks): the token count is summed with the assignment counts, so

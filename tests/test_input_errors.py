@@ -18,7 +18,7 @@ import cli
 from moe import get_preset
 from moe.data.tokenizer import train_tokenizer
 from moe.model import Transformer
-from moe.train.checkpoint_io import verify_checkpoint
+from moe.train.checkpoint_verify import verify_checkpoint
 
 from .cli_runs import ROOT, refused, tiny_run_args
 from .train.test_checkpoint_io import FullDisk

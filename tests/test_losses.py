@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from moe.losses import (
-    expert_assignment_fraction,
+    expert_assignment_counts,
     load_balancing_loss,
     load_balancing_loss_from_sums,
     router_z_loss,
@@ -37,7 +37,7 @@ def test_load_balancing_loss_is_k_for_uniform_routing(n_experts, top_k):
     # every token rank's j-th choice exactly once (f = 1/E) and its mean probability is exactly 1/E.
     base = torch.randn(n_experts, generator=torch.Generator().manual_seed(0))
     logits = torch.stack([base.roll(n) for n in range(n_experts)])
-    fraction = expert_assignment_fraction(logits.topk(top_k).indices, n_experts)
+    fraction = expert_assignment_counts(logits.topk(top_k).indices, n_experts) / n_experts
     torch.testing.assert_close(fraction, torch.full((top_k, n_experts), 1 / n_experts))
     torch.testing.assert_close(load_balancing_loss(logits, top_k), torch.tensor(float(top_k)))
 
@@ -65,13 +65,13 @@ def test_load_balancing_loss_of_a_batch_from_the_sums_of_its_parts(n_experts, to
     assert not any(torch.allclose(h, whole) for h in halves)  # the loss is not a mean over tokens
 
 
-def test_expert_assignment_fraction_by_counting():
+def test_expert_assignment_counts_by_counting():
     experts = torch.tensor([[0, 2], [2, 1], [0, 1], [3, 0]])
     expected = torch.zeros(2, 4)
     for row in experts.tolist():
         for choice, e in enumerate(row):
-            expected[choice, e] += 1 / len(experts)
-    torch.testing.assert_close(expert_assignment_fraction(experts, 4), expected)
+            expected[choice, e] += 1
+    torch.testing.assert_close(expert_assignment_counts(experts, 4), expected)
 
 
 def test_load_balancing_gradient_flows_through_probabilities_only():

@@ -73,3 +73,18 @@ def fingerprint_changes(saved: dict, current: dict, cache_files: list[str]) -> l
     labels["token_cache"] += f" in {', '.join(cache_files)}"
     return [f"{labels.get(key, key)}: checkpoint {saved[key]!r}, now {current[key]!r}"
             for key in current if key in saved and saved[key] != current[key]]
+
+
+def check_vocabulary(datamodule, vocab_size: int, origin: str, stage: str) -> None:
+    """Refuse a model whose embedding does not cover the tokenizer's ids or, except for predict (which only encodes
+    prompts), the ids in the token arrays. `origin` says where the model's vocab_size came from, for the message."""
+    if datamodule.n_vocab > vocab_size:
+        raise InputError(f"the tokenizer has {datamodule.n_vocab} token ids but the model's vocab_size is "
+                         f"{vocab_size}{origin}, so ids past it have no embedding; use the tokenizer the model was "
+                         f"trained with (TextDataModule.tokenizer) or a model with vocab_size >= {datamodule.n_vocab}")
+    if stage == "predict":
+        return
+    max_id = datamodule.max_token_id()
+    if max_id >= vocab_size:
+        raise InputError(f"the data holds token id {max_id}, beyond the model's vocab_size={vocab_size}{origin} "
+                         "(ids must be < vocab_size); was the cache built with another tokenizer?")

@@ -1,4 +1,5 @@
-"""The Lightning DataModule: sources -> tokenizer -> cached token arrays -> packed windows -> mixture batches.
+"""The Lightning DataModule: a prepared corpus (corpus.py: sources -> tokenizer -> cached token arrays -> packed
+windows) served as mixture batches to each process, and its position in the stream saved for resume.
 
 Everything a batch contains follows from (sources, tokenizer, seq_len, seed, global batch size) and the number of
 training batches consumed so far, which is counted in `on_before_batch_transfer` (Lightning calls it right before
@@ -15,37 +16,25 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
 from moe.data.checks import check_arguments, fingerprint_changes
-from moe.data.datasets import MixtureDataset, TokenFile, ValidationDataset
-from moe.data.mixture import SCHEDULE_VERSION, MixtureSchedule
-from moe.data.packing import n_windows, split_windows
-from moe.data.report import SourceRow, format_report, unigram_baseline
+from moe.data.corpus import TokenCorpus
+from moe.data.datasets import MixtureDataset, ValidationDataset
+from moe.data.report import format_report
 from moe.data.sampler import EvalShardSampler, GlobalBatchSampler, ResumableLoader
-from moe.data.sources import STDLIB, DataError, ResolvedSource, Source, resolve_source
-from moe.data.token_cache import TokenCacheMeta, tokenize_source
-from moe.data.tokenizer import (
-    cached_trained_tokenizer,
-    eos_id,
-    load_tokenizer,
-    n_token_ids,
-    tokenizer_hash,
-)
-from moe.errors import IncompatibleResume, InputError
+from moe.data.sources import STDLIB, DataError, Source
+from moe.errors import IncompatibleResume
 
 # Whole stdlib of CPython 3.11 without tests is ~12 MB; training a 4096-token BPE on it and tokenizing it takes
 # ~8 s on 2 cores. The cap bounds that on Pythons with a larger stdlib.
 DEFAULT_CORPUS_MAX_BYTES = 16_000_000
-# The tokenizer is trained on at most this much text, shared among the sources by weight: BPE merges settle
-# long before a large corpus is exhausted, and training time grows with the text.
-TOKENIZER_TRAINING_BYTES = 1 << 30
 DEFAULT_PROMPTS = ["def fibonacci(n):\n", "import os\n\n", "class Stack:\n    "]
-_VAL_SPLIT_STREAM = 0  # SeedSequence tag; the mixture schedule uses 1 and 2
+
+
 class TextDataModule(pl.LightningDataModule):
     def __init__(
         self,
@@ -85,73 +74,33 @@ class TextDataModule(pl.LightningDataModule):
         check_arguments(sources, tokenizer, vocab_size, seq_len, batch_size, val_fraction, num_workers, seed,
                          corpus_max_bytes, planned_tokens, prompts)
         self.sources = list(sources) if sources else [Source(STDLIB)]
-        self.tokenizer_path = tokenizer
-        self.vocab_size = vocab_size
         self.seq_len = seq_len
         self.batch_size = batch_size
-        self.val_fraction = val_fraction
         self.num_workers = num_workers
         self.seed = seed
         self.cache_dir = Path(cache_dir or os.environ.get("MOE_CACHE_DIR") or Path.home() / ".cache" / "moe-lightning")
-        self.corpus_max_bytes = corpus_max_bytes
         self.planned_tokens = planned_tokens
         self.prompts = list(prompts)
-        self._resolved: list[ResolvedSource] | None = None
-        self._tokenizer: Tokenizer | None = None
-        self._n_vocab: int | None = None
-        self._files: list[TokenFile] = []
-        self._metas: list[TokenCacheMeta] = []
-        self._train_windows: list[np.ndarray] = []
-        self._val_windows: list[np.ndarray] = []
-        self._schedule: MixtureSchedule | None = None
+        self.corpus = TokenCorpus(self.sources, tokenizer, vocab_size, seq_len, val_fraction, seed, self.cache_dir,
+                                  corpus_max_bytes)
         self.consumed_batches = 0
         self._reported = False
         self._checkpoint_fingerprint: dict | None = None
 
-    # ---- tokenizer ----------------------------------------------------------------------------------------------
-
-    def resolved_sources(self) -> list[ResolvedSource]:
-        if self._resolved is None:
-            hashes = self.cache_dir / "hashes"
-            self._resolved = [resolve_source(s, self.corpus_max_bytes, hashes) for s in self.sources]
-        return self._resolved
+    # ---- tokenizer (the corpus's) ------------------------------------------------------------------------------
 
     @property
     def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            if self.tokenizer_path is not None:
-                self._tokenizer = load_tokenizer(self.tokenizer_path)
-            else:
-                sources = self.resolved_sources()
-                data_key = "\0".join(f"{s.content_hash}:{w.weight}" for s, w in zip(sources, self.sources))
-                self._tokenizer = cached_trained_tokenizer(
-                    self.cache_dir, data_key, self.vocab_size, lambda: self._tokenizer_training_texts(sources)
-                )
-        return self._tokenizer
-
-    def _tokenizer_training_texts(self, sources: list[ResolvedSource]):
-        total_weight = sum(s.weight for s in self.sources)
-        for resolved, source in zip(sources, self.sources):
-            budget = TOKENIZER_TRAINING_BYTES * source.weight / total_weight
-            for text in resolved.documents():
-                yield text
-                budget -= len(text)
-                if budget <= 0:
-                    break
+        return self.corpus.tokenizer
 
     @property
     def n_vocab(self) -> int:
         """Ids the model's embedding must cover (the model's vocab_size is linked to this)."""
-        if self._n_vocab is None:
-            self._n_vocab = n_token_ids(self.tokenizer)
-        return self._n_vocab
+        return self.corpus.n_vocab
 
     @property
     def eos_id(self) -> int:
-        try:
-            return eos_id(self.tokenizer)
-        except InputError as error:
-            raise InputError(f"{self.tokenizer_path or 'the trained tokenizer'}: {error}") from None
+        return self.corpus.eos_id
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -174,7 +123,7 @@ class TextDataModule(pl.LightningDataModule):
             return  # prompts need only the tokenizer
         self._prepare()
         self.batches_per_epoch()  # fail now, not at the first step, when the corpus is too small
-        n_val, world = sum(len(v) for v in self._val_windows), self._rank_and_world()[1]
+        n_val, world = self.corpus.n_val, self._rank_and_world()[1]
         if 0 < n_val < world:
             raise DataError(
                 f"{n_val} validation sequences cannot give each of {world} devices one; raise "
@@ -188,30 +137,10 @@ class TextDataModule(pl.LightningDataModule):
             rank_zero_info("\n" + self.report())
 
     def _prepare(self) -> None:
-        if self._schedule is not None:
-            return
-        tokenizer, sources = self.tokenizer, self.resolved_sources()
-        eos, token_hash = self.eos_id, tokenizer_hash(tokenizer)
-        show_progress = self._rank_and_world()[0] == 0
-        for index, source in enumerate(sources):
-            tokens, meta = tokenize_source(source, tokenizer, eos, token_hash, self.cache_dir, show_progress)
-            n = n_windows(meta.n_tokens, self.seq_len)
-            if n == 0:
-                raise DataError(
-                    f"source {source.name!r} ({source.description}) has {meta.n_tokens} tokens, fewer than one "
-                    f"sequence of seq_len + 1 = {self.seq_len + 1}; add text to it, lower TextDataModule.seq_len, "
-                    "or leave it out"
-                )
-            rng = np.random.default_rng([self.seed, _VAL_SPLIT_STREAM, index])
-            train, val = split_windows(n, self.val_fraction, rng)
-            self._files.append(TokenFile(str(tokens.filename), meta.dtype, meta.n_tokens))
-            self._metas.append(meta)
-            self._train_windows.append(train)
-            self._val_windows.append(val)
-        self._schedule = MixtureSchedule(self._train_windows, [s.weight for s in self.sources], self.seed)
+        self.corpus.prepare(show_progress=self._rank_and_world()[0] == 0)
 
     def _require_setup(self) -> None:
-        if self._schedule is None:
+        if not self.corpus.prepared:
             raise RuntimeError("call setup() first")
 
     def global_batch_size(self) -> int:
@@ -224,15 +153,12 @@ class TextDataModule(pl.LightningDataModule):
     def batches_per_epoch(self) -> int:
         """Whole global batches in one epoch of all training sequences."""
         self._require_setup()
-        n_train = sum(len(w) for w in self._train_windows)
+        n_train = self.corpus.n_train
         batches = n_train // self.global_batch_size()
         if batches == 0:
-            per_source = ", ".join(
-                f"{r.description}: {len(w)}" for r, w in zip(self.resolved_sources(), self._train_windows)
-            )
             raise DataError(
                 f"the corpus is smaller than one batch: {n_train} training sequences of {self.seq_len} tokens "
-                f"({per_source}), but one global batch needs {self.global_batch_size()} (batch_size "
+                f"({self.corpus.describe_train_windows()}), but one global batch needs {self.global_batch_size()} (batch_size "
                 f"{self.batch_size} x {self._rank_and_world()[1]} devices); add data or lower "
                 "TextDataModule.seq_len / TextDataModule.batch_size"
             )
@@ -263,13 +189,14 @@ class TextDataModule(pl.LightningDataModule):
         self._require_setup()
         rank, world = self._rank_and_world()
         batches = self.batches_per_epoch()
-        dataset = MixtureDataset(self._files, self.seq_len, self._schedule, batches * self.global_batch_size())
+        corpus = self.corpus
+        dataset = MixtureDataset(corpus.files, self.seq_len, corpus.schedule, batches * self.global_batch_size())
         sampler = GlobalBatchSampler(dataset, self.batch_size, batches, rank, world, lambda: self.consumed_batches)
         return self._loader(dataset, self.batch_size, sampler=sampler, drop_last=True, loader_class=ResumableLoader)
 
     def val_dataloader(self) -> DataLoader | list:
         self._require_setup()
-        dataset = ValidationDataset(self._files, self.seq_len, self._val_windows)
+        dataset = ValidationDataset(self.corpus.files, self.seq_len, self.corpus.val_windows)
         if len(dataset) == 0:
             return []  # val_fraction 0 or sources of one sequence: Lightning then skips validation
         rank, world = self._rank_and_world()
@@ -295,36 +222,26 @@ class TextDataModule(pl.LightningDataModule):
 
     def fingerprint(self) -> dict:
         """What must match for a saved stream position to mean the same batches."""
-        self._require_setup()
         return {
-            "sources": [[r.name, r.content_hash, s.weight] for r, s in zip(self.resolved_sources(), self.sources)],
-            "tokenizer": tokenizer_hash(self.tokenizer),
-            "seq_len": self.seq_len,
-            "seed": self.seed,
-            "val_fraction": self.val_fraction,
+            **self.corpus.fingerprint(),
             "global_batch_size": self.global_batch_size(),
             # consumed_batches counts micro-batches, so the stream continues exactly under another accumulation,
             # but each optimizer step would then train on another number of tokens.
             "accumulate_grad_batches": self._accumulate_grad_batches(),
-            "schedule": SCHEDULE_VERSION,
-            # The arrays themselves: a cache rebuilt from the same source and tokenizer is identical, one with
-            # other content (another tokenizer version, a foreign copy) would feed other tokens at the same position.
-            "token_cache": [[r.name, f"{m.crc32:08x}"] for r, m in zip(self.resolved_sources(), self._metas)],
         }
 
     def state_dict(self) -> dict[str, Any]:
-        if self._schedule is None:
-            self._prepare()
+        self._prepare()
         return {"consumed_batches": self.consumed_batches, "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.consumed_batches = int(state_dict["consumed_batches"])
         self._checkpoint_fingerprint = state_dict["fingerprint"]
-        if self._schedule is not None:  # Lightning restores after setup; otherwise setup checks it
+        if self.corpus.prepared:  # Lightning restores after setup; otherwise setup checks it
             self._check_fingerprint(self._checkpoint_fingerprint)
 
     def _check_fingerprint(self, saved: dict) -> None:
-        changed = fingerprint_changes(saved, self.fingerprint(), [f.path for f in self._files])
+        changed = fingerprint_changes(saved, self.fingerprint(), [f.path for f in self.corpus.files])
         if changed:
             raise IncompatibleResume(
                 "the data pipeline differs from the checkpoint's, so resuming would not continue the "
@@ -334,8 +251,7 @@ class TextDataModule(pl.LightningDataModule):
     # ---- statistics ---------------------------------------------------------------------------------------------
 
     def max_token_id(self) -> int:
-        self._require_setup()
-        return max(meta.max_token_id for meta in self._metas)
+        return self.corpus.max_token_id()
 
     def _resolved_planned_tokens(self) -> int | None:
         if self.planned_tokens is not None:
@@ -348,22 +264,12 @@ class TextDataModule(pl.LightningDataModule):
 
     def report(self) -> str:
         self._require_setup()
-        weights = [s.weight / sum(x.weight for x in self.sources) for s in self.sources]
-        rows = [
-            SourceRow(r.name, w, len(train), len(val), self.seq_len, r.n_bytes)
-            for r, w, train, val in zip(self.resolved_sources(), weights, self._train_windows, self._val_windows)
-        ]
-        described = self.tokenizer_path or f"byte-level BPE trained here (vocab_size {self.vocab_size})"
-        tokenizer_line = f"tokenizer: {described}, n_vocab {self.n_vocab}; seq_len {self.seq_len}"
-        return format_report(rows, self._resolved_planned_tokens(), tokenizer_line)
+        tokenizer_line = f"tokenizer: {self.corpus.describe_tokenizer()}, n_vocab {self.n_vocab}; seq_len {self.seq_len}"
+        return format_report(self.corpus.source_rows(), self._resolved_planned_tokens(), tokenizer_line)
 
     def unigram_baseline(self) -> float:
-        """Cross-entropy (nats/token) of the validation labels under the training unigram distribution
-        (`moe.data.report.unigram_baseline`)."""
-        self._require_setup()
-        weights = [s.weight for s in self.sources]
-        return unigram_baseline([f.open() for f in self._files], self._train_windows, self._val_windows, weights,
-                                self.n_vocab, self.seq_len)
+        """Cross-entropy (nats/token) of the validation labels under the training unigram distribution."""
+        return self.corpus.unigram_baseline()
 
 
 class _ListDataset(Dataset):

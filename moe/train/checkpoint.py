@@ -1,5 +1,6 @@
-"""Reading the Lightning checkpoints `LanguageModel` writes: the resolved architecture as plain values
-("model_config"), the model's weights (state_dict keys prefixed "model.") and the tokenizer's JSON ("tokenizer").
+"""What the Lightning checkpoints `LanguageModel` writes hold beyond Lightning's state, written by
+`add_run_metadata` and read here: the resolved architecture as plain values ("model_config"), the model's weights
+(state_dict keys prefixed "model.") and the tokenizer's JSON ("tokenizer").
 
 One reader for `--model.init_from`, `moe export` and tests, so the checkpoint layout is known in one place.
 
@@ -13,6 +14,8 @@ keyed by position so a single-device Trainer resumes from it).
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -23,10 +26,21 @@ from tokenizers import Tokenizer
 from moe.config import ModelConfig, runtime_fields
 from moe.errors import InputError
 from moe.model import Transformer
-from moe.train.checkpoint_io import atomic_save, verify_checkpoint
+from moe.train.checkpoint_io import atomic_save
+from moe.train.checkpoint_verify import verify_checkpoint
 
 _DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a checkpoint directory
 _LIGHTNING_METADATA = "meta.pt"  # Lightning's file beside it: the checkpoint minus weights and optimizer states
+
+
+def add_run_metadata(checkpoint: dict, config: ModelConfig, tokenizer: Tokenizer | None) -> None:
+    """What LanguageModel adds to a checkpoint beyond Lightning's state: the resolved architecture as plain values
+    (so `init_from` and export need neither the CLI's config files nor unpickling of our classes), the tokenizer's
+    JSON, and the seed that resume checks compare."""
+    checkpoint["model_config"] = dataclasses.asdict(config)
+    if tokenizer is not None:
+        checkpoint["tokenizer"] = tokenizer.to_str()
+    checkpoint["seed"] = os.environ.get("PL_GLOBAL_SEED")
 
 
 def read_checkpoint(path: str | Path, map_location: torch.device | str = "cpu", verify: bool = True) -> dict:

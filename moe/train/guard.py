@@ -128,8 +128,7 @@ class StepGuard(pl.Callback):
         device = pl_module.device
         # The step's total loss: the mean of its micro-batches' objectives, as LanguageModel computed them (not the
         # loss the backward pass starts from, which is divided by the accumulation and fp16-scaled).
-        losses = pl_module.step_total_losses
-        loss = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
+        loss = pl_module.step_losses.total_mean(device)
         values = torch.stack([loss.float(), torch.tensor(grad_norm or 0.0, device=device)])
         loss, norm = trainer.strategy.reduce(values, reduce_op="mean").tolist()
         norm = None if grad_norm is None else norm

@@ -6,7 +6,7 @@ the config's coefficients. The optimizer (optim.py: AdamW (0.9, 0.95), weight de
 torch.optim class) and the schedule (schedule.py: linear warmup then cosine decay to 10% of the peak, or
 warmup-stable-decay) are built here; clipping (clipping.py) is the Trainer's `gradient_clip_val`. The module logs
 the losses of each optimizer step's global batch and the learning rate; everything else a run reports or guards
-is a callback it registers by default (DEFAULT_CALLBACKS): the step guard, throughput and MFU, router losses,
+is a callback it registers by default (default_callbacks.py): the step guard, throughput and MFU, router losses,
 expert load, random states on resume.
 
 The model is built in `configure_model` (parallel.py applies sharding, recomputation and compile), so sharded
@@ -18,39 +18,27 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import os
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from moe.config import ModelConfig
-from moe.errors import InputError
-from moe.generate import Sampling
+from moe.data.checks import check_vocabulary
+from moe.generate import Sampling, complete
 from moe.model import ModelOutput, Transformer
 from moe.moe_layer import MoEStats
-from moe.train.checkpoint import init_config, init_model
+from moe.train.checkpoint import add_run_metadata, init_config, init_model
 from moe.train.checkpoint_io import install_atomic_checkpoint_io
 from moe.train.clipping import StepGradientNorm, clip_gradients
-from moe.train.guard import StepGuard
+from moe.train.default_callbacks import check_default_names, default_callbacks
+from moe.train.loss_tracking import EvalLoss, StepLosses
 from moe.train.optim import build_optimizer, optimizer_class
 from moe.train.parallel import parallelize
-from moe.train.resume import RestoreRNG, check_resume, upgrade_checkpoint
-from moe.train.routing_metrics import ExpertLoadMonitor, RouterLossMonitor
-from moe.train.schedule import check_schedule_settings, lr_scheduler, run_length
-from moe.train.throughput import ThroughputMonitor
+from moe.train.resume import accept_checkpoint
+from moe.train.schedule import ScheduleLength, check_schedule_settings
 
-# The callbacks every run gets unless trainer.callbacks holds one of the type (LanguageModel.configure_callbacks).
-# The step guard first: its norm, computed after fp16's unscaling, is the one clipping uses.
-DEFAULT_CALLBACKS: dict[str, type[pl.Callback]] = {
-    "StepGuard": StepGuard,
-    "ThroughputMonitor": ThroughputMonitor,
-    "RouterLossMonitor": RouterLossMonitor,
-    "ExpertLoadMonitor": ExpertLoadMonitor,
-    "RestoreRNG": RestoreRNG,
-}
 
 class LanguageModel(pl.LightningModule):
     def __init__(
@@ -101,7 +89,7 @@ class LanguageModel(pl.LightningModule):
             activation_checkpointing: Recompute each block's activations in the backward pass to save memory.
             compile: torch.compile every transformer block.
             sampling: Generation settings for predict and for the sample printed after training.
-            default_callbacks: Which of the callbacks in DEFAULT_CALLBACKS (step guard, throughput and MFU, router
+            default_callbacks: Which of the callbacks in default_callbacks.DEFAULT_CALLBACKS (step guard, throughput and MFU, router
                 losses, expert load, random state on resume) to register when `trainer.callbacks` holds none of
                 their type; None registers them all, [] none. One given in `trainer.callbacks` (with its own
                 settings) is used instead of the default.
@@ -114,9 +102,7 @@ class LanguageModel(pl.LightningModule):
             sampling = Sampling(**sampling)
         check_schedule_settings(schedule, lr, warmup_steps, min_lr_ratio, decay_fraction, decay_shape)
         optimizer_class(optimizer)  # an unknown optimizer fails here, naming it, not at the first step
-        unknown = set(default_callbacks or ()) - set(DEFAULT_CALLBACKS)
-        if unknown:
-            raise ValueError(f"LanguageModel.default_callbacks: {sorted(unknown)} not among {list(DEFAULT_CALLBACKS)}")
+        check_default_names(default_callbacks)
         self.save_hyperparameters()
         self.sampling = sampling or Sampling()
         self.init_from = init_from
@@ -129,15 +115,10 @@ class LanguageModel(pl.LightningModule):
         self.hparams["init_from"] = None
         self.hparams["sampling"] = dataclasses.asdict(self.sampling)
         self.model: Transformer | None = None
-        self._eval_sums: torch.Tensor | None = None
-        # This optimizer step's micro-batch objectives, unscaled and each a mean over its tokens: what the step
-        # guard judges (their mean) before the update.
-        self.step_total_losses: list[torch.Tensor] = []
-        self._step_ce: list[torch.Tensor] = []  # ... and their cross-entropies
+        self.step_losses = StepLosses()  # this optimizer step's micro-batch objectives, judged by the step guard
+        self.eval_loss = EvalLoss()
         self.step_grad_norm = StepGradientNorm()  # shared by the step guard and clipping
-        self._schedule_total: int | None = None  # optimizer steps the learning-rate schedule spans
-        self._schedule_total_before: int | None = None  # ... in the run a resumed one continues
-        self._resumed_step = 0
+        self.schedule_length = ScheduleLength()
 
     # ------------------------------------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -155,21 +136,10 @@ class LanguageModel(pl.LightningModule):
         # A crash while saving must leave the previous checkpoint whole (see checkpoint_io).
         install_atomic_checkpoint_io(self.trainer)
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "max_token_id"):
-            return
-        vocab = self.model_config.vocab_size
-        # With init_from the vocabulary is the checkpoint's, not linked to the tokenizer's, so it may be too small.
-        origin = f" (from LanguageModel.init_from={self.init_from})" if self.init_from else ""
-        if datamodule.n_vocab > vocab:
-            raise InputError(f"the tokenizer has {datamodule.n_vocab} token ids but the model's vocab_size is "
-                             f"{vocab}{origin}, so ids past it have no embedding; use the tokenizer the model was "
-                             f"trained with (TextDataModule.tokenizer) or a model with vocab_size >= {datamodule.n_vocab}")
-        if stage == "predict":
-            return  # prompts are encoded by the tokenizer just checked; no token arrays are loaded
-        max_id = datamodule.max_token_id()
-        if max_id >= vocab:
-            raise InputError(f"the data holds token id {max_id}, beyond the model's vocab_size={vocab}{origin} "
-                             "(ids must be < vocab_size); was the cache built with another tokenizer?")
+        if datamodule is not None and hasattr(datamodule, "max_token_id"):
+            # With init_from the vocabulary is the checkpoint's, not linked to the tokenizer's: it may be too small.
+            origin = f" (from LanguageModel.init_from={self.init_from})" if self.init_from else ""
+            check_vocabulary(datamodule, self.model_config.vocab_size, origin, stage)
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -180,47 +150,29 @@ class LanguageModel(pl.LightningModule):
             datamodule.tokenizer.save(str(Path(log_dir) / "tokenizer.json"))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The resolved architecture as plain values, so `init_from` and export need neither the CLI's config
-        # files nor unpickling of our classes.
-        checkpoint["model_config"] = dataclasses.asdict(self.model_config)
+        # Random states, the guard's window and tokens seen are the callbacks' state.
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "tokenizer"):
-            checkpoint["tokenizer"] = datamodule.tokenizer.to_str()
-        # What resume checks need beyond Lightning's state (moe/train/resume.py); random states, the guard's window
-        # and tokens seen are the callbacks' state.
-        checkpoint["seed"] = os.environ.get("PL_GLOBAL_SEED")
-        checkpoint["schedule_total_steps"] = self._schedule_total
+        add_run_metadata(checkpoint, self.model_config, getattr(datamodule, "tokenizer", None))
+        self.schedule_length.save(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Runs before the callbacks' states are restored: a checkpoint of an earlier version is given their shape.
-        guard_settings = upgrade_checkpoint(checkpoint)
-        if guard_settings:
-            rank_zero_warn(f"the checkpoint's run set the step guard's {', '.join(guard_settings)}; these are now "
-                           "StepGuard's settings: give moe.train.guard.StepGuard with them in trainer.callbacks")
-        if self._trainer is not None and self.trainer.state.fn == "fit":
-            # Arguments added since the checkpoint was written take their defaults.
-            defaults = {name: p.default for name, p in inspect.signature(LanguageModel.__init__).parameters.items()
-                        if p.default is not inspect.Parameter.empty}
-            check_resume(checkpoint, self.hparams, os.environ.get("PL_GLOBAL_SEED"), defaults)
-        self._schedule_total_before = checkpoint.get("schedule_total_steps")
-        self._resumed_step = int(checkpoint.get("global_step", 0))
+        defaults = {name: p.default for name, p in inspect.signature(LanguageModel.__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        accept_checkpoint(checkpoint, self.hparams, defaults, fitting)
+        self.schedule_length.load(checkpoint)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """The default callbacks whose type `trainer.callbacks` does not hold: one given there (with its own
         settings) is used instead, and `default_callbacks` turns them off by name."""
-        wanted = DEFAULT_CALLBACKS if self.hparams.default_callbacks is None else self.hparams.default_callbacks
-        present = [type(c) for c in self.trainer.callbacks]
-        return [DEFAULT_CALLBACKS[name]() for name in wanted
-                if not any(issubclass(kind, DEFAULT_CALLBACKS[name]) for kind in present)]
+        return default_callbacks(self.hparams.default_callbacks, self.trainer.callbacks)
 
     # ------------------------------------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = build_optimizer(self.model, hp.optimizer, hp.lr, hp.weight_decay, hp.betas, hp.eps,
                                     hp.optimizer_args)
-        total = hp.total_steps if hp.total_steps is not None else run_length(self.trainer, hp.schedule)
-        scheduler = lr_scheduler(optimizer, hp, total, before=(self._schedule_total_before, self._resumed_step))
-        self._schedule_total = total
+        scheduler = self.schedule_length.scheduler(optimizer, hp, self.trainer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------------------ training
@@ -243,8 +195,7 @@ class LanguageModel(pl.LightningModule):
         statistics ("moe": one MoEStats per MoE layer, detached)."""
         out = self.model(batch["input_ids"], labels=batch["labels"])
         parts = self.objective(out, batch["labels"])
-        self.step_total_losses.append(parts["loss"].detach())
-        self._step_ce.append(parts["ce"].detach())
+        self.step_losses.add(parts["loss"], parts["ce"])
         # train/loss and train/total_loss are logged once per optimizer step, of its whole global batch
         # (on_before_optimizer_step); the *_micro_batch values are this process's micro-batch objective, the one
         # differentiated (its router fractions counted over the processes).
@@ -256,11 +207,8 @@ class LanguageModel(pl.LightningModule):
         return {"loss": parts["loss"], "moe": moe}
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # Every micro-batch of the step has run. The means over micro-batches and processes are the losses of the
-        # global batch, which is what the step trains on, rather than process 0's last micro-batch.
-        values = torch.stack([torch.stack(self._step_ce).mean(), torch.stack(self.step_total_losses).mean()])
-        ce, total = self.trainer.strategy.reduce(values.float(), reduce_op="mean").tolist()
-        self._step_ce, self.step_total_losses = [], []
+        # Every micro-batch of the step has run: log the losses of its global batch, not process 0's last micro-batch.
+        ce, total = self.step_losses.reduce(self.trainer.strategy)
         self.log("train/loss", ce, prog_bar=True)
         if self.model_config.is_moe:
             self.log("train/total_loss", total)
@@ -276,56 +224,42 @@ class LanguageModel(pl.LightningModule):
         self.step_grad_norm.forget()
 
     # ------------------------------------------------------------------------------------------------ evaluation
-    # Token-weighted sums of the loss and token counts, reduced over processes at the end of the epoch.
-    def _eval_start(self) -> None:
-        self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-
     def _eval_step(self, batch: dict) -> None:
         loss = self._loss(self.model(batch["input_ids"], labels=batch["labels"]), batch["labels"])
-        n = batch["labels"].numel()
-        self._eval_sums += torch.stack([loss.detach().double() * n, loss.new_tensor(n, dtype=torch.float64)])
+        self.eval_loss.add(loss, batch["labels"].numel())
 
-    def _eval_end(self, split: str) -> None:
-        total, count = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
-        if count == 0:
+    def _log_eval_loss(self, split: str) -> None:
+        loss = self.eval_loss.result(self.trainer.strategy)
+        if loss is None:
             return
-        loss = total / count
         # Already reduced over processes, so the mean sync_dist takes is the same value; asking for it keeps
         # Lightning from warning that epoch-level metrics are not synchronised.
         self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=True)
         self.log(f"{split}/ppl", math.exp(min(loss, 100.0)), sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:
-        self._eval_start()
+        self.eval_loss.start(self.device)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_end("val")
+        self._log_eval_loss("val")
 
     def on_test_epoch_start(self) -> None:
-        self._eval_start()
+        self.eval_loss.start(self.device)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
-        self._eval_end("test")
+        self._log_eval_loss("test")
 
     # ------------------------------------------------------------------------------------------------ generation
-    def generate_ids(self, prompt_ids: torch.Tensor, eos_id: int | None = None) -> torch.Tensor:
-        from moe.generate import generate
-
-        s = self.sampling
-        generator = torch.Generator(device=self.device).manual_seed(s.seed)
-        return generate(self.model, prompt_ids.to(self.device), s.max_new_tokens, temperature=s.temperature,
-                        top_k=s.top_k, top_p=s.top_p, eos_id=eos_id, generator=generator)
-
     def complete(self, prompt_ids: torch.Tensor, eos_id: int | None) -> list[int]:
-        """The tokens generated after a (1, n) prompt, up to (not including) the first EOS."""
-        new = self.generate_ids(prompt_ids.view(1, -1), eos_id=eos_id)[0, prompt_ids.numel():].tolist()
-        return new[: new.index(eos_id)] if eos_id in new else new
+        """The tokens generated after a prompt with the module's sampling settings, up to (not including) the
+        first EOS."""
+        return complete(self.model, prompt_ids.to(self.device), self.sampling, eos_id)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """One prompt ({"prompt": str, "input_ids": (1, n)}) -> {"prompt", "completion"}, cut at the first EOS."""

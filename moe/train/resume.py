@@ -15,11 +15,13 @@ architecture, optimiser or schedule setting, or seed, is refused with the list o
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from moe.config import ModelConfig, resumable_fields
 from moe.errors import IncompatibleResume
@@ -137,6 +139,18 @@ def check_resume(checkpoint: dict, hparams: dict, seed: str | None, defaults: di
             + "\nResume with the settings the run was started with, or start a new run from these weights with "
             "LanguageModel.init_from=CHECKPOINT (weights only: fresh optimiser, schedule and data stream)"
         )
+
+
+def accept_checkpoint(checkpoint: dict, hparams: dict, defaults: dict, fitting: bool) -> None:
+    """What LanguageModel does with a checkpoint it loads, before the callbacks' states are restored: give one of an
+    earlier version their shape (warning about guard settings that now belong to StepGuard) and, when it is resumed
+    by `fit`, refuse other settings (`check_resume`; `defaults` are the values of settings added since)."""
+    guard_settings = upgrade_checkpoint(checkpoint)
+    if guard_settings:
+        rank_zero_warn(f"the checkpoint's run set the step guard's {', '.join(guard_settings)}; these are now "
+                       "StepGuard's settings: give moe.train.guard.StepGuard with them in trainer.callbacks")
+    if fitting:
+        check_resume(checkpoint, hparams, os.environ.get("PL_GLOBAL_SEED"), defaults)
 
 
 class RestoreRNG(pl.Callback):

@@ -122,3 +122,25 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, hp, total: int,
                        f"the learning rate at step {step} changes from {was:.4g} to {now:.4g}; pass "
                        f"LanguageModel.total_steps={saved_total} to keep it")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: multiplier_for(total, s))
+
+
+class ScheduleLength:
+    """The optimizer steps a run's schedule spans, kept in its checkpoints: a resumed run whose span differs (a
+    changed max_steps) would change the learning rate from the step it resumes at, which `lr_scheduler` warns of."""
+
+    def __init__(self):
+        self.total: int | None = None  # this run's
+        self.saved: int | None = None  # the run a resumed one continues
+        self.resumed_step = 0
+
+    def save(self, checkpoint: dict) -> None:
+        checkpoint["schedule_total_steps"] = self.total
+
+    def load(self, checkpoint: dict) -> None:
+        self.saved = checkpoint.get("schedule_total_steps")
+        self.resumed_step = int(checkpoint.get("global_step", 0))
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, hp, trainer) -> torch.optim.lr_scheduler.LambdaLR:
+        """`lr_scheduler` for LanguageModel's hyperparameters `hp` over total_steps, or the Trainer's run length."""
+        self.total = hp.total_steps if hp.total_steps is not None else run_length(trainer, hp.schedule)
+        return lr_scheduler(optimizer, hp, self.total, before=(self.saved, self.resumed_step))

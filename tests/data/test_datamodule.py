@@ -59,7 +59,7 @@ def take(module, n):
 
 
 def stream_of(module, source_index):
-    file = module._files[source_index]
+    file = module.corpus.files[source_index]
     return np.asarray(file.open()).tolist()
 
 
@@ -71,7 +71,7 @@ def test_batches_are_windows_of_the_source_streams(sources, tmp_path):
         assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
         assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
         for row, k in enumerate(batch["index"].tolist()):
-            source, w = module._schedule(k)
+            source, w = module.corpus.schedule(k)
             window = streams[source][w * SEQ_LEN : w * SEQ_LEN + SEQ_LEN + 1]
             assert batch["input_ids"][row].tolist() == window[:-1] and batch["labels"][row].tolist() == window[1:]
     assert [b["index"].tolist() for b in take(make(sources, tmp_path), 2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -96,22 +96,22 @@ def test_seed_determines_batches(sources, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
     # The held-out split follows the seed too.
-    val = [[w.tolist() for w in make(sources, tmp_path, seed=seed)._val_windows] for seed in (1, 1, 2)]
+    val = [[w.tolist() for w in make(sources, tmp_path, seed=seed).corpus.val_windows] for seed in (1, 1, 2)]
     assert val[0] == val[1] and all(x != y for x, y in zip(val[0], val[2]))
 
 
 def test_mixture_follows_the_source_weights(sources, tmp_path):
     module = make(sources, tmp_path)
-    block = module._schedule.block_size
-    counts = Counter(module._schedule(k)[0] for k in range(2 * block))
+    block = module.corpus.schedule.block_size
+    counts = Counter(module.corpus.schedule(k)[0] for k in range(2 * block))
     assert counts[0] == 2 * block // 4 and counts[1] == 2 * block * 3 // 4  # weights 1 and 3
 
 
 def test_validation_windows_never_train(sources, tmp_path):
     module = make(sources, tmp_path)
-    val = {(s, int(w)) for s, windows in enumerate(module._val_windows) for w in windows}
-    n_train = sum(len(w) for w in module._train_windows)
-    trained = {module._schedule(k) for k in range(3 * n_train)}
+    val = {(s, int(w)) for s, windows in enumerate(module.corpus.val_windows) for w in windows}
+    n_train = sum(len(w) for w in module.corpus.train_windows)
+    trained = {module.corpus.schedule(k) for k in range(3 * n_train)}
     assert val and not (val & trained)
     assert len(trained) == n_train
     val_batches = list(module.val_dataloader())
@@ -154,7 +154,7 @@ def test_validation_under_ddp_sees_every_window_once(sources, tmp_path, world, b
             assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
             seen += batch["input_ids"].tolist()
     assert seen == expected and len(n_batches) == 1
-    assert len(expected) == sum(len(v) for v in single._val_windows)
+    assert len(expected) == sum(len(v) for v in single.corpus.val_windows)
     assert len(expected) % 3 and len(expected) % 4  # so padding ranks to equal length would repeat windows
 
 
@@ -191,12 +191,12 @@ def test_resume_continues_with_the_next_batch(sources, tmp_path):
 def original_kwargs(module):
     return {
         "sources": module.sources,
-        "vocab_size": module.vocab_size,
+        "vocab_size": module.corpus.vocab_size,
         "seq_len": module.seq_len,
         "batch_size": module.batch_size,
         "num_workers": 0,
         "seed": module.seed,
-        "val_fraction": module.val_fraction,
+        "val_fraction": module.corpus.val_fraction,
         "cache_dir": str(module.cache_dir),
     }
 
@@ -234,7 +234,7 @@ def test_resume_onto_other_token_cache_content_is_refused_naming_the_file(source
     # consistent, so it is used, but the checkpoint's position would point at other tokens.
     original = make(sources, tmp_path)
     state = original.state_dict()
-    path = original._files[1].path
+    path = original.corpus.files[1].path
     tokens = np.memmap(path, dtype=np.uint16, mode="r+")
     tokens[:100] = tokens[:100][::-1].copy()
     tokens.flush()
@@ -308,8 +308,8 @@ def test_unigram_baseline_matches_brute_force(sources, tmp_path):
     train_counts, val_labels = [], []
     for s in range(2):
         stream = stream_of(module, s)
-        train_counts.append(Counter(t for w in module._train_windows[s] for t in stream[w * T + 1 : w * T + T + 1]))
-        val_labels += [t for w in module._val_windows[s] for t in stream[w * T + 1 : w * T + T + 1]]
+        train_counts.append(Counter(t for w in module.corpus.train_windows[s] for t in stream[w * T + 1 : w * T + T + 1]))
+        val_labels += [t for w in module.corpus.val_windows[s] for t in stream[w * T + 1 : w * T + T + 1]]
 
     def p(token):
         return sum(wt * (c[token] + 1) / (sum(c.values()) + V) for wt, c in zip(weights, train_counts))
@@ -355,7 +355,7 @@ def test_report_lists_every_source(sources, tmp_path):
     planned = 100 * BATCH * SEQ_LEN
     for s, (name, proportion) in enumerate([("code", 0.25), ("prose", 0.75)]):
         row = next(line for line in report.splitlines() if line.startswith(name))
-        train_sequences = len(module._train_windows[s])
+        train_sequences = len(module.corpus.train_windows[s])
         epochs = planned * proportion / (train_sequences * SEQ_LEN)
         assert re.search(
             rf"{100 * proportion:.1f}%\s+{train_sequences}\s+{train_sequences * SEQ_LEN / 1000:.1f}K", row

@@ -9,8 +9,8 @@ import torch
 
 import cli
 from moe.train import LanguageModel
+from moe.train.default_callbacks import DEFAULT_CALLBACKS
 from moe.train.guard import StepGuard
-from moe.train.module import DEFAULT_CALLBACKS
 from moe.train.resume import RestoreRNG
 from moe.train.routing_metrics import RouterSums
 from moe.train.throughput import ThroughputMonitor

@@ -26,13 +26,8 @@ from moe import get_preset
 from moe.errors import CheckpointNotSaved, InputError
 from moe.train import LanguageModel
 from moe.train.checkpoint import load_lightning_checkpoint, read_checkpoint
-from moe.train.checkpoint_io import (
-    AtomicCheckpointIO,
-    CorruptCheckpointError,
-    atomic_save,
-    install_atomic_checkpoint_io,
-    verify_checkpoint,
-)
+from moe.train.checkpoint_io import AtomicCheckpointIO, atomic_save, install_atomic_checkpoint_io
+from moe.train.checkpoint_verify import CorruptCheckpointError, verify_checkpoint
 
 TINY = get_preset("tiny-moe", vocab_size=64, d_model=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=16,
                   n_experts=4, expert_backend="loop")

@@ -294,7 +294,7 @@ def test_a_run_without_a_step_limit_takes_its_schedule_from_max_epochs(workdir):
     parsed = cli.build_cli([*tiny_run_args(workdir), "--trainer.max_steps", "-1", "--trainer.max_epochs", "2",
                             "--trainer.limit_train_batches", "3"], run=False)
     parsed.trainer.fit(parsed.model, datamodule=parsed.datamodule)
-    assert parsed.model._schedule_total == parsed.trainer.global_step == 2 * 3
+    assert parsed.model.schedule_length.total == parsed.trainer.global_step == 2 * 3
 
 
 def test_compiled_blocks_match_eager():
