@@ -12,20 +12,19 @@ sharded checkpoint (FSDP, ModelParallel) as one file.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import inspect
 import re
 import sys
 from pathlib import Path
 
-import torch
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from eval.callback import ZeroShotEvaluation
+from moe import commands
 from moe.config import ModelConfig, format_count, runtime_fields
 from moe.data import TextDataModule
 from moe.data.sources import Source
@@ -33,17 +32,13 @@ from moe.errors import ConfigError, InputError, TrainingStopped
 from moe.generate import Sampling
 from moe.presets import get_preset, preset_names
 from moe.train import LanguageModel
-from moe.train.checkpoint import consolidate_checkpoint
 from moe.train.checkpoint_verify import verify_checkpoint
-from moe.train.export import export_to_hf
 from moe.train.guard import StepGuard
 from moe.train.preemption import CheckpointOnSigterm
 from moe.train.run_paths import check_ckpt_path, claim_run_directory
 from moe.train.strategies import check_strategy
 from moe.train.throughput import ThroughputMonitor
 from moe.train.trainer_checks import check_trainer_flags
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def print_presets() -> None:
@@ -263,46 +258,19 @@ def build_cli(argv: list[str] | None = None, run: bool = True) -> MoECLI:
     )
 
 
-def export(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="moe export", description="Write a Lightning checkpoint of this "
-                                     "project as an HF model directory (weights, config.json, tokenizer).")
-    parser.add_argument("checkpoint", help="a .ckpt written by `fit` (e.g. runs/quickstart/version_0/checkpoints/"
-                        "last.ckpt) or a sharded checkpoint directory")
-    parser.add_argument("out_dir", help="directory to write; AutoModelForCausalLM/AutoTokenizer load it")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: float32)")
-    args = parser.parse_args(argv)
-    try:
-        out = export_to_hf(args.checkpoint, args.out_dir, DTYPES.get(args.dtype))
-    except (ValueError, FileNotFoundError) as error:
-        # What the command's arguments name is wrong, not their syntax: no usage text. A setting the message names
-        # is the checkpoint's, which no flag of this command sets.
-        refuse(str(error), flags=False)
-    print(f"wrote {out}")
-
-
-def consolidate(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="moe consolidate", description="Write a sharded checkpoint directory "
-                                     "(FSDPStrategy with state_dict_type sharded, ModelParallelStrategy) as one "
-                                     ".ckpt file, which resumes under any strategy or world size.")
-    parser.add_argument("src", help="sharded checkpoint directory, e.g. runs/x/version_0/checkpoints/last.ckpt/")
-    parser.add_argument("dst", help=".ckpt file to write")
-    args = parser.parse_args(argv)
-    try:
-        out = consolidate_checkpoint(args.src, args.dst)
-    except (ValueError, FileNotFoundError) as error:
-        refuse(str(error), flags=False)
-    print(f"wrote {out}")
-
-
 def main(argv: list[str] | None = None) -> None:
     # Returns None: the installed `moe` script exits with main()'s return value.
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["presets"]:
         print_presets()
-    elif args[:1] == ["export"]:
-        export(args[1:])
-    elif args[:1] == ["consolidate"]:
-        consolidate(args[1:])
+    elif args[:1] and args[0] in commands.COMMANDS:
+        command, takes_flags = commands.COMMANDS[args[0]]
+        try:
+            command(args[1:])
+        except (ValueError, FileNotFoundError) as error:
+            # What the command's arguments name is wrong, not their syntax: no usage text. The settings named by
+            # export and consolidate are the checkpoint's, which no flag of theirs sets.
+            refuse(str(error), flags=takes_flags)
     else:
         build_cli(argv)
 

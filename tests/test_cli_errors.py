@@ -107,7 +107,7 @@ def test_export_errors_name_the_file(workdir, capsys):
 TRUNCATED = "".join(json.dumps({"text": f"def value {i}"}) + "\n" for i in range(3)) + '{"text": "def val'
 BAD_FILES = {
     "empty.txt": b"",
-    "random.bin": random.Random(0).randbytes(2048),
+    "random.dat": random.Random(0).randbytes(2048),
     "utf16.txt": "def value(self):\n    return count\n".encode("utf-16"),
     "truncated.jsonl": TRUNCATED.encode(),
     "array.jsonl": b'{"text": "def value"}\n["def", "value"]\n',
@@ -135,7 +135,7 @@ def assert_refused_before_training(workdir, capsys, args, *named: str) -> str:
 @pytest.mark.parametrize("name,place,line", [
     ("empty.txt", "file", ""),
     ("array.jsonl", "file", ":2"),
-    ("random.bin", "folder", ""),
+    ("random.dat", "folder", ""),
     ("utf16.txt", "glob", ""),
     # With a tokenizer given, nothing reads the data before the trainer prepares it.
     ("truncated.jsonl", "folder with a given tokenizer", ":4"),

@@ -30,6 +30,7 @@ def check_arguments(
     batch_size: int,
     val_fraction: float,
     num_workers: int,
+    num_proc: int | None,
     seed: int,
     corpus_max_bytes: int | None,
     planned_tokens: int | None,
@@ -41,6 +42,7 @@ def check_arguments(
         ("seq_len", seq_len, seq_len >= 1, ">= 1"),
         ("batch_size", batch_size, batch_size >= 1, ">= 1"),
         ("num_workers", num_workers, num_workers >= 0, ">= 0 (0 loads batches in the training process)"),
+        ("num_proc", num_proc, num_proc is None or num_proc >= 1, ">= 1, or null for every core"),
         ("seed", seed, seed >= 0, ">= 0"),
         # A NaN fails every comparison, so it is refused too.
         ("val_fraction", val_fraction, 0 <= val_fraction < 1, "in [0, 1)"),

@@ -1,5 +1,6 @@
 """The Lightning DataModule: a prepared corpus (corpus.py: sources -> tokenizer -> cached token arrays -> packed
-windows) served as mixture batches to each process, and its position in the stream saved for resume.
+windows) served as mixture batches to each process, and its position in the stream saved for resume. A mixture with
+a streaming source is served by streaming_loader.py, which reads the stream while training.
 
 Everything a batch contains follows from (sources, tokenizer, seq_len, seed, global batch size) and the number of
 training batches consumed so far, which is counted in `on_before_batch_transfer` (Lightning calls it right before
@@ -24,9 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 from moe.data.checks import check_arguments, fingerprint_changes
 from moe.data.corpus import TokenCorpus
 from moe.data.datasets import MixtureDataset, ValidationDataset
+from moe.data.parallel_tokenize import default_num_proc
 from moe.data.report import format_report
 from moe.data.sampler import EvalShardSampler, GlobalBatchSampler, ResumableLoader
 from moe.data.sources import STDLIB, DataError, Source
+from moe.data.streaming_loader import streaming_train_loader
 from moe.errors import IncompatibleResume
 
 # Whole stdlib of CPython 3.11 without tests is ~12 MB; training a 4096-token BPE on it and tokenizing it takes
@@ -45,6 +48,7 @@ class TextDataModule(pl.LightningDataModule):
         batch_size: int = 8,
         val_fraction: float = 0.01,
         num_workers: int = 2,
+        num_proc: int | None = None,
         seed: int = 1234,
         cache_dir: str | None = None,
         corpus_max_bytes: int | None = DEFAULT_CORPUS_MAX_BYTES,
@@ -54,14 +58,17 @@ class TextDataModule(pl.LightningDataModule):
         """Text sources tokenized, packed and mixed into training and validation batches.
 
         Args:
-            sources: Mixture entries (path, weight, text_field, split, name); None means the embedded corpus, the
-                running Python's standard library, which needs no download.
-            tokenizer: Path to a tokenizer.json or a folder with one; None trains a byte-level BPE on the sources.
+            sources: Mixture entries (path, weight, text_field, split, name; data_files, revision and streaming for
+                hf: sources; token_dtype for pre-tokenized shards); None means the embedded corpus, the running
+                Python's standard library, which needs no download.
+            tokenizer: Path to a tokenizer.json or a folder with one; None trains a byte-level BPE on the sources
+                (which needs sources of text, not pre-tokenized or streamed).
             vocab_size: Vocabulary size of a tokenizer trained here.
             seq_len: Tokens per training sequence.
             batch_size: Sequences per batch on each device.
             val_fraction: Share of each source's sequences held out for validation.
             num_workers: DataLoader worker processes.
+            num_proc: Processes that tokenize the corpus before training; None uses every core this process may use.
             seed: Seed of the validation split and the mixture order (non-negative).
             cache_dir: Where tokenizers and token arrays are cached; None means $MOE_CACHE_DIR or
                 ~/.cache/moe-lightning.
@@ -71,8 +78,8 @@ class TextDataModule(pl.LightningDataModule):
             prompts: Prompts served by predict_dataloader.
         """
         super().__init__()
-        check_arguments(sources, tokenizer, vocab_size, seq_len, batch_size, val_fraction, num_workers, seed,
-                         corpus_max_bytes, planned_tokens, prompts)
+        check_arguments(sources, tokenizer, vocab_size, seq_len, batch_size, val_fraction, num_workers, num_proc, seed,
+                        corpus_max_bytes, planned_tokens, prompts)
         self.sources = list(sources) if sources else [Source(STDLIB)]
         self.seq_len = seq_len
         self.batch_size = batch_size
@@ -82,7 +89,7 @@ class TextDataModule(pl.LightningDataModule):
         self.planned_tokens = planned_tokens
         self.prompts = list(prompts)
         self.corpus = TokenCorpus(self.sources, tokenizer, vocab_size, seq_len, val_fraction, seed, self.cache_dir,
-                                  corpus_max_bytes)
+                                  corpus_max_bytes, num_proc or default_num_proc())
         self.consumed_batches = 0
         self._reported = False
         self._checkpoint_fingerprint: dict | None = None
@@ -122,7 +129,8 @@ class TextDataModule(pl.LightningDataModule):
         if stage == "predict":
             return  # prompts need only the tokenizer
         self._prepare()
-        self.batches_per_epoch()  # fail now, not at the first step, when the corpus is too small
+        if not self.corpus.streaming:  # a stream has no epoch: the run's length is Trainer.max_steps
+            self.batches_per_epoch()  # fail now, not at the first step, when the corpus is too small
         n_val, world = self.corpus.n_val, self._rank_and_world()[1]
         if 0 < n_val < world:
             raise DataError(
@@ -158,8 +166,8 @@ class TextDataModule(pl.LightningDataModule):
         if batches == 0:
             raise DataError(
                 f"the corpus is smaller than one batch: {n_train} training sequences of {self.seq_len} tokens "
-                f"({self.corpus.describe_train_windows()}), but one global batch needs {self.global_batch_size()} (batch_size "
-                f"{self.batch_size} x {self._rank_and_world()[1]} devices); add data or lower "
+                f"({self.corpus.describe_train_windows()}), but one global batch needs {self.global_batch_size()} "
+                f"(batch_size {self.batch_size} x {self._rank_and_world()[1]} devices); add data or lower "
                 "TextDataModule.seq_len / TextDataModule.batch_size"
             )
         return batches
@@ -188,8 +196,14 @@ class TextDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
         rank, world = self._rank_and_world()
-        batches = self.batches_per_epoch()
         corpus = self.corpus
+        if corpus.streaming:
+            # Its own loader (streaming_loader.py), which saves its position in the stream for resume; the batches
+            # of the cached sources in the mixture are the ones the map-style loader below would give.
+            return streaming_train_loader(self.sources, corpus.files, corpus.schedule, self.tokenizer, self.eos_id,
+                                          self.seq_len, self.batch_size, rank, world, self.num_workers, self.seed,
+                                          consumed_batches=lambda: self.consumed_batches)
+        batches = self.batches_per_epoch()
         dataset = MixtureDataset(corpus.files, self.seq_len, corpus.schedule, batches * self.global_batch_size())
         sampler = GlobalBatchSampler(dataset, self.batch_size, batches, rank, world, lambda: self.consumed_batches)
         return self._loader(dataset, self.batch_size, sampler=sampler, drop_last=True, loader_class=ResumableLoader)
@@ -241,7 +255,7 @@ class TextDataModule(pl.LightningDataModule):
             self._check_fingerprint(self._checkpoint_fingerprint)
 
     def _check_fingerprint(self, saved: dict) -> None:
-        changed = fingerprint_changes(saved, self.fingerprint(), [f.path for f in self.corpus.files])
+        changed = fingerprint_changes(saved, self.fingerprint(), [path for f in self.corpus.files if f for path in f.paths])
         if changed:
             raise IncompatibleResume(
                 "the data pipeline differs from the checkpoint's, so resuming would not continue the "
@@ -264,7 +278,8 @@ class TextDataModule(pl.LightningDataModule):
 
     def report(self) -> str:
         self._require_setup()
-        tokenizer_line = f"tokenizer: {self.corpus.describe_tokenizer()}, n_vocab {self.n_vocab}; seq_len {self.seq_len}"
+        tokenizer = self.corpus.describe_tokenizer()
+        tokenizer_line = f"tokenizer: {tokenizer}, n_vocab {self.n_vocab}; seq_len {self.seq_len}"
         return format_report(self.corpus.source_rows(), self._resolved_planned_tokens(), tokenizer_line)
 
     def unigram_baseline(self) -> float:

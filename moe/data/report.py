@@ -45,7 +45,7 @@ def format_report(rows: list[SourceRow], planned_tokens: int | None, tokenizer_l
     header = ["Dataset", "Sampling prop.", "Train seqs", "Train tokens", "Val seqs", "Epochs", "Disk size"]
     table = [header]
     for row in rows:
-        epochs = f"{row.epochs(planned_tokens):.2f}" if planned_tokens else "-"
+        epochs = f"{row.epochs(planned_tokens):.2f}" if planned_tokens and row.train_sequences else "-"
         table.append(
             [
                 row.name,
@@ -82,25 +82,28 @@ def format_report(rows: list[SourceRow], planned_tokens: int | None, tokenizer_l
 _BASELINE_CHUNK_TOKENS = 1 << 24
 
 
-def unigram_baseline(token_arrays: list, train_windows: list, val_windows: list, weights: list[float], n_vocab: int,
-                     seq_len: int) -> float:
+def unigram_baseline(token_arrays: list, token_counts: list[np.ndarray], train_windows: list, val_windows: list,
+                     weights: list[float], n_vocab: int, seq_len: int) -> float:
     """Cross-entropy (nats/token) of the validation labels under the training unigram distribution.
 
     Each source's unigram is add-one smoothed and the sources are mixed by weight, as the model sees them. A
-    model that has not beaten this number has learnt nothing beyond token frequencies. Per source: its token array
-    and the indices of its training and validation windows of seq_len + 1 tokens.
+    model that has not beaten this number has learnt nothing beyond token frequencies. Per source: its token array,
+    the count of each id in it (kept by the token cache since tokenizing, so the corpus is not read again), and the
+    indices of its training and validation windows of seq_len + 1 tokens. Only the validation windows and the few
+    tokens outside every window are read.
     """
     V, T = n_vocab, seq_len
     total_weight = sum(weights)
     probabilities = np.zeros(V)
     val_counts = np.zeros(V)
-    for tokens, train, val, weight in zip(token_arrays, train_windows, val_windows, weights):
+    for tokens, all_counts, train, val, weight in zip(token_arrays, token_counts, train_windows, val_windows, weights):
         n = len(train) + len(val)
-        # All labels of all windows, minus those of validation windows, are the training labels. Counted in
-        # chunks: bincount widens to int64, so one call over a 100 GB corpus would need 4x that in RAM.
+        # The labels of all windows are tokens[1 : n*T + 1]: every token but the first and the tail past the last
+        # window (fewer than T). Those of the validation windows taken away leave the training labels.
         counts = np.zeros(V)
-        for start in range(1, n * T + 1, _BASELINE_CHUNK_TOKENS):
-            counts += np.bincount(tokens[start : min(start + _BASELINE_CHUNK_TOKENS, n * T + 1)], minlength=V)
+        counts[: len(all_counts)] += all_counts
+        counts -= np.bincount(np.asarray(tokens[0:1]), minlength=V)
+        counts -= np.bincount(np.asarray(tokens[n * T + 1 : len(tokens)]), minlength=V)
         source_val_counts = np.zeros(V)
         per_chunk = max(1, _BASELINE_CHUNK_TOKENS // T)
         for first in range(0, len(val), per_chunk):

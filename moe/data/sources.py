@@ -16,16 +16,18 @@ import hashlib
 import json
 import os
 import sysconfig
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from moe.data import locking
-from moe.data.locking import atomic_write_bytes
+from moe.data.content_hash import hash_files
 from moe.data.readers import DataError, read_documents
 
 STDLIB = "stdlib"
+# Pre-tokenized shards: raw or NumPy-format token arrays, and the index or metadata files tools write beside them.
+TOKEN_SUFFIXES = {".bin", ".npy"}
+INDEX_SUFFIXES = (".idx", ".csv", ".csv.gz", ".json", ".txt.gz", ".md")
+TOKEN_DTYPES = ("uint16", "uint32")
 HF_PREFIX = "hf:"
 # Test suites are skipped: they are a large, repetitive and unrepresentative share of the stdlib.
 _STDLIB_SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -45,18 +47,50 @@ class Source:
     """Split of an HF dataset."""
     name: str | None = None
     """Label in the report; defaults to the path's last component."""
+    data_files: str | list[str] | None = None
+    """For "hf:" sources: the files of the dataset to load (datasets.load_dataset's data_files), e.g. a glob of
+    parquet shards, or local files with "hf:json" / "hf:parquet"."""
+    revision: str | None = None
+    """For "hf:" sources: the dataset's git revision (branch, tag or commit) on the Hub."""
+    streaming: bool = False
+    """For "hf:" sources: read the dataset as a stream, tokenized on the fly in the DataLoader workers, instead of
+    downloading and tokenizing it whole before training."""
+    token_dtype: str = "uint16"
+    """For pre-tokenized shards (.bin/.npy token arrays, nanoGPT / OLMo layout) without a NumPy header: the ids'
+    type, uint16 or uint32. A .npy file with a header says its own."""
 
 
 @dataclass
-class ResolvedSource:
-    """A source bound to concrete content: name, hash of that content, its bytes on disk and a document stream."""
+class Shard:
+    """A part of a source tokenized to its own cache entry: one file of a folder or glob, or the whole of a source
+    that is not a list of files (the embedded corpus, an HF dataset)."""
 
-    name: str
-    content_hash: str
+    key: str
+    """Hash of the shard's content (and name): with the tokenizer's hash, the key of its token cache entry."""
     n_bytes: int
     documents: Callable[[], Iterator[str]]
     """Fresh iterator over the documents, in a fixed order."""
     description: str
+
+
+@dataclass
+class ResolvedSource:
+    """A source bound to concrete content: name, hash of that content, its bytes on disk and its shards, whose
+    documents in order are the source's."""
+
+    name: str
+    content_hash: str
+    n_bytes: int
+    shards: list[Shard]
+    description: str
+    token_dtype: str | None = None
+    """Set for a source of pre-tokenized shards (each shard a token array file, not text): their ids' type."""
+    streaming: bool = False
+    """Read as a stream while training (streaming.py): no shards, nothing tokenized before step 1."""
+
+    def documents(self) -> Iterator[str]:
+        for shard in self.shards:
+            yield from shard.documents()
 
 
 def resolve_source(
@@ -69,12 +103,36 @@ def resolve_source(
         files, root = stdlib_files(stdlib_max_bytes), Path(sysconfig.get_paths()["stdlib"])
         name = source.name or "python-stdlib"
         description = f"Python {sysconfig.get_python_version()} stdlib"
-        return _local_source(name, files, root, source.text_field, description, hash_cache)
+        return _local_source(name, files, root, source.text_field, description, hash_cache, one_shard=True)
+    if source.streaming:
+        return _stream_source(source)
     if source.path.startswith(HF_PREFIX):
         return _hf_source(source)
     files, root = _expand_local_path(source.path)
     name = source.name or (Path(source.path).name or source.path)
+    token_files = pretokenized_files(files, source.path)
+    if token_files is not None:
+        if source.token_dtype not in TOKEN_DTYPES:
+            raise DataError(f"Source.token_dtype={source.token_dtype!r} must be one of {TOKEN_DTYPES} (source "
+                            f"{source.path!r})")
+        resolved = _local_source(name, token_files, root, "tokens", source.path, hash_cache)
+        resolved.token_dtype = source.token_dtype
+        return resolved
     return _local_source(name, files, root, source.text_field, source.path, hash_cache)
+
+
+def pretokenized_files(files: list[Path], where: str) -> list[Path] | None:
+    """The token array files of a source of pre-tokenized shards, in order (index and metadata files beside them
+    are left out: packing needs no document boundaries, the EOS ids in the stream mark them); None for a source of
+    text. A mixture of both is refused, naming a file of each."""
+    arrays = [f for f in files if f.suffix.lower() in TOKEN_SUFFIXES]
+    if not arrays:
+        return None
+    text = [f for f in files if f.suffix.lower() not in TOKEN_SUFFIXES and not f.name.lower().endswith(INDEX_SUFFIXES)]
+    if text:
+        raise DataError(f"{where}: holds token arrays ({arrays[0]}) and other files ({text[0]}); give pre-tokenized "
+                        "shards and text as separate sources")
+    return arrays
 
 
 def stdlib_files(max_bytes: int | None = None) -> list[Path]:
@@ -131,76 +189,46 @@ def _expand_local_path(path: str) -> tuple[list[Path], Path]:
 
 
 def _local_source(
-    name: str, files: list[Path], root: Path, text_field: str, description: str, hash_cache: Path | None = None
+    name: str, files: list[Path], root: Path, text_field: str, description: str, hash_cache: Path | None = None,
+    one_shard: bool = False,
 ) -> ResolvedSource:
-    # Hashing reads every byte (minutes for a multi-GB corpus, on every rank, on every start), so the hash is
-    # remembered under a key of the files' stat records (path, size, mtime, ctime, inode): an unchanged corpus is
-    # not read again. ctime cannot be set back by tools that preserve mtime (cp -p, rsync, touch -d), and a record
-    # is only stored for files older than locking.RACY_NS, so a write in the same timestamp tick as the hash is not missed.
-    started = locking.now_ns()
-    stats = _stat_key(files, root, text_field)
-    record = hash_cache / f"{stats}.json" if hash_cache is not None else None
-    if record is not None and (remembered := _read_hash_record(record)) is not None:
-        content_hash, n_bytes = remembered
+    """A source of local files: a shard per file, or all of them as one shard (`one_shard`, the embedded corpus of
+    many small files, where a cache entry per file would cost more than it saves)."""
+    content_hash, n_bytes, shard_hashes = hash_files(files, root, text_field, hash_cache)
+
+    def reader(paths: list[Path]) -> Callable[[], Iterator[str]]:
+        def documents() -> Iterator[str]:
+            for path in paths:
+                yield from read_documents(path, text_field)
+
+        return documents
+
+    if one_shard:
+        shards = [Shard(content_hash, n_bytes, reader(files), description)]
     else:
-        content_hash, n_bytes = _hash_files(files, root, text_field)
-        newest = max(max(p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in files)
-        if record is not None and _stat_key(files, root, text_field) == stats and newest < started - locking.RACY_NS:
-            atomic_write_bytes(record, json.dumps({"content_hash": content_hash, "n_bytes": n_bytes}).encode())
-
-    def documents() -> Iterator[str]:
-        for path in files:
-            yield from read_documents(path, text_field)
-
-    return ResolvedSource(name, content_hash, n_bytes, documents, description)
+        shards = [Shard(key, size, reader([path]), str(path)) for path, (key, size) in zip(files, shard_hashes)]
+    return ResolvedSource(name, content_hash, n_bytes, shards, description)
 
 
-def _read_hash_record(record: Path) -> tuple[str, int] | None:
-    """A remembered (content hash, bytes), or None when there is none or it is damaged (then hashed again and
-    rewritten: the record is only a cache of what the files give)."""
-    if not record.is_file():
-        return None
-    try:
-        remembered = json.loads(record.read_bytes())
-        content_hash, n_bytes = remembered["content_hash"], remembered["n_bytes"]
-    except (OSError, ValueError, TypeError, KeyError):  # ValueError: not UTF-8 or not JSON
-        content_hash = n_bytes = None
-    if not isinstance(content_hash, str) or not isinstance(n_bytes, int):
-        warnings.warn(f"source hash cache {record} is unreadable (truncated, or not its JSON); hashing the files "
-                      "again", stacklevel=4)
-        return None
-    return content_hash, n_bytes
-
-
-def _stat_key(files: list[Path], root: Path, text_field: str) -> str:
-    digest = hashlib.sha256(f"stat\0{text_field}\0{root.resolve()}\0".encode())
-    for path in files:
-        st = path.stat()
-        digest.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-        digest.update(f"{st.st_ctime_ns}\0{st.st_ino}\0{st.st_dev}\0".encode())
-    return digest.hexdigest()[:32]
-
-
-def _hash_files(files: list[Path], root: Path, text_field: str) -> tuple[str, int]:
-    """Content hash of the files (relative names and bytes) and their total size."""
-    digest = hashlib.sha256(f"local\0{text_field}\0".encode())
-    n_bytes = 0
-    for path in files:
-        # Relative names are hashed so a renamed or reordered file changes the key but a moved folder does not.
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-                n_bytes += len(block)
-        digest.update(b"\0")
-    return digest.hexdigest(), n_bytes
+def _stream_source(source: Source) -> ResolvedSource:
+    """A streaming source, named by its settings: a stream is not read before training, so its content cannot be
+    hashed; pin Source.revision for a Hub dataset whose content may change."""
+    if not source.path.startswith(HF_PREFIX):
+        raise DataError(f"Source.streaming is for {HF_PREFIX!r} sources (source {source.path!r}); local files are "
+                        f"tokenized ahead, or read as a stream with path {HF_PREFIX}json / {HF_PREFIX}parquet and "
+                        "data_files")
+    key = json.dumps(["stream", source.path, source.data_files, source.split, source.revision, source.text_field])
+    name = source.name or source.path[len(HF_PREFIX) :].partition(":")[0]
+    return ResolvedSource(name=name, content_hash=hashlib.sha256(key.encode()).hexdigest(), n_bytes=0, shards=[],
+                          description=f"{source.path} ({source.split}, streaming)", streaming=True)
 
 
 def _hf_source(source: Source) -> ResolvedSource:
     import datasets
 
     name, _, config = source.path[len(HF_PREFIX) :].partition(":")
-    dataset = datasets.load_dataset(name, config or None, split=source.split)
+    dataset = datasets.load_dataset(name, config or None, split=source.split, data_files=source.data_files,
+                                    revision=source.revision)
     if source.text_field not in dataset.column_names:
         raise DataError(f"{source.path}: no column {source.text_field!r} (columns: {dataset.column_names})")
     # The fingerprint is datasets' own hash of the data and its processing, the HF analogue of hashing bytes.
@@ -211,10 +239,7 @@ def _hf_source(source: Source) -> ResolvedSource:
         for batch in dataset.select_columns([text_field]).iter(batch_size=1024):
             yield from (text for text in batch[text_field] if text)
 
-    return ResolvedSource(
-        name=source.name or name,
-        content_hash=hashlib.sha256(key.encode()).hexdigest(),
-        n_bytes=int(dataset.data.nbytes),
-        documents=documents,
-        description=f"{source.path} ({source.split})",
-    )
+    content_hash, description = hashlib.sha256(key.encode()).hexdigest(), f"{source.path} ({source.split})"
+    n_bytes = int(dataset.data.nbytes)
+    return ResolvedSource(name=source.name or name, content_hash=content_hash, n_bytes=n_bytes,
+                          shards=[Shard(content_hash, n_bytes, documents, description)], description=description)

@@ -1,9 +1,12 @@
-"""Tokenized sources cached on disk as memory-mapped token arrays, keyed by source content and tokenizer.
+"""Tokenized shards cached on disk as memory-mapped token arrays, keyed by shard content and tokenizer.
 
-Each source becomes one flat array `doc0 EOS doc1 EOS ...` (uint16 when the vocabulary fits, else uint32) plus a
-metadata JSON beside it. The array is written first and the JSON last, both atomically, so the JSON is the commit
-marker: a cache entry without it (a crash mid-way) is rebuilt, never trusted. Tokenization feeds chunks of documents
-to `Tokenizer.encode_batch`, which runs on all cores in Rust.
+Each shard of a source (a file of a folder or glob; the whole of the embedded corpus or of an HF dataset) becomes
+one flat array `doc0 EOS doc1 EOS ...` (uint16 when the vocabulary fits, else uint32), the count of each token id in
+it, and a metadata JSON. The array and counts are written first and the JSON last, each atomically, so the JSON is
+the commit marker: an entry without it (a crash mid-way) is rebuilt, never trusted, while the shards finished
+before a crash are kept, and adding a shard to a source tokenizes only that one. A source's stream is its shards'
+arrays in order. The counts give the unigram baseline without another pass over the corpus. Tokenization runs in
+`num_proc` processes (parallel_tokenize.py), reading and writing while they encode.
 
 The metadata holds the CRC-32 of the array and its largest id, so that an array changed after it was written (other
 valid ids written into it, a copy of another entry, a truncation) is found and rebuilt rather than trained on, and
@@ -21,6 +24,7 @@ import hashlib
 import json
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -30,7 +34,8 @@ from tqdm.auto import tqdm
 
 from moe.data import locking
 from moe.data.locking import atomic_output, atomic_write_bytes, file_lock
-from moe.data.sources import DataError, ResolvedSource
+from moe.data.parallel_tokenize import encode_chunks
+from moe.data.sources import DataError, ResolvedSource, Shard
 from moe.data.tokenizer import n_token_ids
 
 # The key's format version. Entries without a checksum (before it was added) keep their key: they are upgraded in
@@ -55,13 +60,16 @@ class TokenCacheMeta:
     crc32: int | None = None
     """zlib CRC-32 of the array's bytes; None in entries written before checksums (computed on first use)."""
 
+    def counts_path(self, bin_path: Path) -> Path:
+        return bin_path.with_suffix(".counts.npy")
+
 
 def token_dtype(n_vocab: int) -> np.dtype:
     return np.dtype(np.uint16) if n_vocab <= 1 << 16 else np.dtype(np.uint32)
 
 
-def cache_paths(cache_dir: Path, source: ResolvedSource, tokenizer_hash: str) -> tuple[Path, Path]:
-    key = hashlib.sha256(f"{CACHE_FORMAT}\0{source.content_hash}\0{tokenizer_hash}".encode()).hexdigest()[:32]
+def cache_paths(cache_dir: Path, shard_key: str, tokenizer_hash: str) -> tuple[Path, Path]:
+    key = hashlib.sha256(f"{CACHE_FORMAT}\0{shard_key}\0{tokenizer_hash}".encode()).hexdigest()[:32]
     stem = cache_dir / "tokens" / key
     return stem.with_suffix(".bin"), stem.with_suffix(".json")
 
@@ -154,12 +162,38 @@ def tokenize_source(
     tokenizer_hash: str,
     cache_dir: Path,
     show_progress: bool = True,
-) -> tuple[np.memmap, TokenCacheMeta]:
-    """The source's token array, from the cache when present and intact, else tokenized now and cached.
+    num_proc: int = 1,
+) -> list[tuple[np.memmap, TokenCacheMeta]]:
+    """Each of the source's shards as a token array with its metadata, from the cache when present and intact,
+    else tokenized now (with `num_proc` processes) and cached. One progress bar in bytes covers the source."""
+    progress = tqdm(total=source.n_bytes, unit="B", unit_scale=True, desc=f"tokenizing {source.name}",
+                    disable=not show_progress, leave=False)
+    try:
+        entries = []
+        for shard in source.shards:
+            done = [0]
+
+            def advance(n_bytes: int, done: list[int] = done) -> None:
+                done[0] += n_bytes
+                progress.update(n_bytes)
+
+            entries.append(tokenize_shard(shard, tokenizer, eos_id, tokenizer_hash, cache_dir, advance, num_proc))
+            # Text bytes are fewer than file bytes (JSON syntax, Parquet encoding): the bar ends each shard at its
+            # file size, so that it reaches 100% whatever the format.
+            progress.update(shard.n_bytes - done[0])
+        return entries
+    finally:
+        progress.close()
+
+
+def tokenize_shard(shard: Shard, tokenizer: Tokenizer, eos_id: int, tokenizer_hash: str, cache_dir: Path,
+                   progress: Callable[[int], None] | None = None,
+                   num_proc: int = 1) -> tuple[np.memmap, TokenCacheMeta]:
+    """The shard's token array, from the cache when present and intact, else tokenized now and cached.
 
     A cache that cannot be written (a read-only folder, a full disk) is a `DataError` naming the entry, unless the
     entry is there and intact: a read-only cache of verified entries is fine."""
-    bin_path, meta_path = cache_paths(cache_dir, source, tokenizer_hash)
+    bin_path, meta_path = cache_paths(cache_dir, shard.key, tokenizer_hash)
     n_vocab = n_token_ids(tokenizer)
     cached, problem = load_cached(bin_path, meta_path, n_vocab)
     if cached is not None:
@@ -170,8 +204,9 @@ def tokenize_source(
             if cached is not None:
                 return cached
             if problem is not None:
-                warnings.warn(f"token cache: {problem}; rebuilding it from {source.description}", stacklevel=2)
-            return _tokenize(source, tokenizer, eos_id, tokenizer_hash, bin_path, meta_path, n_vocab, show_progress)
+                warnings.warn(f"token cache: {problem}; rebuilding it from {shard.description}", stacklevel=2)
+            return _tokenize(shard, tokenizer, eos_id, tokenizer_hash, bin_path, meta_path, n_vocab, progress,
+                             num_proc)
     except OSError as error:
         if not (error.filename and Path(error.filename).resolve().is_relative_to(cache_dir.resolve())):
             raise  # not the cache's: reading the source, say
@@ -180,46 +215,65 @@ def tokenize_source(
                         "or TextDataModule.cache_dir at a writable folder with free space") from error
 
 
-def _tokenize(source: ResolvedSource, tokenizer: Tokenizer, eos_id: int, tokenizer_hash: str, bin_path: Path,
-              meta_path: Path, n_vocab: int, show_progress: bool) -> tuple[np.memmap, TokenCacheMeta]:
-    """Tokenize `source` into a new cache entry (under its lock) and return it."""
+def _tokenize(shard: Shard, tokenizer: Tokenizer, eos_id: int, tokenizer_hash: str, bin_path: Path,
+              meta_path: Path, n_vocab: int, progress: Callable[[int], None] | None,
+              num_proc: int) -> tuple[np.memmap, TokenCacheMeta]:
+    """Tokenize `shard` into a new cache entry (under its lock) and return it."""
     dtype = token_dtype(n_vocab)
-    n_tokens = n_docs = max_token_id = crc = 0
-    progress = tqdm(
-        total=source.n_bytes, unit="B", unit_scale=True, desc=f"tokenizing {source.name}", disable=not show_progress
-    )
+    n_tokens = n_docs = crc = 0
+    counts = np.zeros(n_vocab, dtype=np.int64)
     with atomic_output(bin_path) as out:
-        for chunk in _chunks(source):
-            ids = _encode_with_eos(tokenizer, chunk, eos_id)
-            if ids.size and int(ids.max()) >= 1 << (8 * dtype.itemsize):
-                raise ValueError(f"token id {int(ids.max())} does not fit {dtype}")
-            data = ids.astype(dtype).tobytes()
+        for ids, docs, text_bytes in encode_chunks(_chunks(shard), tokenizer, eos_id, num_proc, dtype):
+            data = ids.tobytes()
             out.write(data)
             crc = zlib.crc32(data, crc)
+            counts += np.bincount(ids, minlength=n_vocab)
             n_tokens += ids.size
-            n_docs += len(chunk)
-            max_token_id = max(max_token_id, int(ids.max()))
-            progress.update(sum(len(text.encode()) for text in chunk))
-    progress.close()
+            n_docs += docs
+            if progress is not None:
+                progress(text_bytes)
+    max_token_id = int(np.flatnonzero(counts)[-1]) if n_tokens else 0
     meta = TokenCacheMeta(
         n_tokens=n_tokens,
         n_docs=n_docs,
         dtype=dtype.name,
         max_token_id=max_token_id,
-        source=source.description,
-        source_hash=source.content_hash,
-        bytes=source.n_bytes,
+        source=shard.description,
+        source_hash=shard.key,
+        bytes=shard.n_bytes,
         tokenizer_hash=tokenizer_hash,
         crc32=crc,
     )
+    _write_counts(meta.counts_path(bin_path), counts[: max_token_id + 1])
     atomic_write_bytes(meta_path, _meta_json(meta))
     # Just written from the bytes checksummed above: not read again (the next open verifies it).
     return np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,)), meta
 
 
-def _chunks(source: ResolvedSource):
+def _write_counts(path: Path, counts: np.ndarray) -> None:
+    with atomic_output(path) as out:
+        np.save(out, counts, allow_pickle=False)
+
+
+def token_counts(tokens: np.ndarray, meta: TokenCacheMeta, path: Path) -> np.ndarray:
+    """How often each id (0 to max_token_id) occurs in a shard's array `tokens`: from the counts kept at `path` since
+    it was tokenized or scanned, or, for an entry written before counts were kept (or whose counts file is damaged),
+    counted now and written."""
+    with contextlib.suppress(OSError, ValueError):
+        counts = np.load(path, allow_pickle=False)
+        if counts.dtype == np.int64 and counts.shape == (meta.max_token_id + 1,) and int(counts.sum()) == meta.n_tokens:
+            return counts
+    counts = np.zeros(meta.max_token_id + 1, dtype=np.int64)
+    for start in range(0, meta.n_tokens, _SCAN_TOKENS):
+        counts += np.bincount(tokens[start : start + _SCAN_TOKENS], minlength=meta.max_token_id + 1)
+    with contextlib.suppress(OSError):  # a read-only cache counts again next time
+        _write_counts(path, counts)
+    return counts
+
+
+def _chunks(shard: Shard):
     chunk, size = [], 0
-    for text in source.documents():
+    for text in shard.documents():
         chunk.append(text)
         size += len(text)
         if size >= _CHUNK_BYTES:
@@ -227,17 +281,3 @@ def _chunks(source: ResolvedSource):
             chunk, size = [], 0
     if chunk:
         yield chunk
-
-
-def _encode_with_eos(tokenizer: Tokenizer, texts: list[str], eos_id: int) -> np.ndarray:
-    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
-    # add_special_tokens=False: an HF tokenizer's post-processor would otherwise add a BOS to every document,
-    # while here documents are separated by EOS alone.
-    lengths = [len(e.ids) + 1 for e in encodings]
-    ids = np.empty(sum(lengths), dtype=np.int64)
-    position = 0
-    for encoding, length in zip(encodings, lengths):
-        ids[position : position + length - 1] = encoding.ids
-        ids[position + length - 1] = eos_id
-        position += length
-    return ids

@@ -30,8 +30,9 @@ EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>")
 RECIPE_VERSION = "llama1-bytelevel-bpe-v1"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE on `texts`; deterministic for the same texts in the same order."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
+    """Train a byte-level BPE on `texts`; deterministic for the same texts in the same order. `show_progress`
+    shows the trainer's own progress bars (counting words and pairs, computing merges)."""
     if vocab_size < 256 + 1:
         raise ValueError(f"vocab_size must cover the 256 bytes and the EOS token, got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
@@ -46,7 +47,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         vocab_size=vocab_size,
         special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=show_progress,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
@@ -91,7 +92,7 @@ def tokenizer_hash(tokenizer: Tokenizer) -> str:
 
 
 def cached_trained_tokenizer(
-    cache_dir: Path, data_key: str, vocab_size: int, texts: Callable[[], Iterable[str]]
+    cache_dir: Path, data_key: str, vocab_size: int, texts: Callable[[], Iterable[str]], show_progress: bool = False
 ) -> Tokenizer:
     """Train once per (data, vocab size, recipe) and reuse the file; safe when several processes race."""
     key = hashlib.sha256(f"{RECIPE_VERSION}\0{vocab_size}\0{data_key}".encode()).hexdigest()[:24]
@@ -101,7 +102,8 @@ def cached_trained_tokenizer(
     with file_lock(path.with_suffix(".lock")):
         if (tokenizer := _load_cached(path, warn=True)) is not None:  # another process trained it meanwhile
             return tokenizer
-        atomic_write_bytes(path, train_tokenizer(texts(), vocab_size).to_str(pretty=False).encode())
+        trained = train_tokenizer(texts(), vocab_size, show_progress)
+        atomic_write_bytes(path, trained.to_str(pretty=False).encode())
     # Loaded from the file, as a later run will: its serialization, and so tokenizer_hash, is the file's.
     return _from_file(path)
 

@@ -74,3 +74,13 @@ def helpers():
     from types import SimpleNamespace
 
     return SimpleNamespace(make_documents=make_documents, write_text_folder=write_text_folder, write_jsonl=write_jsonl)
+
+
+@pytest.fixture
+def tokenizer_file(tmp_path) -> str:
+    """A 320-id BPE trained on tiny documents, saved as tmp_path/tokenizer.json."""
+    from moe.data.tokenizer import train_tokenizer
+
+    path = tmp_path / "tokenizer.json"
+    train_tokenizer(make_documents(50, seed=9), 320).save(str(path))
+    return str(path)

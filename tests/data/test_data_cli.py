@@ -65,7 +65,8 @@ def last_checkpoint(workdir):
 
 
 def token_cache_entry(workdir):
-    (bin_path,) = (workdir / "cache" / "tokens").glob("*.bin")
+    # The corpus is a folder of files, each tokenized to an entry of its own: take the largest.
+    bin_path = max((workdir / "cache" / "tokens").glob("*.bin"), key=lambda p: p.stat().st_size)
     return bin_path, bin_path.with_suffix(".json")
 
 

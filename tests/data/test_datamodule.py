@@ -234,7 +234,7 @@ def test_resume_onto_other_token_cache_content_is_refused_naming_the_file(source
     # consistent, so it is used, but the checkpoint's position would point at other tokens.
     original = make(sources, tmp_path)
     state = original.state_dict()
-    path = original.corpus.files[1].path
+    (path,) = original.corpus.files[1].paths
     tokens = np.memmap(path, dtype=np.uint16, mode="r+")
     tokens[:100] = tokens[:100][::-1].copy()
     tokens.flush()
@@ -308,7 +308,8 @@ def test_unigram_baseline_matches_brute_force(sources, tmp_path):
     train_counts, val_labels = [], []
     for s in range(2):
         stream = stream_of(module, s)
-        train_counts.append(Counter(t for w in module.corpus.train_windows[s] for t in stream[w * T + 1 : w * T + T + 1]))
+        train = module.corpus.train_windows[s]
+        train_counts.append(Counter(t for w in train for t in stream[w * T + 1 : w * T + T + 1]))
         val_labels += [t for w in module.corpus.val_windows[s] for t in stream[w * T + 1 : w * T + T + 1]]
 
     def p(token):
@@ -320,10 +321,11 @@ def test_unigram_baseline_matches_brute_force(sources, tmp_path):
 
 
 class _BoundedReads:
-    """A token array that refuses whole-array reads and any read of more than `limit` tokens."""
+    """A token array that refuses whole-array reads and any read of more than `limit` tokens, and counts the
+    tokens read (in `reads`, shared by the arrays of one test)."""
 
-    def __init__(self, tokens, limit):
-        self.tokens, self.limit = tokens, limit
+    def __init__(self, tokens, limit, reads):
+        self.tokens, self.limit, self.reads = tokens, limit, reads
 
     def __len__(self):
         return len(self.tokens)
@@ -334,19 +336,26 @@ class _BoundedReads:
     def __getitem__(self, index):
         got = np.asarray(self.tokens[index])
         assert got.size <= self.limit, f"read {got.size} tokens at once"
+        self.reads.append(got.size)
         return got
 
 
-def test_unigram_baseline_reads_in_bounded_chunks(sources, tmp_path, monkeypatch):
+def test_unigram_baseline_reads_only_validation_windows_in_bounded_chunks(sources, tmp_path, monkeypatch):
     from moe.data import datasets, report
 
     module = make(sources, tmp_path)
     expected = module.unigram_baseline()
     limit = 5 * SEQ_LEN
     monkeypatch.setattr(report, "_BASELINE_CHUNK_TOKENS", limit)
-    real_open = datasets.TokenFile.open
-    monkeypatch.setattr(datasets.TokenFile, "open", lambda self: _BoundedReads(real_open(self), limit))
+    real_open, reads = datasets.TokenFile.open, []
+    monkeypatch.setattr(datasets.TokenFile, "open", lambda self: _BoundedReads(real_open(self), limit, reads))
     assert module.unigram_baseline() == pytest.approx(expected, rel=1e-12)
+    # The token counts kept since tokenizing replace a pass over the corpus: only the validation windows' labels,
+    # each source's first token and the tail past its last window are read.
+    corpus = module.corpus
+    outside_windows = sum(1 + files.n_tokens - 1 - (len(t) + len(v)) * SEQ_LEN
+                          for files, t, v in zip(corpus.files, corpus.train_windows, corpus.val_windows))
+    assert sum(reads) == corpus.n_val * SEQ_LEN + outside_windows < sum(f.n_tokens for f in corpus.files) // 5
 
 
 def test_report_lists_every_source(sources, tmp_path):

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from moe.data import Source, TextDataModule
+from moe.data.tokenizer import train_tokenizer
 
 
 class RecordingModel(pl.LightningModule):
@@ -32,7 +33,7 @@ class RecordingModel(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def fit(data_kwargs, max_steps, root, ckpt_path=None, every=None, accumulate=1):
+def fit(data_kwargs, max_steps, root, ckpt_path=None, every=None, accumulate=1, **trainer_kwargs):
     data = TextDataModule(**data_kwargs)
     model = RecordingModel(data.n_vocab)
     callbacks = (
@@ -52,6 +53,7 @@ def fit(data_kwargs, max_steps, root, ckpt_path=None, every=None, accumulate=1):
         callbacks=callbacks,
         enable_checkpointing=bool(every),
         accumulate_grad_batches=accumulate,
+        **trainer_kwargs,
     )
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return model.seen, data
@@ -92,3 +94,31 @@ def test_trainer_resume_continues_the_stream(tmp_path, helpers, where, accumulat
     assert data.consumed_batches == batches_in(total)
     # Lightning's "...your dataloader is not resumable..." would tell the user to distrust an exact resume.
     assert not [w for w in caught if "not resumable" in str(w.message)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_trainer_resume_continues_a_streaming_source_mid_stream(tmp_path, helpers, num_workers):
+    # A stream of JSONL shards (read with datasets' streaming mode, tokenized in the loader's workers) mixed with a
+    # cached source: the resumed run sees the uninterrupted run's batches, the stream's included.
+    docs = helpers.make_documents(160, seed=6)
+    shards = [str(helpers.write_jsonl(tmp_path / f"stream-{i}.jsonl", docs[i * 20 : (i + 1) * 20])) for i in range(8)]
+    cached = helpers.write_jsonl(tmp_path / "cached.jsonl", helpers.make_documents(30, seed=5))
+    tokenizer = tmp_path / "tokenizer.json"
+    train_tokenizer(docs[:40], 300).save(str(tokenizer))
+    data_kwargs = {
+        "sources": [Source("hf:json", data_files=shards, streaming=True, weight=3.0), Source(str(cached))],
+        "tokenizer": str(tokenizer),
+        "seq_len": 16,
+        "batch_size": 4,
+        "num_workers": num_workers,
+        "val_fraction": 0.1,
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    # The stream has no length: the run is max_steps long, validated every 3 steps.
+    full, _ = fit(data_kwargs, 9, tmp_path / "full", every=4, check_val_every_n_epoch=None)
+    assert len(full) == 9 and [s[0] for s in full] == [list(range(4 * g, 4 * g + 4)) for g in range(9)]
+    resumed, data = fit(data_kwargs, 9, tmp_path / "resumed", ckpt_path=tmp_path / "full" / "step=4.ckpt",
+                        check_val_every_n_epoch=None)
+    assert len(resumed) == 5 and data.consumed_batches == 9
+    for (index, inputs), (want_index, want_inputs) in zip(resumed, full[4:]):
+        assert index == want_index and torch.equal(inputs, want_inputs)

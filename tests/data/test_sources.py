@@ -122,13 +122,13 @@ def test_hf_source_reads_the_text_column(monkeypatch):
     table = datasets.Dataset.from_dict({"text": ["one", "", "two"], "id": [1, 2, 3]})
     calls = []
 
-    def fake_load_dataset(name, config, split):
-        calls.append((name, config, split))
+    def fake_load_dataset(name, config, split, data_files, revision):
+        calls.append((name, config, split, data_files, revision))
         return table
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    source = resolve_source(Source("hf:org/name:cfg", split="validation"))
-    assert calls == [("org/name", "cfg", "validation")]
+    source = resolve_source(Source("hf:org/name:cfg", split="validation", data_files=["a.parquet"], revision="v1"))
+    assert calls == [("org/name", "cfg", "validation", ["a.parquet"], "v1")]
     assert list(source.documents()) == ["one", "two"]
     assert source.name == "org/name"
     with pytest.raises(DataError, match="no column 'body'"):
@@ -147,19 +147,19 @@ def test_jsonl_extra_fields_and_blank_lines_are_fine(tmp_path):
 
 
 def test_unchanged_files_are_not_hashed_again(tmp_path, helpers, monkeypatch):
-    from moe.data import sources
+    from moe.data import content_hash as hashing
 
     folder = helpers.write_text_folder(tmp_path / "docs", helpers.make_documents(5))
     cache = tmp_path / "hashes"
     # As if the corpus was written long before this run: only then is its stat record trusted.
     monkeypatch.setattr(locking, "now_ns", lambda: time.time_ns() + 10**11)
     first = resolve_source(Source(str(folder)), hash_cache=cache)
-    real_hash = sources._hash_files
+    real_hash = hashing._hash_files
 
     def must_not_hash(*args):
         raise AssertionError("an unchanged corpus was read again")
 
-    monkeypatch.setattr(sources, "_hash_files", must_not_hash)
+    monkeypatch.setattr(hashing, "_hash_files", must_not_hash)
     second = resolve_source(Source(str(folder)), hash_cache=cache)
     assert (second.content_hash, second.n_bytes) == (first.content_hash, first.n_bytes)
 
@@ -169,7 +169,7 @@ def test_unchanged_files_are_not_hashed_again(tmp_path, helpers, monkeypatch):
     path.write_text(path.read_text().swapcase())
     os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
     assert path.stat().st_size == old.st_size
-    monkeypatch.setattr(sources, "_hash_files", real_hash)
+    monkeypatch.setattr(hashing, "_hash_files", real_hash)
     changed = resolve_source(Source(str(folder)), hash_cache=cache)
     assert changed.content_hash != first.content_hash
     assert changed.content_hash == resolve_source(Source(str(folder))).content_hash
@@ -182,16 +182,18 @@ def test_damaged_hash_record_is_hashed_again_and_rewritten(tmp_path, helpers, mo
     cache = tmp_path / "hashes"
     monkeypatch.setattr(locking, "now_ns", lambda: time.time_ns() + 10**11)
     first = resolve_source(Source(str(folder)), hash_cache=cache)
-    (record,) = cache.iterdir()
+    (record,) = cache.glob("*.json")
     record.write_bytes(damage)
     with pytest.warns(UserWarning, match=f"source hash cache {re.escape(str(record))} is unreadable"):
         again = resolve_source(Source(str(folder)), hash_cache=cache)
     assert (again.content_hash, again.n_bytes) == (first.content_hash, first.n_bytes)
-    assert json.loads(record.read_text()) == {"content_hash": first.content_hash, "n_bytes": first.n_bytes}
+    written = json.loads(record.read_text())
+    assert (written["content_hash"], written["n_bytes"]) == (first.content_hash, first.n_bytes)
+    assert written["shards"] == [[shard.key, shard.n_bytes] for shard in first.shards]
 
 
 def test_fresh_files_are_hashed_every_time(tmp_path, helpers):
     # A file written in the same timestamp tick as its hash could change again without a new mtime: not trusted.
     folder = helpers.write_text_folder(tmp_path / "docs", helpers.make_documents(3))
     resolve_source(Source(str(folder)), hash_cache=tmp_path / "hashes")
-    assert not (tmp_path / "hashes").exists() or not list((tmp_path / "hashes").iterdir())
+    assert not list((tmp_path / "hashes").glob("*.json"))

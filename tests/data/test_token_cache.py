@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 import pytest
 
-from moe.data import locking, token_cache
+from moe.data import locking, parallel_tokenize, token_cache
 from moe.data.sources import DataError, Source, resolve_source
 from moe.data.token_cache import cache_paths, token_dtype, tokenize_source
 from moe.data.tokenizer import eos_id, tokenizer_hash, train_tokenizer
@@ -25,9 +25,10 @@ def setup(tmp_path, helpers):
 
 
 def build(source, tokenizer, cache_dir):
-    return tokenize_source(
+    (entry,) = tokenize_source(
         source, tokenizer, eos_id(tokenizer), tokenizer_hash(tokenizer), cache_dir, show_progress=False
     )
+    return entry
 
 
 def oracle_stream(docs, tokenizer):
@@ -57,7 +58,7 @@ def test_second_build_reads_the_cache(setup, monkeypatch):
     def must_not_encode(*args):
         raise AssertionError("re-tokenized although cached")
 
-    monkeypatch.setattr(token_cache, "_encode_with_eos", must_not_encode)
+    monkeypatch.setattr(parallel_tokenize, "encode_with_eos", must_not_encode)
     second, _ = build(source, tokenizer, cache_dir)
     assert second.tolist() == first.tolist()
 
@@ -65,7 +66,7 @@ def test_second_build_reads_the_cache(setup, monkeypatch):
 def test_crash_mid_write_leaves_nothing_trusted(setup, monkeypatch):
     docs, source, tokenizer, cache_dir = setup
     monkeypatch.setattr(token_cache, "_CHUNK_BYTES", 100)
-    real_encode, calls = token_cache._encode_with_eos, []
+    real_encode, calls = parallel_tokenize.encode_with_eos, []
 
     def crash_on_third_chunk(*args):
         calls.append(1)
@@ -73,14 +74,14 @@ def test_crash_mid_write_leaves_nothing_trusted(setup, monkeypatch):
             raise KeyboardInterrupt
         return real_encode(*args)
 
-    monkeypatch.setattr(token_cache, "_encode_with_eos", crash_on_third_chunk)
+    monkeypatch.setattr(parallel_tokenize, "encode_with_eos", crash_on_third_chunk)
     with pytest.raises(KeyboardInterrupt):
         build(source, tokenizer, cache_dir)
-    bin_path, meta_path = cache_paths(cache_dir, source, tokenizer_hash(tokenizer))
+    bin_path, meta_path = cache_paths(cache_dir, source.content_hash, tokenizer_hash(tokenizer))
     assert not bin_path.exists() and not meta_path.exists()
     assert not [p for p in bin_path.parent.iterdir() if p.suffix == ".tmp"]
 
-    monkeypatch.setattr(token_cache, "_encode_with_eos", real_encode)
+    monkeypatch.setattr(parallel_tokenize, "encode_with_eos", real_encode)
     tokens, _ = build(source, tokenizer, cache_dir)
     assert tokens.tolist() == oracle_stream(docs, tokenizer)
 
@@ -90,7 +91,7 @@ def test_crash_mid_write_leaves_nothing_trusted(setup, monkeypatch):
 def test_incomplete_entry_is_rebuilt(setup, damage):
     docs, source, tokenizer, cache_dir = setup
     build(source, tokenizer, cache_dir)
-    bin_path, meta_path = cache_paths(cache_dir, source, tokenizer_hash(tokenizer))
+    bin_path, meta_path = cache_paths(cache_dir, source.content_hash, tokenizer_hash(tokenizer))
     named = meta_path
     if damage == "no metadata":  # a crash between the array and its metadata: rebuilt without a word
         meta_path.unlink()
@@ -125,7 +126,7 @@ CHANGES = {
 def test_changed_array_is_found_and_rebuilt(setup, change):
     docs, source, tokenizer, cache_dir = setup
     _, built = build(source, tokenizer, cache_dir)
-    bin_path, meta_path = cache_paths(cache_dir, source, tokenizer_hash(tokenizer))
+    bin_path, meta_path = cache_paths(cache_dir, source.content_hash, tokenizer_hash(tokenizer))
     tokens = np.memmap(bin_path, dtype=np.uint16, mode="r+")
     if change == "other valid ids":
         tokens[:200] = tokens[:200][::-1].copy()
@@ -150,7 +151,7 @@ def test_read_only_cache_serves_intact_entries_and_names_a_changed_one(setup, mo
     written cannot be rebuilt there, which is a DataError naming the entry and what to do, not an OSError."""
     _docs, source, tokenizer, cache_dir = setup
     build(source, tokenizer, cache_dir)
-    bin_path, _ = cache_paths(cache_dir, source, tokenizer_hash(tokenizer))
+    bin_path, _ = cache_paths(cache_dir, source.content_hash, tokenizer_hash(tokenizer))
 
     def read_only(path):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
@@ -174,17 +175,17 @@ def strip_checksum(meta_path):
 def test_entry_written_before_checksums_gets_one_without_tokenizing_again(setup, monkeypatch):
     docs, source, tokenizer, cache_dir = setup
     _, built = build(source, tokenizer, cache_dir)
-    bin_path, meta_path = cache_paths(cache_dir, source, tokenizer_hash(tokenizer))
+    bin_path, meta_path = cache_paths(cache_dir, source.content_hash, tokenizer_hash(tokenizer))
     strip_checksum(meta_path)
-    real_encode = token_cache._encode_with_eos
-    monkeypatch.setattr(token_cache, "_encode_with_eos", lambda *args: pytest.fail("re-tokenized a good entry"))
+    real_encode = parallel_tokenize.encode_with_eos
+    monkeypatch.setattr(parallel_tokenize, "encode_with_eos", lambda *args: pytest.fail("re-tokenized a good entry"))
     tokens, meta = build(source, tokenizer, cache_dir)
     assert tokens.tolist() == oracle_stream(docs, tokenizer)
     assert meta.crc32 == json.loads(meta_path.read_text())["crc32"] == built.crc32
     # Such an entry whose ids were changed past its recorded largest id is rebuilt too.
     strip_checksum(meta_path)
     np.memmap(bin_path, dtype=np.uint16, mode="r+")[5] = built.max_token_id + 1
-    monkeypatch.setattr(token_cache, "_encode_with_eos", real_encode)
+    monkeypatch.setattr(parallel_tokenize, "encode_with_eos", real_encode)
     with pytest.warns(UserWarning, match=f"{bin_path} holds ids up to {built.max_token_id + 1}"):
         tokens, meta = build(source, tokenizer, cache_dir)
     assert tokens.tolist() == oracle_stream(docs, tokenizer) and meta.crc32 == built.crc32
@@ -196,7 +197,7 @@ def test_unchanged_array_is_verified_once(setup, monkeypatch):
     docs, source, tokenizer, cache_dir = setup
     monkeypatch.setattr(locking, "now_ns", lambda: time.time_ns() + 10**11)
     build(source, tokenizer, cache_dir)  # written: checksummed while writing, not read
-    bin_path, _ = cache_paths(cache_dir, source, tokenizer_hash(tokenizer))
+    bin_path, _ = cache_paths(cache_dir, source.content_hash, tokenizer_hash(tokenizer))
     real_scan, scans = token_cache._scan, []
     monkeypatch.setattr(token_cache, "_scan", lambda tokens: scans.append(1) or real_scan(tokens))
     build(source, tokenizer, cache_dir)
@@ -217,8 +218,8 @@ def test_unchanged_array_is_verified_once(setup, monkeypatch):
 def test_key_changes_with_tokenizer(setup):
     docs, source, tokenizer, cache_dir = setup
     other = train_tokenizer(docs, 300)
-    assert cache_paths(cache_dir, source, tokenizer_hash(tokenizer)) != cache_paths(
-        cache_dir, source, tokenizer_hash(other)
+    assert cache_paths(cache_dir, source.content_hash, tokenizer_hash(tokenizer)) != cache_paths(
+        cache_dir, source.content_hash, tokenizer_hash(other)
     )
 
 

@@ -1,0 +1,123 @@
+"""Pre-tokenized shards in, and our token caches out, in the layout nanoGPT and OLMo use: flat arrays of token ids
+(uint16 when the vocabulary fits, else uint32), one file per shard, documents separated by the EOS id.
+
+In: a source whose files are `.bin` or `.npy` arrays trains on them directly, without copying. A `.npy` with a NumPy
+header says its own type and shape; a raw one (OLMo's memory-mapped .npy, nanoGPT's .bin) is read as
+`Source.token_dtype`. Each file is scanned once for the checks and statistics a tokenized shard gets from its
+cache entry (CRC-32, largest id, the count of each id), kept under the cache folder by the file's content hash, so
+that its ids are checked against the tokenizer and the model's vocabulary before step 1.
+
+Out: `export_tokens` writes every source's stream of a prepared corpus as raw `.bin` shards plus a metadata.json
+(dtype, EOS id, tokenizer hash, tokens per file) and the tokenizer, which this module reads back as a source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from moe.data.datasets import TokenFile
+from moe.data.locking import atomic_output, atomic_write_bytes
+from moe.data.sources import DataError
+from moe.data.token_cache import TokenCacheMeta
+
+_SCAN_TOKENS = 1 << 24  # tokens per read: bounds memory on any file size
+_NUMPY_MAGIC = b"\x93NUMPY"
+PRETOKENIZED = "pre-tokenized"  # the tokenizer hash such a shard's metadata carries: it was not tokenized here
+
+
+def _layout(path: Path, token_dtype: str) -> tuple[int, np.dtype, int]:
+    """(byte offset of the ids, their type, how many) of a token array file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if f.read(len(_NUMPY_MAGIC)) == _NUMPY_MAGIC:
+            f.seek(0)
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _fortran_order, dtype = read_header(f)
+            offset = f.tell()
+            if len(shape) != 1 or dtype.name not in ("uint16", "uint32"):
+                raise DataError(f"{path}: a NumPy array of shape {shape} and type {dtype}; pre-tokenized shards are "
+                                "1-d uint16 or uint32 arrays of token ids")
+            if offset + shape[0] * dtype.itemsize != size:
+                raise DataError(f"{path}: its header says {shape[0]} ids of {dtype}, but the file has {size} bytes "
+                                "(truncated?)")
+            return offset, dtype, shape[0]
+    dtype = np.dtype(token_dtype)
+    if size == 0 or size % dtype.itemsize:
+        raise DataError(f"{path}: {size} bytes is not a whole number of {dtype} token ids; if the shards are another "
+                        "type, set Source.token_dtype")
+    return 0, dtype, size // dtype.itemsize
+
+
+def token_shard(path: Path, key: str, token_dtype: str, cache_dir: Path) -> tuple[TokenFile, TokenCacheMeta, Path]:
+    """The token file of a pre-tokenized shard, its metadata (scanned once and kept under `cache_dir` by the
+    file's content hash `key`) and where its id counts are kept."""
+    offset, dtype, n_tokens = _layout(path, token_dtype)
+    record = cache_dir / "pretokenized" / f"{key}.json"
+    counts_path = record.with_suffix(".counts.npy")
+    tokens = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n_tokens,))
+    meta = _read_record(record, n_tokens, dtype)
+    if meta is None:
+        crc, counts = 0, np.zeros(1, dtype=np.int64)
+        for start in range(0, n_tokens, _SCAN_TOKENS):
+            block = np.ascontiguousarray(tokens[start : start + _SCAN_TOKENS])
+            crc = zlib.crc32(block, crc)
+            block_counts = np.bincount(block)
+            if len(block_counts) > len(counts):
+                counts = np.pad(counts, (0, len(block_counts) - len(counts)))
+            counts[: len(block_counts)] += block_counts
+        meta = TokenCacheMeta(n_tokens=n_tokens, n_docs=0, dtype=dtype.name, max_token_id=len(counts) - 1,
+                              source=str(path), source_hash=key, bytes=path.stat().st_size,
+                              tokenizer_hash=PRETOKENIZED, crc32=crc)
+        with contextlib.suppress(OSError):  # a read-only cache folder: scanned again next time
+            with atomic_output(counts_path) as out:
+                np.save(out, counts, allow_pickle=False)
+            atomic_write_bytes(record, json.dumps(meta.__dict__, indent=1).encode())
+    return TokenFile(str(path), dtype.name, n_tokens, offset), meta, counts_path
+
+
+def _read_record(record: Path, n_tokens: int, dtype: np.dtype) -> TokenCacheMeta | None:
+    try:
+        meta = TokenCacheMeta(**json.loads(record.read_bytes()))
+    except (OSError, ValueError, TypeError):
+        return None
+    return meta if (meta.n_tokens, meta.dtype) == (n_tokens, dtype.name) else None
+
+
+def export_tokens(corpus, out_dir: str | Path) -> list[Path]:
+    """Write each source of a prepared `TokenCorpus` as `out_dir/<source name>/part-NNNNN.bin` (one file per shard,
+    raw ids), with a metadata.json and the tokenizer.json beside them; returns the folders written. A folder is
+    itself a source of pre-tokenized shards (`Source(path=folder, token_dtype=...)`)."""
+    out_dir = Path(out_dir)
+    written = []
+    for resolved, files in zip(corpus.resolved_sources(), corpus.files):
+        folder = out_dir / resolved.name
+        if folder.exists() and any(folder.iterdir()):
+            raise DataError(f"{folder} exists and is not empty; give an empty or new folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        parts = []
+        for index, token_file in enumerate(files.files):
+            target = folder / f"part-{index:05d}.bin"
+            tokens = token_file.open()
+            with atomic_output(target) as out:
+                for start in range(0, token_file.n_tokens, _SCAN_TOKENS):
+                    out.write(np.ascontiguousarray(tokens[start : start + _SCAN_TOKENS]).tobytes())
+            parts.append({"file": target.name, "n_tokens": token_file.n_tokens})
+        dtypes = {f.dtype for f in files.files}
+        atomic_write_bytes(folder / "metadata.json", json.dumps({
+            "source": resolved.description, "dtype": dtypes.pop() if len(dtypes) == 1 else sorted(dtypes),
+            "eos_id": corpus.eos_id, "n_vocab": corpus.n_vocab, "tokenizer_hash": corpus.fingerprint()["tokenizer"],
+            "files": parts,
+        }, indent=1).encode())
+        tokenizer_json = folder / "tokenizer.json"
+        corpus.tokenizer.save(str(tokenizer_json))
+        shutil.copymode(folder / "metadata.json", tokenizer_json)
+        written.append(folder)
+    return written
