@@ -28,17 +28,20 @@ def hash_files(files: list[Path], root: Path, text_field: str,
     when the files are unchanged since it was written."""
     stats = _stat_key(files, root, text_field)
     record = hash_cache / f"{stats}.json" if hash_cache is not None else None
+    if record is not None and record.is_file() and (remembered := _read_hash_record(record)) is not None:
+        return remembered  # read without the lock: a cache shared read-only needs none
     with locking.file_lock(record.with_suffix(".lock")) if record is not None else contextlib.nullcontext():
         started = locking.now_ns()
-        remembered = _read_hash_record(record) if record is not None else None
+        remembered = _read_hash_record(record) if record is not None else None  # another process may have hashed
         if remembered is not None:
             return remembered
         content_hash, n_bytes, shard_hashes = _hash_files(files, root, text_field)
         newest = max(max(p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in files)
         unchanged = _stat_key(files, root, text_field) == stats
         if record is not None and unchanged and newest < started - locking.RACY_NS:
-            atomic_write_bytes(record, json.dumps({"content_hash": content_hash, "n_bytes": n_bytes,
-                                                   "shards": shard_hashes}).encode())
+            with contextlib.suppress(OSError):  # a read-only cache hashes again next time
+                atomic_write_bytes(record, json.dumps({"content_hash": content_hash, "n_bytes": n_bytes,
+                                                       "shards": shard_hashes}).encode())
         return content_hash, n_bytes, shard_hashes
 
 

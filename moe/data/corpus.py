@@ -57,6 +57,7 @@ class TokenCorpus:
         self.train_windows: list[np.ndarray] = []
         self.val_windows: list[np.ndarray] = []
         self.schedule: MixtureSchedule | None = None
+        self._crcs: list[int] | None = None
 
     # ---- tokenizer ----------------------------------------------------------------------------------------------
     def resolved_sources(self) -> list[ResolvedSource]:
@@ -167,16 +168,18 @@ class TokenCorpus:
             return shards
         entries = self._whole_source_entry(source, token_hash) or tokenize_source(
             source, tokenizer, eos, token_hash, self.cache_dir, show_progress, self.num_proc)
-        return [(TokenFile(str(tokens.filename), meta.dtype, meta.n_tokens), meta,
-                 meta.counts_path(Path(tokens.filename))) for tokens, meta in entries]
+        return [(file, meta, meta.counts_path(Path(file.path))) for file, meta in entries]
 
     def _whole_source_entry(self, source: ResolvedSource, token_hash: str) -> list | None:
         """The one-array cache entry of a source of several files, as written before sources were tokenized shard
         by shard: still valid for the same content, so it is used rather than tokenizing every shard again."""
-        if len(source.shards) < 2:
-            return None  # a single shard's key is the source's: its entry is found either way
+        if len(source.shards) == 1 and source.shards[0].key == source.content_hash:
+            return None  # a file given alone: its shard's key is the source's, its entry is found either way
         entry, _ = load_cached(*cache_paths(self.cache_dir, source.content_hash, token_hash), self.n_vocab)
-        return [entry] if entry is not None else None
+        if entry is None:
+            return None
+        tokens, meta = entry
+        return [(TokenFile(str(tokens.filename), meta.dtype, meta.n_tokens), meta)]
 
     def _check_pretokenized(self, shards: list) -> None:
         for file, meta, _ in shards:
@@ -224,13 +227,16 @@ class TokenCorpus:
             # The arrays themselves: a cache rebuilt from the same source and tokenizer is identical, one with
             # other content (another tokenizer version, a foreign copy) would feed other tokens at the same position.
             # Per source, the CRC-32 of its whole stream, combined from its shards' without reading them.
-            "token_cache": [[r.name, "stream" if r.streaming else f"{self._stream_crc(metas):08x}"]
-                            for r, metas in zip(self.resolved_sources(), self.metas)],
+            "token_cache": [[r.name, "stream" if r.streaming else f"{crc:08x}"]
+                            for r, crc in zip(self.resolved_sources(), self._stream_crcs())],
         }
 
-    @staticmethod
-    def _stream_crc(metas: list[TokenCacheMeta]) -> int:
-        return combined_crc32([(m.crc32, m.n_tokens * np.dtype(m.dtype).itemsize) for m in metas])
+    def _stream_crcs(self) -> list[int]:
+        """Computed once: a checkpoint saves the fingerprint every time (about 2 ms per shard to combine)."""
+        if self._crcs is None:
+            self._crcs = [combined_crc32([(m.crc32, m.n_tokens * np.dtype(m.dtype).itemsize) for m in metas])
+                          for metas in self.metas]
+        return self._crcs
 
     # ---- statistics ---------------------------------------------------------------------------------------------
     def source_rows(self) -> list[SourceRow]:

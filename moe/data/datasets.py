@@ -6,6 +6,7 @@ They hold file paths, not arrays: a DataLoader worker opens its own memory map o
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,18 +49,34 @@ class SourceTokens:
         """The stream as one array: the memory map itself for one shard, else a view over all of them."""
         if len(self.files) == 1:
             return self.files[0].open()
-        return ShardedArray([f.open() for f in self.files])
+        return ShardedArray(list(self.files))
 
 
 class ShardedArray:
-    """Several 1-d arrays read as their concatenation, without copying them: slices (step 1) and integer-array
-    indexing, which is all that windows and the unigram baseline ask of a token stream. A window that spans a shard
-    boundary is assembled from both."""
+    """Several token files read as the concatenation of their arrays, without copying them: slices (step 1) and
+    integer-array indexing, which is all that windows and the unigram baseline ask of a token stream. A window that
+    spans a shard boundary is assembled from both. Shards are mapped when first read and at most MAX_OPEN at a time, the least recently read closed first
+    (each map holds a file descriptor; a corpus may have tens of thousands of shards)."""
 
-    def __init__(self, arrays: list[np.ndarray]):
-        self.arrays = arrays
-        self.starts = np.cumsum([0] + [len(a) for a in arrays])  # starts[i]: offset of arrays[i]; last: the length
-        self.dtype = np.result_type(*(np.asarray(a[0:0]).dtype for a in arrays))
+    MAX_OPEN = 16  # per array; a process has several (training, validation), each DataLoader worker its own
+
+    def __init__(self, files: list[TokenFile]):
+        self.files = files
+        self.starts = np.cumsum([0] + [f.n_tokens for f in files])  # starts[i]: offset of shard i; last: the length
+        self.dtype = np.result_type(*(np.dtype(f.dtype) for f in files))
+        self._open: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": collections.OrderedDict()}
+
+    def _array(self, i: int) -> np.ndarray:
+        if i in self._open:
+            self._open.move_to_end(i)
+        else:
+            self._open[i] = self.files[i].open()
+            if len(self._open) > self.MAX_OPEN:
+                self._open.popitem(last=False)
+        return self._open[i]
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -73,18 +90,21 @@ class ShardedArray:
                 return np.empty(0, dtype=self.dtype)
             first = int(np.searchsorted(self.starts, start, side="right")) - 1
             last = int(np.searchsorted(self.starts, stop, side="left")) - 1
-            parts = [self.arrays[i][max(start, self.starts[i]) - self.starts[i] : min(stop, self.starts[i + 1])
+            parts = [self._array(i)[max(start, self.starts[i]) - self.starts[i] : min(stop, self.starts[i + 1])
                                     - self.starts[i]] for i in range(first, last + 1)]
             return parts[0] if len(parts) == 1 else np.concatenate(parts).astype(self.dtype, copy=False)
         positions = np.asarray(index)
         if positions.size and (positions.min() < 0 or positions.max() >= len(self)):
             raise IndexError(f"position out of range for a {len(self)}-token stream")
-        shard = np.searchsorted(self.starts, positions, side="right") - 1
-        out = np.empty(positions.shape, dtype=self.dtype)
-        for i in np.unique(shard):
-            where = shard == i
-            out[where] = self.arrays[i][positions[where] - self.starts[i]]
-        return out
+        flat = positions.ravel()
+        shard = np.searchsorted(self.starts, flat, side="right") - 1
+        out = np.empty(flat.shape, dtype=self.dtype)
+        order = np.argsort(shard, kind="stable")  # grouped by shard: one pass, however many shards
+        bounds = np.searchsorted(shard[order], np.arange(len(self.files) + 1))
+        for i in np.flatnonzero(np.diff(bounds)):
+            picked = order[bounds[i] : bounds[i + 1]]
+            out[picked] = self._array(int(i))[flat[picked] - self.starts[i]]
+        return out.reshape(positions.shape)
 
 
 class _PackedDataset(Dataset):

@@ -83,6 +83,8 @@ def encode_chunks(
         raise ValueError(f"eos_id {eos_id} does not fit {dtype}")
     if num_proc < 1:
         raise ValueError(f"num_proc must be at least 1, got {num_proc}")
+    if multiprocessing.current_process().daemon:
+        num_proc = 1  # a daemonic process (a Pool's worker, say) may not start processes of its own
     if num_proc == 1:
         return (_encode(tokenizer, chunk, eos_id, dtype) for chunk in chunks)
     return _encode_in_workers(chunks, tokenizer.to_str(), eos_id, num_proc, dtype)

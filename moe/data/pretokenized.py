@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import zlib
 from pathlib import Path
@@ -37,10 +38,13 @@ def _layout(path: Path, token_dtype: str) -> tuple[int, np.dtype, int]:
     with open(path, "rb") as f:
         if f.read(len(_NUMPY_MAGIC)) == _NUMPY_MAGIC:
             f.seek(0)
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
-            shape, _fortran_order, dtype = read_header(f)
+            try:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _fortran_order, dtype = read_header(f)
+            except ValueError as error:
+                raise DataError(f"{path}: a damaged NumPy header ({error})") from None
             offset = f.tell()
             if len(shape) != 1 or dtype.name not in ("uint16", "uint32"):
                 raise DataError(f"{path}: a NumPy array of shape {shape} and type {dtype}; pre-tokenized shards are "
@@ -48,12 +52,37 @@ def _layout(path: Path, token_dtype: str) -> tuple[int, np.dtype, int]:
             if offset + shape[0] * dtype.itemsize != size:
                 raise DataError(f"{path}: its header says {shape[0]} ids of {dtype}, but the file has {size} bytes "
                                 "(truncated?)")
-            return offset, dtype, shape[0]
+            return offset, dtype, shape[0]  # its byte order too (">u2"): kept in the dtype's str
     dtype = np.dtype(token_dtype)
+    exported = _exported_dtype(path.parent)
+    if exported is not None and exported != dtype.name:
+        raise DataError(f"{path}: its folder's metadata.json (written by moe export-tokens) says the ids are "
+                        f"{exported}, but Source.token_dtype is {dtype.name}; set token_dtype: {exported}")
     if size == 0 or size % dtype.itemsize:
         raise DataError(f"{path}: {size} bytes is not a whole number of {dtype} token ids; if the shards are another "
                         "type, set Source.token_dtype")
+    if dtype == np.uint16:
+        _refuse_uint32_read_as_uint16(path, np.memmap(path, dtype=np.uint16, mode="r"))
     return 0, dtype, size // dtype.itemsize
+
+
+def _exported_dtype(folder: Path) -> str | None:
+    """The ids' type `export_tokens` recorded in the folder's metadata.json, if it wrote one."""
+    try:
+        dtype = json.loads((folder / "metadata.json").read_text()).get("dtype")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return dtype if isinstance(dtype, str) else None
+
+
+def _refuse_uint32_read_as_uint16(path: Path, ids: np.ndarray) -> None:
+    """uint32 ids below 65,536 read as uint16 are the ids with a 0 after each, all below the vocabulary: nothing
+    else would catch them. Every other id of the first 64K being 0 while the others are not is that pattern (no
+    real text repeats one token at every other position)."""
+    head = np.asarray(ids[: 1 << 16])
+    if len(head) >= 256 and not head[1::2].any() and head[0::2].all():
+        raise DataError(f"{path}: every other id is 0, as when uint32 ids are read as uint16; if the shards hold "
+                        "uint32 ids, set Source.token_dtype: uint32")
 
 
 def token_shard(path: Path, key: str, token_dtype: str, cache_dir: Path) -> tuple[TokenFile, TokenCacheMeta, Path]:
@@ -73,14 +102,14 @@ def token_shard(path: Path, key: str, token_dtype: str, cache_dir: Path) -> tupl
             if len(block_counts) > len(counts):
                 counts = np.pad(counts, (0, len(block_counts) - len(counts)))
             counts[: len(block_counts)] += block_counts
-        meta = TokenCacheMeta(n_tokens=n_tokens, n_docs=0, dtype=dtype.name, max_token_id=len(counts) - 1,
+        meta = TokenCacheMeta(n_tokens=n_tokens, n_docs=0, dtype=dtype.str, max_token_id=len(counts) - 1,
                               source=str(path), source_hash=key, bytes=path.stat().st_size,
                               tokenizer_hash=PRETOKENIZED, crc32=crc)
         with contextlib.suppress(OSError):  # a read-only cache folder: scanned again next time
             with atomic_output(counts_path) as out:
                 np.save(out, counts, allow_pickle=False)
             atomic_write_bytes(record, json.dumps(meta.__dict__, indent=1).encode())
-    return TokenFile(str(path), dtype.name, n_tokens, offset), meta, counts_path
+    return TokenFile(str(path), dtype.str, n_tokens, offset), meta, counts_path
 
 
 def _read_record(record: Path, n_tokens: int, dtype: np.dtype) -> TokenCacheMeta | None:
@@ -88,7 +117,7 @@ def _read_record(record: Path, n_tokens: int, dtype: np.dtype) -> TokenCacheMeta
         meta = TokenCacheMeta(**json.loads(record.read_bytes()))
     except (OSError, ValueError, TypeError):
         return None
-    return meta if (meta.n_tokens, meta.dtype) == (n_tokens, dtype.name) else None
+    return meta if (meta.n_tokens, meta.dtype) == (n_tokens, dtype.str) else None
 
 
 def export_tokens(corpus, out_dir: str | Path) -> list[Path]:
@@ -98,7 +127,11 @@ def export_tokens(corpus, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     written = []
     for resolved, files in zip(corpus.resolved_sources(), corpus.files):
-        folder = out_dir / resolved.name
+        if files is None:
+            raise DataError(f"source {resolved.description!r} is streamed while training: it has no token cache to "
+                            "export; leave it out, or tokenize it ahead (streaming: false)")
+        # A name like "*.jsonl" (a glob's) would make a folder that reads back as a pattern.
+        folder = out_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", resolved.name).strip("_.")
         if folder.exists() and any(folder.iterdir()):
             raise DataError(f"{folder} exists and is not empty; give an empty or new folder")
         folder.mkdir(parents=True, exist_ok=True)

@@ -115,7 +115,8 @@ def resolve_source(
         if source.token_dtype not in TOKEN_DTYPES:
             raise DataError(f"Source.token_dtype={source.token_dtype!r} must be one of {TOKEN_DTYPES} (source "
                             f"{source.path!r})")
-        resolved = _local_source(name, token_files, root, "tokens", source.path, hash_cache)
+        # The type is part of the key: the same bytes read as uint16 or uint32 are other tokens.
+        resolved = _local_source(name, token_files, root, f"tokens:{source.token_dtype}", source.path, hash_cache)
         resolved.token_dtype = source.token_dtype
         return resolved
     return _local_source(name, files, root, source.text_field, source.path, hash_cache)

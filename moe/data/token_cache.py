@@ -33,6 +33,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from moe.data import locking
+from moe.data.datasets import TokenFile
 from moe.data.locking import atomic_output, atomic_write_bytes, file_lock
 from moe.data.parallel_tokenize import encode_chunks
 from moe.data.sources import DataError, ResolvedSource, Shard
@@ -163,27 +164,55 @@ def tokenize_source(
     cache_dir: Path,
     show_progress: bool = True,
     num_proc: int = 1,
-) -> list[tuple[np.memmap, TokenCacheMeta]]:
-    """Each of the source's shards as a token array with its metadata, from the cache when present and intact,
-    else tokenized now (with `num_proc` processes) and cached. One progress bar in bytes covers the source."""
-    progress = tqdm(total=source.n_bytes, unit="B", unit_scale=True, desc=f"tokenizing {source.name}",
-                    disable=not show_progress, leave=False)
+) -> list[tuple[TokenFile, TokenCacheMeta]]:
+    """Each of the source's shards as a token file with its metadata, from the cache when present and intact,
+    else tokenized now (with `num_proc` processes) and cached. One progress bar in bytes covers the source, shown
+    from the first shard that is tokenized (a source read wholly from the cache shows none)."""
+    bar = _SourceProgress(source, show_progress)
     try:
         entries = []
         for shard in source.shards:
-            done = [0]
-
-            def advance(n_bytes: int, done: list[int] = done) -> None:
-                done[0] += n_bytes
-                progress.update(n_bytes)
-
-            entries.append(tokenize_shard(shard, tokenizer, eos_id, tokenizer_hash, cache_dir, advance, num_proc))
-            # Text bytes are fewer than file bytes (JSON syntax, Parquet encoding): the bar ends each shard at its
-            # file size, so that it reaches 100% whatever the format.
-            progress.update(shard.n_bytes - done[0])
+            bar.start_shard(shard.n_bytes)
+            tokens, meta = tokenize_shard(shard, tokenizer, eos_id, tokenizer_hash, cache_dir, bar.advance, num_proc)
+            # The file, not its memory map: a map holds a file descriptor, and a source may have many thousand shards.
+            entries.append((TokenFile(str(tokens.filename), meta.dtype, meta.n_tokens), meta))
+            del tokens
+            bar.shard_done()
         return entries
     finally:
-        progress.close()
+        bar.close()
+
+
+class _SourceProgress:
+    """A source's progress bar in bytes of its files, created at the first bytes tokenized. Text and file bytes
+    differ (JSON syntax adds bytes, Parquet compresses them), so within a shard the bar moves by text bytes up to the
+    shard's file size, and each shard's end moves it to exactly that: it reaches 100% whatever the format."""
+
+    def __init__(self, source: ResolvedSource, show: bool):
+        self.source, self.show = source, show
+        self.bar: tqdm | None = None
+        self.finished = 0  # file bytes of the shards done
+        self.shard_bytes = self.in_shard = 0  # the current shard's file bytes, and how far the bar moved in it
+
+    def start_shard(self, n_bytes: int) -> None:
+        self.shard_bytes, self.in_shard = n_bytes, 0
+
+    def advance(self, text_bytes: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=self.source.n_bytes, initial=self.finished, unit="B", unit_scale=True,
+                            desc=f"tokenizing {self.source.name}", disable=not self.show)
+        step = min(text_bytes, self.shard_bytes - self.in_shard)
+        self.in_shard += step
+        self.bar.update(step)
+
+    def shard_done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.shard_bytes - self.in_shard)
+        self.finished += self.shard_bytes
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def tokenize_shard(shard: Shard, tokenizer: Tokenizer, eos_id: int, tokenizer_hash: str, cache_dir: Path,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import cli
-from moe.data import DataError
+from moe.data import DataError, Source, TextDataModule
 from moe.data.pretokenized import export_tokens
 from moe.errors import InputError
 
@@ -118,3 +118,42 @@ def _tiny_checkpoint(workdir: Path, vocab: int) -> Path:
     path = workdir / "small-vocab.ckpt"
     torch.save({"state_dict": module.state_dict(), "model_config": module.hparams["config"]}, path)
     return path
+
+
+def test_byte_order_and_type_mistakes(tmp_path, tokenizer_file):
+    folder = tmp_path / "big-endian"
+    folder.mkdir()
+    ids = np.arange(3, 300, dtype=">u2")
+    np.save(folder / "a.npy", ids)  # a header that says big-endian: read as such
+    assert stream(module(folder, tmp_path, tokenizer_file)) == ids.tolist()
+    folder = tmp_path / "uint32"
+    folder.mkdir()
+    np.arange(1, 300, dtype=np.uint32).tofile(folder / "a.bin")  # uint32 ids read as the default uint16
+    with pytest.raises(DataError, match=r"a.bin: every other id is 0, as when uint32 ids are read as uint16"):
+        module(folder, tmp_path, tokenizer_file)
+    assert stream(module(folder, tmp_path, tokenizer_file, source={"token_dtype": "uint32"})) == list(range(1, 300))
+    (folder / "metadata.json").write_text(json.dumps({"dtype": "uint32"}))  # as moe export-tokens writes it
+    np.arange(1, 300, dtype=np.uint16).tofile(folder / "a.bin")
+    with pytest.raises(DataError, match=r"metadata.json \(written by moe export-tokens\) says the ids are uint32"):
+        module(folder, tmp_path, tokenizer_file)
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    np.save(folder / "a.npy", np.arange(300, dtype=np.uint16))
+    (folder / "a.npy").write_bytes((folder / "a.npy").read_bytes()[:20])
+    with pytest.raises(DataError, match=r"a.npy: a damaged NumPy header"):
+        module(folder, tmp_path, tokenizer_file)
+
+
+def test_export_refuses_a_stream_and_names_folders_safely(tmp_path, helpers, tokenizer_file):
+    folder, _ = shard_folder(tmp_path, helpers)
+    glob = module(str(folder / "*.jsonl"), tmp_path, tokenizer_file)
+    (exported,) = export_tokens(glob.corpus, tmp_path / "tokens")
+    assert exported.name == "jsonl"  # not a folder named "*.jsonl", which would read back as a pattern
+    assert stream(module(exported, tmp_path, str(exported / "tokenizer.json"))) == stream(glob)
+    shard = helpers.write_jsonl(tmp_path / "s.jsonl", helpers.make_documents(5))
+    streamed = TextDataModule(sources=[Source("hf:json", data_files=[str(shard)], streaming=True),
+                                       Source(str(folder))], tokenizer=tokenizer_file, seq_len=SEQ_LEN, batch_size=2,
+                              num_workers=0, num_proc=1, cache_dir=str(tmp_path / "cache"))
+    streamed.setup("fit")
+    with pytest.raises(DataError, match="is streamed while training: it has no token cache to export"):
+        export_tokens(streamed.corpus, tmp_path / "more")

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 import zlib
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 from moe.data import Source, TextDataModule, token_cache
-from moe.data.datasets import ShardedArray
+from moe.data.datasets import ShardedArray, TokenFile
 from moe.data.sources import Shard, resolve_source
 from moe.data.token_cache import cache_paths, tokenize_shard
 from moe.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash
@@ -62,9 +63,10 @@ def count_tokenized(monkeypatch):
     return tokenized
 
 
-def test_shards_read_as_the_stream_of_one_file_holding_every_document(tmp_path, helpers, tokenizer_file):
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_shards_read_as_the_stream_of_one_file_holding_every_document(tmp_path, helpers, tokenizer_file, num_proc):
     folder, docs = shard_folder(tmp_path, helpers)
-    sharded = module(folder, tmp_path, tokenizer_file)
+    sharded = module(folder, tmp_path, tokenizer_file, num_proc=num_proc)
     assert len(sharded.corpus.files[0].files) == 5  # an entry per file
     whole = module(helpers.write_jsonl(tmp_path / "all.jsonl", docs), tmp_path, tokenizer_file)
     assert len(whole.corpus.files[0].files) == 1
@@ -79,9 +81,13 @@ def test_shards_read_as_the_stream_of_one_file_holding_every_document(tmp_path, 
     assert sharded.unigram_baseline() == pytest.approx(whole.unigram_baseline(), rel=1e-12)
 
 
-def test_sharded_array_reads_across_boundaries():
-    parts = [np.arange(0, 5, dtype=np.uint16), np.arange(5, 6, dtype=np.uint16), np.arange(6, 20, dtype=np.uint16)]
-    array, whole = ShardedArray(parts), np.arange(20)
+def test_sharded_array_reads_across_boundaries(tmp_path, monkeypatch):
+    files = []
+    for i, (start, stop) in enumerate([(0, 5), (5, 6), (6, 20)]):
+        np.arange(start, stop, dtype=np.uint16).tofile(tmp_path / f"{i}.bin")
+        files.append(TokenFile(str(tmp_path / f"{i}.bin"), "uint16", stop - start))
+    monkeypatch.setattr(ShardedArray, "MAX_OPEN", 2)  # shards are mapped when read, two at a time here
+    array, whole = ShardedArray(files), np.arange(20)
     assert len(array) == 20
     for start in range(21):
         for stop in range(start, 21):
@@ -109,7 +115,7 @@ KILLED_RUN = textwrap.dedent("""
     real, done = token_cache._tokenize, []
 
     def dies_in_the_third(shard, *args):
-        if len(done) == 2:  # killed while the third shard is being written, as by the OOM killer
+        if len(done) == 2:  # killed as the third shard starts, as by the OOM killer
             os.kill(os.getpid(), signal.SIGKILL)
         done.append(shard)
         return real(shard, *args)
@@ -174,7 +180,7 @@ def test_a_lock_held_too_long_names_its_holder(tmp_path, monkeypatch):
     try:
         assert holder.stdout.readline().strip() == "held"
         monkeypatch.setenv("MOE_LOCK_TIMEOUT", "0.5")
-        waited = rf"waited 0 s for the cache lock {lock}, held by .* pid {holder.pid} "
+        waited = rf"waited for the cache lock {lock}, held by .* pid {holder.pid} .*, which has shown no sign of life"
         with pytest.raises(InputError, match=waited), locking.file_lock(lock):
             pass
     finally:
@@ -193,3 +199,94 @@ def test_old_entries_keep_their_checksum_crc(tmp_path, helpers, tokenizer_file):
                                          tokenizer_hash(data.tokenizer))[0]
     crc = json.loads(Path(bin_path).with_suffix(".json").read_text())["crc32"]
     assert data.fingerprint()["token_cache"][0][1] == f"{crc:08x}" == f"{zlib.crc32(Path(bin_path).read_bytes()):08x}"
+
+
+def test_a_lock_holder_that_beats_is_waited_for_past_the_timeout(tmp_path, monkeypatch):
+    # Tokenizing one large shard can take hours: a waiter gives up only on a holder that stopped beating.
+    from moe.data import locking
+
+    lock = tmp_path / "entry.lock"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from moe.data import locking
+        locking.HEARTBEAT_S = 0.2
+        with locking.file_lock(Path({str(lock)!r})):
+            print("held", flush=True)
+            time.sleep(3)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setenv("MOE_LOCK_TIMEOUT", "1")
+        started = time.monotonic()
+        with locking.file_lock(lock):
+            waited = time.monotonic() - started
+        assert waited > 1.5 and holder.wait(timeout=10) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_cache_this_process_may_not_write_is_read(tmp_path, helpers, tokenizer_file, monkeypatch):
+    # A cache folder shared read-only, or a teammate's lock files: what is cached is read, no lock is needed.
+    import filelock
+
+    from moe.data import locking
+
+    folder, _ = shard_folder(tmp_path, helpers)
+    monkeypatch.setattr(locking, "now_ns", lambda: time.time_ns() + 10**11)  # old files: hash records are kept
+    first = module(folder, tmp_path, tokenizer_file)
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "a lock or cache file")
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", refused)
+    monkeypatch.setattr(locking.tempfile, "mkstemp", refused)  # every cache write
+    again = module(folder, tmp_path, tokenizer_file)
+    assert stream(again) == stream(first)
+    with locking.file_lock(tmp_path / "elsewhere.lock", timeout=1):  # a lock it may not take is done without
+        pass
+
+
+MANY_SHARDS = textwrap.dedent("""
+    import resource, sys
+    from moe.data import Source, TextDataModule
+
+    folder, cache, tokenizer = sys.argv[1:4]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (96, hard))  # fewer descriptors than the corpus has shards
+    data = TextDataModule(sources=[Source(folder)], tokenizer=tokenizer, seq_len=16, batch_size=2, num_workers=0,
+                          num_proc=1, cache_dir=cache, val_fraction=0.2)
+    data.setup("fit")
+    dataset = data.train_dataloader().dataset
+    for k in range(0, len(dataset), 7):
+        dataset[k]
+    print(len(data.corpus.files[0].files), data.unigram_baseline())
+""")
+
+
+def test_a_source_of_more_shards_than_open_files_allowed(tmp_path, helpers, tokenizer_file):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    docs = helpers.make_documents(300, seed=8)
+    for i in range(150):
+        (folder / f"{i:03d}.txt").write_text(docs[2 * i] + docs[2 * i + 1])
+    run = subprocess.run([sys.executable, "-c", MANY_SHARDS, str(folder), str(tmp_path / "cache"), tokenizer_file],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[0] == "150"
+
+
+def test_a_folder_of_one_file_in_a_subfolder_cached_whole_before_shards_keeps_its_entry(tmp_path, helpers,
+                                                                                          tokenizer_file, monkeypatch):
+    # Its one shard is keyed by the file's name, the old entry by its path in the folder: the old one is found.
+    folder = tmp_path / "nested"
+    helpers.write_jsonl(folder / "sub" / "a.jsonl", helpers.make_documents(40))
+    source = resolve_source(Source(str(folder)))
+    assert source.shards[0].key != source.content_hash
+    tok = load_tokenizer(tokenizer_file)
+    whole = Shard(source.content_hash, source.n_bytes, source.documents, source.description)
+    tokenize_shard(whole, tok, eos_id(tok), tokenizer_hash(tok), tmp_path / "cache")
+    tokenized = count_tokenized(monkeypatch)
+    module(folder, tmp_path, tokenizer_file)
+    assert tokenized == []

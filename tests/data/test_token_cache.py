@@ -25,10 +25,10 @@ def setup(tmp_path, helpers):
 
 
 def build(source, tokenizer, cache_dir):
-    (entry,) = tokenize_source(
+    ((file, meta),) = tokenize_source(
         source, tokenizer, eos_id(tokenizer), tokenizer_hash(tokenizer), cache_dir, show_progress=False
     )
-    return entry
+    return file.open(), meta
 
 
 def oracle_stream(docs, tokenizer):
