@@ -109,28 +109,45 @@ def test_an_added_file_is_the_only_one_tokenized(tmp_path, helpers, tokenizer_fi
 
 KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
-    from moe.data import Source, TextDataModule, token_cache
+    from moe.data import Source, TextDataModule, parallel_tokenize, token_cache
 
     folder, cache, tokenizer = sys.argv[1:4]
-    real, done = token_cache._tokenize, []
+    token_cache._CHUNK_BYTES = 200  # several chunks per shard
+    real, chunks = parallel_tokenize.encode_with_eos, []
 
-    def dies_in_the_third(shard, *args):
-        if len(done) == 2:  # killed as the third shard starts, as by the OOM killer
+    def dies_inside_the_third_shard(*args):
+        chunks.append(1)
+        # Shards 1 and 2 took their chunks; the third has written some of its array when the OOM killer strikes.
+        if len(chunks) == chunks_before_third + 2:
             os.kill(os.getpid(), signal.SIGKILL)
-        done.append(shard)
-        return real(shard, *args)
+        return real(*args)
 
-    token_cache._tokenize = dies_in_the_third
+    chunks_before_third = int(sys.argv[4])
+    parallel_tokenize.encode_with_eos = dies_inside_the_third_shard
     TextDataModule(sources=[Source(folder)], tokenizer=tokenizer, seq_len=16, batch_size=2, num_workers=0,
                    num_proc=1, cache_dir=cache).setup("fit")
 """)
 
 
+def _chunks_per_shard(path: Path) -> int:
+    """Chunks of 200 bytes of text (token_cache's chunking) the shard's documents make."""
+    from moe.data import token_cache
+    from moe.data.readers import read_documents
+    from moe.data.sources import Shard
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(token_cache, "_CHUNK_BYTES", 200)
+        return sum(1 for _ in token_cache._chunks(Shard("", 0, lambda: read_documents(path), str(path))))
+
+
 def test_a_killed_preparation_keeps_its_finished_shards(tmp_path, helpers, tokenizer_file, monkeypatch):
     folder, _ = shard_folder(tmp_path, helpers)
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(folder), str(tmp_path / "cache"), tokenizer_file],
-                            capture_output=True, text=True, check=False)
+    chunks_before_third = sum(_chunks_per_shard(folder / f"part-{i:03d}.jsonl") for i in range(2))
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(folder), str(tmp_path / "cache"), tokenizer_file,
+                             str(chunks_before_third)], capture_output=True, text=True, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
+    leftovers = list((tmp_path / "cache" / "tokens").glob(".*.tmp"))
+    assert leftovers, "the third shard's array was being written"  # a partial file, never trusted
     tokenized = count_tokenized(monkeypatch)
     resumed = module(folder, tmp_path, tokenizer_file)
     assert tokenized == [f"part-{i:03d}.jsonl" for i in range(2, 5)]  # the first two were kept

@@ -347,3 +347,30 @@ def test_the_data_module_refuses_a_stream_it_cannot_read(tmp_path):
                            cache_dir=str(tmp_path / "cache")).n_vocab
     with pytest.raises(DataError, match=r"Source.streaming is for 'hf:' sources \(source '.*s.jsonl'\)"):
         _ = TextDataModule(sources=[Source(str(shard), streaming=True)], cache_dir=str(tmp_path / "cache")).n_vocab
+
+
+def test_resuming_onto_another_stream_is_refused(tmp_path):
+    # A stream's content is not read ahead, so its settings stand for it in the resume fingerprint.
+    from moe.data import TextDataModule
+    from moe.data.tokenizer import train_tokenizer
+
+    shards = []
+    for i in range(2):
+        shards.append(tmp_path / f"s{i}.jsonl")
+        shards[-1].write_text("".join(json.dumps({"text": f"def f{i}_{j}(x): return x"}) + "\n" for j in range(50)))
+    tokenizer = tmp_path / "tokenizer.json"
+    train_tokenizer(["def f(x): return x"] * 20, 300).save(str(tokenizer))
+
+    def data(files, revision=None):
+        module = TextDataModule(sources=[Source("hf:json", data_files=[str(f) for f in files], streaming=True,
+                                                revision=revision)],
+                                tokenizer=str(tokenizer), seq_len=8, batch_size=2, num_workers=0,
+                                cache_dir=str(tmp_path / "cache"))
+        module.setup("fit")
+        return module
+
+    state = data(shards).state_dict()
+    data(shards).load_state_dict(state)  # the same stream resumes
+    for changed in (data(shards[:1]), data(shards, revision="v2")):
+        with pytest.raises(IncompatibleResume, match=r"TextDataModule.sources \(name, content hash, weight\)"):
+            changed.load_state_dict(state)
