@@ -1,4 +1,6 @@
-"""Auxiliary MoE losses as pure functions of router logits.
+"""Auxiliary MoE losses as pure functions of the router's decision: its probabilities and chosen experts for the
+load-balancing loss, its logits for the z-loss. The choices are the router's own, not top-k recomputed here, so
+the losses count what the layer did.
 
 - Load balancing (Switch Transformer, Fedus et al. 2021, eq. 4; Mixtral's form for top-k):
   E * sum_e f_e * P_e, with f_e the fraction of the N*k assignments made to expert e and P_e the mean router
@@ -56,18 +58,19 @@ def load_balancing_loss_from_sums(counts: torch.Tensor, probability_sum: torch.T
     return n_experts * (fraction * mean_probs[..., None, :]).sum(dim=(-2, -1))
 
 
-def routing_sums(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k, E) assignment counts (no gradient) and (N, E) float32 router probabilities of (N, E) logits."""
-    probs = router_logits.float().softmax(dim=-1)  # (N, E)
-    experts = probs.topk(top_k, dim=-1).indices  # (N, k)
-    return expert_assignment_counts(experts, router_logits.shape[-1]), probs
+def routing_sums(probs: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, E) assignment counts and (E,) summed float32 probabilities of (N, E) router probabilities and the
+    (N, k) experts chosen: what a logger adds up over micro-batches and processes."""
+    return expert_assignment_counts(experts, probs.shape[-1]), probs.float().sum(dim=0)
 
 
-def load_balancing_loss(router_logits: torch.Tensor, top_k: int, reduce_counts: bool = False) -> torch.Tensor:
-    """Switch/Mixtral load-balancing loss of one layer from its (N, E) router logits. With `reduce_counts`, the
-    assignment fractions are those of all processes (see the module docstring)."""
-    n_tokens, n_experts = router_logits.shape
-    counts, probs = routing_sums(router_logits, top_k)  # (k, E), (N, E)
+def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, reduce_counts: bool = False) -> torch.Tensor:
+    """Switch/Mixtral load-balancing loss of one layer from its (N, E) router probabilities (the gradient flows
+    through them) and the (N, k) experts chosen. With `reduce_counts`, the assignment fractions are those of all
+    processes (see the module docstring)."""
+    n_tokens, n_experts = probs.shape
+    counts = expert_assignment_counts(experts, n_experts)  # (k, E)
+    probs = probs.float()
     if reduce_counts:
         # The token count travels with the counts, so processes with unequal batches still get the true fraction.
         counts_and_n = all_reduce_counts(torch.cat([counts.flatten(), counts.new_tensor([n_tokens])]))

@@ -100,14 +100,14 @@ class MoELayer(nn.Module):
         # In training the assignment fractions are counted over the data-parallel processes (losses.py explains
         # why that gives the global batch's gradient); evaluation keeps them local, so that one process may
         # evaluate alone.
-        assignment_counts, probs = routing_sums(routing.logits.detach(), self.top_k)
+        assignment_counts, probability_sum = routing_sums(routing.probs.detach(), routing.experts)
         stats = MoEStats(
             router_logits=routing.logits,
-            load_balancing_loss=load_balancing_loss(routing.logits, self.top_k, reduce_counts=self.training),
+            load_balancing_loss=load_balancing_loss(routing.probs, routing.experts, reduce_counts=self.training),
             z_loss=router_z_loss(routing.logits),
             tokens_per_expert=tokens_per_expert.detach(),
             dropped=dropped,
             assignment_counts=assignment_counts,
-            probability_sum=probs.sum(dim=0),
+            probability_sum=probability_sum,
         )
         return out.view(B, T, D), stats

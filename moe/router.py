@@ -13,9 +13,13 @@ from torch import nn
 
 
 class Routing(NamedTuple):
-    logits: torch.Tensor  # (N, E) raw router logits, for the auxiliary losses
+    """The router's decision, computed once: the layer combines with it and the losses and statistics read it,
+    so that they agree with the experts actually chosen (whatever the router adds to its scores)."""
+
+    logits: torch.Tensor  # (N, E) raw router logits, for the z-loss
     weights: torch.Tensor  # (N, k) combine weights of the chosen experts, in the input dtype
     experts: torch.Tensor  # (N, k) indices of the chosen experts
+    probs: torch.Tensor  # (N, E) float32 softmax over all experts, for the load-balancing loss
 
 
 class TopKRouter(nn.Module):
@@ -30,4 +34,4 @@ class TopKRouter(nn.Module):
         weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return Routing(logits, weights.to(x.dtype), experts)
+        return Routing(logits, weights.to(x.dtype), experts, probs)

@@ -21,6 +21,13 @@ from moe.losses import (
     routing_sums,
 )
 
+
+def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A top-k router's decision from its logits: float32 probabilities, the k most probable experts."""
+    probs = logits.softmax(dim=-1, dtype=torch.float32)
+    return probs, probs.topk(top_k, dim=-1).indices
+
+
 EXPERTS_AND_K = [(2, 1), (4, 1), (4, 2), (8, 2), (8, 3), (16, 4)]
 
 
@@ -28,7 +35,7 @@ EXPERTS_AND_K = [(2, 1), (4, 1), (4, 2), (8, 2), (8, 3), (16, 4)]
 def test_load_balancing_loss_matches_transformers(n_experts, top_k):
     logits = torch.randn(53, n_experts, generator=torch.Generator().manual_seed(n_experts + top_k)) * 2
     expected = load_balancing_loss_func((logits,), n_experts, top_k)
-    torch.testing.assert_close(load_balancing_loss(logits, top_k), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(load_balancing_loss(*route(logits, top_k)), expected, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("n_experts,top_k", EXPERTS_AND_K)
@@ -39,7 +46,7 @@ def test_load_balancing_loss_is_k_for_uniform_routing(n_experts, top_k):
     logits = torch.stack([base.roll(n) for n in range(n_experts)])
     fraction = expert_assignment_counts(logits.topk(top_k).indices, n_experts) / n_experts
     torch.testing.assert_close(fraction, torch.full((top_k, n_experts), 1 / n_experts))
-    torch.testing.assert_close(load_balancing_loss(logits, top_k), torch.tensor(float(top_k)))
+    torch.testing.assert_close(load_balancing_loss(*route(logits, top_k)), torch.tensor(float(top_k)))
 
 
 @pytest.mark.parametrize("n_experts,top_k", [(4, 1), (8, 2)])
@@ -47,7 +54,7 @@ def test_load_balancing_loss_grows_when_routing_collapses(n_experts, top_k):
     # Every token confidently picks the same k experts: the loss approaches E (its maximum), well above k.
     logits = torch.zeros(32, n_experts)
     logits[:, :top_k] = 20.0
-    assert load_balancing_loss(logits, top_k).item() == pytest.approx(n_experts, rel=1e-3)
+    assert load_balancing_loss(*route(logits, top_k)).item() == pytest.approx(n_experts, rel=1e-3)
 
 
 @pytest.mark.parametrize("n_experts,top_k", EXPERTS_AND_K)
@@ -55,13 +62,13 @@ def test_load_balancing_loss_of_a_batch_from_the_sums_of_its_parts(n_experts, to
     """What the training logs use: the summed counts and probabilities of unequal parts give the whole batch's loss;
     without torch.distributed, reduce_counts changes nothing."""
     logits = torch.randn(53, n_experts, generator=torch.Generator().manual_seed(n_experts * top_k)) * 2
-    parts = [routing_sums(chunk, top_k) for chunk in logits.split([20, 33])]
+    parts = [routing_sums(*route(chunk, top_k)) for chunk in logits.split([20, 33])]
     counts = sum(c for c, _ in parts)  # (k, E)
-    probability_sum = sum(p.sum(dim=0) for _, p in parts)  # (E,)
-    whole = load_balancing_loss(logits, top_k)
+    probability_sum = sum(p for _, p in parts)  # (E,)
+    whole = load_balancing_loss(*route(logits, top_k))
     torch.testing.assert_close(load_balancing_loss_from_sums(counts, probability_sum, 53), whole)
-    torch.testing.assert_close(load_balancing_loss(logits, top_k, reduce_counts=True), whole)
-    halves = [load_balancing_loss(chunk, top_k) for chunk in logits.split([20, 33])]
+    torch.testing.assert_close(load_balancing_loss(*route(logits, top_k), reduce_counts=True), whole)
+    halves = [load_balancing_loss(*route(chunk, top_k)) for chunk in logits.split([20, 33])]
     assert not any(torch.allclose(h, whole) for h in halves)  # the loss is not a mean over tokens
 
 
@@ -78,7 +85,7 @@ def test_load_balancing_gradient_flows_through_probabilities_only():
     torch.manual_seed(0)
     gate = torch.nn.Linear(16, 8, bias=False)
     x = torch.randn(40, 16)
-    load_balancing_loss(gate(x), top_k=2).backward()
+    load_balancing_loss(*route(gate(x), 2)).backward()
     grad = gate.weight.grad.clone()
     assert grad.abs().sum() > 0
 
@@ -111,5 +118,17 @@ def test_router_z_loss_gradient():
 
 def test_losses_are_float32_for_bf16_logits():
     logits = torch.randn(10, 4).to(torch.bfloat16)
-    assert load_balancing_loss(logits, 2).dtype == torch.float32
+    assert load_balancing_loss(*route(logits, 2)).dtype == torch.float32
     assert router_z_loss(logits).dtype == torch.float32
+
+
+def test_load_balancing_counts_the_experts_chosen_not_the_most_probable():
+    # A router may choose by other scores than its probabilities (a selection bias, DeepSeek-V3): the loss counts
+    # the assignments the layer made, which a top-k recomputed from the logits would not.
+    logits = torch.randn(40, 8, generator=torch.Generator().manual_seed(3))
+    probs = logits.softmax(-1)
+    chosen = probs.topk(2, largest=False).indices  # the least probable two, say
+    fraction = F.one_hot(chosen, 8).float().sum(dim=0) / 40  # (k, E)
+    expected = 8 * (fraction * probs.mean(dim=0)).sum()
+    torch.testing.assert_close(load_balancing_loss(probs, chosen), expected)
+    assert not torch.allclose(load_balancing_loss(*route(logits, 2)), expected)
