@@ -26,12 +26,15 @@ Shapes: N tokens, E experts, k experts per token.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def expert_assignment_counts(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """(k, E) float number of tokens sending their j-th choice to each expert, for indices of shape (N, k)."""
-    return F.one_hot(experts, n_experts).float().sum(dim=0)  # (k, E)
+    """(k, E) float number of tokens sending their j-th choice to each expert, for indices of shape (N, k): a
+    scatter into k*E bins (choice j of expert e is bin j*E + e), not an (N, k, E) one-hot."""
+    k = experts.shape[-1]
+    bins = (experts + n_experts * torch.arange(k, device=experts.device)).reshape(-1)  # (N*k,)
+    counts = torch.zeros(k * n_experts, dtype=torch.float32, device=experts.device)
+    return counts.index_add_(0, bins, torch.ones_like(bins, dtype=torch.float32)).view(k, n_experts)
 
 
 def all_reduce_counts(counts: torch.Tensor) -> torch.Tensor:
@@ -58,19 +61,11 @@ def load_balancing_loss_from_sums(counts: torch.Tensor, probability_sum: torch.T
     return n_experts * (fraction * mean_probs[..., None, :]).sum(dim=(-2, -1))
 
 
-def routing_sums(probs: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k, E) assignment counts and (E,) summed float32 probabilities of (N, E) router probabilities and the
-    (N, k) experts chosen: what a logger adds up over micro-batches and processes."""
-    return expert_assignment_counts(experts, probs.shape[-1]), probs.float().sum(dim=0)
-
-
-def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, reduce_counts: bool = False) -> torch.Tensor:
-    """Switch/Mixtral load-balancing loss of one layer from its (N, E) router probabilities (the gradient flows
-    through them) and the (N, k) experts chosen. With `reduce_counts`, the assignment fractions are those of all
-    processes (see the module docstring)."""
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, reduce_counts: bool = False) -> torch.Tensor:
+    """Switch/Mixtral load-balancing loss of one layer from its (N, E) float32 router probabilities (the gradient
+    flows through them) and the (k, E) counts of the experts chosen (`expert_assignment_counts`). With
+    `reduce_counts`, the assignment fractions are those of all processes (see the module docstring)."""
     n_tokens, n_experts = probs.shape
-    counts = expert_assignment_counts(experts, n_experts)  # (k, E)
-    probs = probs.float()
     if reduce_counts:
         # The token count travels with the counts, so processes with unequal batches still get the true fraction.
         counts_and_n = all_reduce_counts(torch.cat([counts.flatten(), counts.new_tensor([n_tokens])]))

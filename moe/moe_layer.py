@@ -19,7 +19,7 @@ from torch import nn
 
 from moe.config import ModelConfig
 from moe.experts import Experts
-from moe.losses import load_balancing_loss, router_z_loss, routing_sums
+from moe.losses import expert_assignment_counts, load_balancing_loss, router_z_loss
 from moe.mlp import SwiGLU
 from moe.router import TopKRouter
 
@@ -100,14 +100,14 @@ class MoELayer(nn.Module):
         # In training the assignment fractions are counted over the data-parallel processes (losses.py explains
         # why that gives the global batch's gradient); evaluation keeps them local, so that one process may
         # evaluate alone.
-        assignment_counts, probability_sum = routing_sums(routing.probs.detach(), routing.experts)
+        assignment_counts = expert_assignment_counts(routing.experts, self.n_experts)  # (k, E), for loss and logs
         stats = MoEStats(
             router_logits=routing.logits,
-            load_balancing_loss=load_balancing_loss(routing.probs, routing.experts, reduce_counts=self.training),
+            load_balancing_loss=load_balancing_loss(routing.probs, assignment_counts, reduce_counts=self.training),
             z_loss=router_z_loss(routing.logits),
             tokens_per_expert=tokens_per_expert.detach(),
             dropped=dropped,
             assignment_counts=assignment_counts,
-            probability_sum=probability_sum,
+            probability_sum=routing.probs.detach().sum(dim=0),
         )
         return out.view(B, T, D), stats

@@ -18,14 +18,14 @@ from moe.losses import (
     load_balancing_loss,
     load_balancing_loss_from_sums,
     router_z_loss,
-    routing_sums,
 )
 
 
 def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A top-k router's decision from its logits: float32 probabilities, the k most probable experts."""
+    """A top-k router's decision from its logits: float32 probabilities, and the (k, E) counts of the k most probable
+    experts of each token."""
     probs = logits.softmax(dim=-1, dtype=torch.float32)
-    return probs, probs.topk(top_k, dim=-1).indices
+    return probs, expert_assignment_counts(probs.topk(top_k, dim=-1).indices, logits.shape[-1])
 
 
 EXPERTS_AND_K = [(2, 1), (4, 1), (4, 2), (8, 2), (8, 3), (16, 4)]
@@ -62,9 +62,9 @@ def test_load_balancing_loss_of_a_batch_from_the_sums_of_its_parts(n_experts, to
     """What the training logs use: the summed counts and probabilities of unequal parts give the whole batch's loss;
     without torch.distributed, reduce_counts changes nothing."""
     logits = torch.randn(53, n_experts, generator=torch.Generator().manual_seed(n_experts * top_k)) * 2
-    parts = [routing_sums(*route(chunk, top_k)) for chunk in logits.split([20, 33])]
-    counts = sum(c for c, _ in parts)  # (k, E)
-    probability_sum = sum(p for _, p in parts)  # (E,)
+    parts = [route(chunk, top_k) for chunk in logits.split([20, 33])]
+    counts = sum(c for _, c in parts)  # (k, E)
+    probability_sum = sum(p.sum(dim=0) for p, _ in parts)  # (E,)
     whole = load_balancing_loss(*route(logits, top_k))
     torch.testing.assert_close(load_balancing_loss_from_sums(counts, probability_sum, 53), whole)
     torch.testing.assert_close(load_balancing_loss(*route(logits, top_k), reduce_counts=True), whole)
@@ -130,5 +130,5 @@ def test_load_balancing_counts_the_experts_chosen_not_the_most_probable():
     chosen = probs.topk(2, largest=False).indices  # the least probable two, say
     fraction = F.one_hot(chosen, 8).float().sum(dim=0) / 40  # (k, E)
     expected = 8 * (fraction * probs.mean(dim=0)).sum()
-    torch.testing.assert_close(load_balancing_loss(probs, chosen), expected)
+    torch.testing.assert_close(load_balancing_loss(probs, expert_assignment_counts(chosen, 8)), expected)
     assert not torch.allclose(load_balancing_loss(*route(logits, 2)), expected)

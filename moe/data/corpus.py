@@ -22,7 +22,14 @@ from moe.data.pretokenized import token_shard
 from moe.data.report import SourceRow, unigram_baseline
 from moe.data.sources import DataError, ResolvedSource, Source, resolve_source
 from moe.data.streaming import PLACEHOLDER_WINDOWS
-from moe.data.token_cache import TokenCacheMeta, cache_paths, load_cached, token_counts, tokenize_source
+from moe.data.token_cache import (
+    TokenCacheMeta,
+    cache_paths,
+    counts_path,
+    load_cached,
+    token_counts,
+    tokenize_source,
+)
 from moe.data.tokenizer import cached_trained_tokenizer, eos_id, load_tokenizer, n_token_ids, tokenizer_hash
 from moe.errors import InputError
 
@@ -168,7 +175,7 @@ class TokenCorpus:
             return shards
         entries = self._whole_source_entry(source, token_hash) or tokenize_source(
             source, tokenizer, eos, token_hash, self.cache_dir, show_progress, self.num_proc)
-        return [(file, meta, meta.counts_path(Path(file.path))) for file, meta in entries]
+        return [(file, meta, counts_path(Path(file.path))) for file, meta in entries]
 
     def _whole_source_entry(self, source: ResolvedSource, token_hash: str) -> list | None:
         """The one-array cache entry of a source of several files, as written before sources were tokenized shard

@@ -14,6 +14,7 @@ Out: `export_tokens` writes every source's stream of a prepared corpus as raw `.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import shutil
@@ -67,9 +68,19 @@ def _layout(path: Path, token_dtype: str) -> tuple[int, np.dtype, int]:
 
 
 def _exported_dtype(folder: Path) -> str | None:
-    """The ids' type `export_tokens` recorded in the folder's metadata.json, if it wrote one."""
+    """The ids' type `export_tokens` recorded in the folder's metadata.json, if it wrote one: read once per version
+    of the file, not once per shard of a folder of thousands."""
     try:
-        dtype = json.loads((folder / "metadata.json").read_text()).get("dtype")
+        changed = (folder / "metadata.json").stat().st_mtime_ns
+    except OSError:
+        return None
+    return _read_exported_dtype(folder / "metadata.json", changed)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_exported_dtype(path: Path, changed: int) -> str | None:
+    try:
+        dtype = json.loads(path.read_text()).get("dtype")
     except (OSError, ValueError, AttributeError):
         return None
     return dtype if isinstance(dtype, str) else None

@@ -61,8 +61,10 @@ class TokenCacheMeta:
     crc32: int | None = None
     """zlib CRC-32 of the array's bytes; None in entries written before checksums (computed on first use)."""
 
-    def counts_path(self, bin_path: Path) -> Path:
-        return bin_path.with_suffix(".counts.npy")
+
+def counts_path(bin_path: Path) -> Path:
+    """Where the count of each id in a cache entry's array is kept."""
+    return bin_path.with_suffix(".counts.npy")
 
 
 def token_dtype(n_vocab: int) -> np.dtype:
@@ -273,7 +275,7 @@ def _tokenize(shard: Shard, tokenizer: Tokenizer, eos_id: int, tokenizer_hash: s
         tokenizer_hash=tokenizer_hash,
         crc32=crc,
     )
-    _write_counts(meta.counts_path(bin_path), counts[: max_token_id + 1])
+    _write_counts(counts_path(bin_path), counts[: max_token_id + 1])
     atomic_write_bytes(meta_path, _meta_json(meta))
     # Just written from the bytes checksummed above: not read again (the next open verifies it).
     return np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,)), meta

@@ -84,8 +84,10 @@ class RouterLossMonitor(pl.Callback):
         if trainer.global_step == self._step:  # the step is still accumulating micro-batches
             return
         self._step = trainer.global_step
-        aux, z = self._sums.summed_over_processes(trainer.strategy).losses()
-        self._sums = None
+        sums, self._sums = self._sums, None
+        if not is_log_step(trainer, -1):  # Lightning writes only these steps: no collective for the others
+            return
+        aux, z = sums.summed_over_processes(trainer.strategy).losses()
         pl_module.log("train/aux_loss", aux)
         pl_module.log("train/z_loss", z)
 

@@ -103,3 +103,31 @@ def test_resume_with_other_accumulation_or_token_cache_content_is_refused(workdi
     err = refused(capsys, fit_args(workdir, "--trainer.max_steps", "8", "--ckpt_path", last))
     assert "token cache (CRC-32 of each source's token array)" in err and str(bin_path) in err
     assert len(list(workdir.glob("runs/quickstart/version_*/checkpoints/last.ckpt"))) == 1
+
+
+def test_a_streaming_source_trains_and_resumes_through_the_command_line(workdir):
+    # The stream (local JSONL shards read by datasets' streaming mode) mixed with the tiny run's cached corpus; the
+    # stream has no length, so the run is max_steps long and validates every 2 steps on the cached source.
+    texts = [p.read_text() for p in sorted((workdir / "corpus").iterdir())]
+    shards = []
+    for i in range(4):
+        shards.append(str(workdir / f"stream-{i}.jsonl"))
+        with open(shards[-1], "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in texts[i * 10 : (i + 1) * 10])
+    tokenizer = workdir / "tokenizer.json"
+    train_tokenizer(texts, 320).save(str(tokenizer))
+    sources = [{"path": "hf:json", "data_files": shards, "streaming": True, "weight": 3},
+               {"path": str(workdir / "corpus")}]
+    streaming = ["--data.sources", json.dumps(sources), "--data.tokenizer", str(tokenizer),
+                 "--trainer.val_check_interval", "2", "--trainer.check_val_every_n_epoch", "null"]
+    fit(workdir, *streaming, "--trainer.max_steps", "3")
+    last = max(workdir.glob("runs/quickstart/version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+    state = torch.load(last, weights_only=False)
+    assert state["global_step"] == 3 and state["TextDataModule"]["consumed_batches"] == 3
+    # The stream's position is the streaming loader's state, saved at the batch training consumed (not prefetched).
+    (loader,) = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader["ranks"][0]["next_batch"] == 3
+    assert state["TextDataModule"]["fingerprint"]["token_cache"][0] == ["json", "stream"]
+    fit(workdir, *streaming, "--trainer.max_steps", "5", "--ckpt_path", str(last))
+    resumed = max(workdir.glob("runs/quickstart/version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+    assert torch.load(resumed, weights_only=True)["global_step"] == 5
