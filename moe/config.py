@@ -87,6 +87,8 @@ class ModelConfig:
     """Weight of the router z-loss in the training objective."""
     capacity_factor: float | None = field(default=None, metadata=RUNTIME)
     """Expert capacity as a multiple of the even share of assignments; None = dropless."""
+    router_bias_update_rate: float | None = field(default=None, metadata=RUNTIME)
+    """Aux-loss-free balancing (Wang et al. 2024): per-step change of each expert's selection bias; None/0: off."""
     expert_backend: str = field(default="auto", metadata=RESUMABLE)
     """'auto' (grouped on GPU, loop on CPU), 'loop' (reference), 'grouped' (torch grouped matmul) or 'megablocks'."""
     # Which layers are MoE: layer i is when i >= first_k_dense, (i + 1) % moe_every == 0 and i not in dense_layers.

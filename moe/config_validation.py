@@ -67,6 +67,11 @@ def validate(config: ModelConfig) -> None:
         _check(config.ffn_dim > 0, "ffn_dim", f"={config.ffn_dim} must be positive")
     for name in ("aux_loss_coef", "z_loss_coef"):
         _check_finite(config, name, 0, strict=False)
+    if config.router_bias_update_rate is not None:
+        _check_finite(config, "router_bias_update_rate", 0, strict=False)
+        _check(config.is_moe or not config.router_bias_update_rate, "router_bias_update_rate",
+               f"={config.router_bias_update_rate} balances the load of experts, but ModelConfig.n_experts=0 "
+               "(a dense model): leave it unset")
 
 
 def _validate_moe(config: ModelConfig) -> None:

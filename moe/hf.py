@@ -13,6 +13,11 @@ Losses differ by design: HF Mixtral's model-level `aux_loss` applies `load_balan
 router logits concatenated (fractions and mean probabilities pooled over layers, then multiplied), while our
 `ModelOutput.aux_loss` averages the per-layer losses; the two agree per layer, not in general for the model.
 HF Mixtral has no router z-loss; our z_loss_coef is not exported.
+
+No exported family has an expert selection bias (auxiliary-loss-free balancing, ModelConfig.router_bias_update_rate;
+DeepSeek-V3's e_score_correction_bias is one, but not a family of ours): export refuses a model whose bias is
+nonzero, since HF would route its tokens to other experts, and drops an all-zero one; import starts a model given
+a bias at zero.
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moe.config import ModelConfig
+from moe.errors import InputError
 from moe.hf_config import config_from_hf, config_to_hf, hf_model_type, hf_model_type_for
 from moe.model import Transformer
+from moe.router import SELECTION_BIAS
 
 __all__ = ["KeyMap", "config_from_hf", "config_to_hf", "hf_key_map", "hf_placeholders", "load_hf_checkpoint",
            "save_hf_checkpoint"]
@@ -186,6 +193,10 @@ def load_hf_checkpoint(
                                  f"{tuple(tensor.shape)} in the checkpoint, {tuple(shapes[entry.ours])} expected "
                                  f"from config.json for our {entry.ours}")
             state[entry.ours] = tensor.to(device=device, dtype=dtype)
+    # A model given a selection bias (config_overrides) starts from none, which is how the checkpoint routes.
+    for name, buffer in model.named_buffers():
+        if name.endswith(SELECTION_BIAS):
+            state[name] = torch.zeros(buffer.shape, dtype=torch.float32, device=device)
     model.load_state_dict(state, strict=True, assign=True)
     # The RoPE frequencies are a non-persistent buffer, not in any checkpoint: materialise and recompute.
     model.rotary.to_empty(device=device)
@@ -207,6 +218,17 @@ def parse_size(size: int | str) -> int:
     return int(float(match[1]) * _UNITS[match[2]])
 
 
+def _without_selection_bias(state: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
+    """`state` without its expert selection biases, which must be zero: no HF family of ours has one."""
+    biased = [name for name, t in state.items() if name.endswith(SELECTION_BIAS) and bool(t.any())]
+    if biased:
+        layers = ", ".join(name.split(".")[1] for name in biased)
+        raise InputError(f"cannot export to HF {model_type}: it has no expert selection bias, and this model's "
+                         f"(auxiliary-loss-free balancing, ModelConfig.router_bias_update_rate) is nonzero in layers "
+                         f"{layers}, so the exported model would route tokens to other experts")
+    return {name: t for name, t in state.items() if not name.endswith(SELECTION_BIAS)}
+
+
 def save_hf_checkpoint(
     model: Transformer,
     path: str | Path,
@@ -222,7 +244,7 @@ def save_hf_checkpoint(
     """
     config = model.config
     model_type = hf_model_type_for(config)  # refuse early
-    state = model.state_dict()
+    state = _without_selection_bias(model.state_dict(), model_type)
     entries = hf_key_map(config, model_type)
     placeholders = hf_placeholders(config, model_type)
     if state.keys() != {entry.ours for entry in entries}:

@@ -5,7 +5,8 @@ Reads both transformers-v4 configs (top-level `rope_theta`, `rope_scaling`) and 
 and writes both spellings so that either version loads the export. Defaults for absent keys are those of the
 family's HF config class (transformers 5). What HF cannot represent is refused on export with a ValueError
 naming the field. The capacity factor is dropped with a warning (HF's MoE models are dropless); the z-loss
-coefficient is dropped silently (HF has no z-loss) and reads back as our default.
+coefficient and the expert-bias update rate are dropped silently (HF has neither a z-loss nor a selection bias) and
+read back as our defaults.
 
 An MoE model exports as Mixtral when Mixtral can express it (every layer MoE, no shared experts, renormalised
 top-k, no q/k/v bias), else as Qwen2-MoE: its `decoder_sparse_step` is our `moe_every` and its `mlp_only_layers`

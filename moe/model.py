@@ -25,6 +25,7 @@ from moe.mlp import SwiGLU
 from moe.moe_layer import MoELayer, MoEStats
 from moe.norm import build_norm
 from moe.rope import RotaryEmbedding
+from moe.router import TopKRouter
 
 
 @dataclass
@@ -107,6 +108,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(param, 0.0, residual_std)
             else:
                 nn.init.normal_(param, 0.0, std)
+        for module in self.modules():
+            if isinstance(module, TopKRouter):
+                module.reset_parameters()  # a selection bias starts at zero
         if not self.rotary.inv_freq.is_meta:
             self.rotary.reset_parameters()
 

@@ -58,7 +58,7 @@ class MoELayer(nn.Module):
         super().__init__()
         self.n_experts, self.top_k = config.n_experts, config.top_k
         self.capacity_factor = config.capacity_factor
-        self.router = TopKRouter(config.d_model, config.n_experts, config.top_k, config.norm_topk_prob)
+        self.router = TopKRouter.from_config(config)
         self.experts = Experts(config.n_experts, config.d_model, config.expert_ffn_dim, config.expert_backend)
         shared_dim = config.n_shared_experts * config.expert_ffn_dim
         self.shared_experts = SwiGLU(config.d_model, shared_dim) if shared_dim else None

@@ -55,6 +55,9 @@ def test_inconsistent_config_names_the_field(overrides, field):
         (dict(init_std=float("nan")), "init_std"),
         (dict(n_experts=4, capacity_factor=float("nan")), "capacity_factor"),
         (dict(z_loss_coef=float("nan")), "z_loss_coef"),
+        (dict(n_experts=4, router_bias_update_rate=-0.001), "router_bias_update_rate"),  # would unbalance
+        (dict(n_experts=4, router_bias_update_rate=float("nan")), "router_bias_update_rate"),
+        (dict(router_bias_update_rate=0.001), "router_bias_update_rate"),  # a dense model has no experts to balance
     ],
 )
 def test_values_the_model_cannot_run_with_are_refused_naming_the_field(overrides, field):
@@ -86,7 +89,7 @@ def test_messages_name_fields_as_model_config_attributes(overrides, message):
 def test_runtime_and_resumable_fields():
     """The field metadata replaces the lists moe/train kept by hand (module.RUNTIME_FIELDS, resume.RESUMABLE_CHANGES)."""
     assert set(runtime_fields()) == {"attention_backend", "expert_backend", "aux_loss_coef", "z_loss_coef",
-                                     "capacity_factor"}
+                                     "capacity_factor", "router_bias_update_rate"}
     assert set(resumable_fields()) == {"attention_backend", "expert_backend"}
     assert set(resumable_fields()) <= set(runtime_fields())  # what may change on resume may differ from init_from
 

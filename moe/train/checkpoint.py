@@ -24,8 +24,9 @@ import torch
 from tokenizers import Tokenizer
 
 from moe.config import ModelConfig, runtime_fields
-from moe.errors import InputError
+from moe.errors import ConfigError, InputError
 from moe.model import Transformer
+from moe.router import SELECTION_BIAS
 from moe.train.checkpoint_io import atomic_save
 from moe.train.checkpoint_verify import verify_checkpoint
 
@@ -163,5 +164,21 @@ def init_model(config: ModelConfig, init_from: str | None) -> Transformer:
         return load_hf_checkpoint(path, device=device, dtype=torch.float32, **runtime)
     model = Transformer(config)
     # Verified when init_config read its config: one read of a large file, not two.
-    model.load_state_dict(checkpoint_weights(read_checkpoint(path, map_location=device, verify=False)))
+    weights = checkpoint_weights(read_checkpoint(path, map_location=device, verify=False))
+    model.load_state_dict(_fit_selection_bias(weights, model, init_from))
     return model
+
+
+def _fit_selection_bias(weights: dict[str, torch.Tensor], model: Transformer, init_from: str) -> dict:
+    """The checkpoint's weights for a model whose selection bias (ModelConfig.router_bias_update_rate, a runtime
+    field) may be on where the checkpoint's was off, or off where it was on: a bias the checkpoint lacks starts at
+    zero, and one the model lacks is dropped when zero and refused otherwise, since the weights route with it."""
+    ours = {name for name, _ in model.named_buffers() if name.endswith(SELECTION_BIAS)}
+    theirs = {name for name in weights if name.endswith(SELECTION_BIAS)}
+    if any(bool(weights[name].any()) for name in theirs - ours):
+        raise ConfigError(f"ModelConfig.router_bias_update_rate={model.config.router_bias_update_rate} turns off the "
+                          f"expert selection bias that the weights of LanguageModel.init_from={init_from} route with "
+                          "(it is nonzero): keep router_bias_update_rate on to start from them",
+                          "router_bias_update_rate")
+    kept = {name: tensor for name, tensor in weights.items() if name not in theirs - ours}
+    return {**kept, **{name: model.get_buffer(name) for name in ours - theirs}}

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
+from moe.train.expert_bias import ExpertBiasUpdate
 from moe.train.guard import StepGuard
 from moe.train.resume import RestoreRNG
 from moe.train.routing_metrics import ExpertLoadMonitor, RouterLossMonitor
 from moe.train.throughput import ThroughputMonitor
 
-# The step guard first: its norm, computed after fp16's unscaling, is the one clipping uses.
+# The step guard first: its norm, computed after fp16's unscaling, is the one clipping uses, and the expert bias
+# update needs its verdict.
 DEFAULT_CALLBACKS: dict[str, type[pl.Callback]] = {
     "StepGuard": StepGuard,
     "ThroughputMonitor": ThroughputMonitor,
     "RouterLossMonitor": RouterLossMonitor,
     "ExpertLoadMonitor": ExpertLoadMonitor,
+    "ExpertBiasUpdate": ExpertBiasUpdate,
     "RestoreRNG": RestoreRNG,
 }
 

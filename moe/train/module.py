@@ -7,7 +7,7 @@ torch.optim class) and the schedule (schedule.py: linear warmup then cosine deca
 warmup-stable-decay) are built here; clipping (clipping.py) is the Trainer's `gradient_clip_val`. The module logs
 the losses of each optimizer step's global batch and the learning rate; everything else a run reports or guards
 is a callback it registers by default (default_callbacks.py): the step guard, throughput and MFU, router losses,
-expert load, random states on resume.
+expert load, the expert bias of auxiliary-loss-free balancing, random states on resume.
 
 The model is built in `configure_model` (parallel.py applies sharding, recomputation and compile), so sharded
 strategies can create it directly on the right devices; calling it twice is harmless.
@@ -33,6 +33,7 @@ from moe.train.checkpoint import add_run_metadata, init_config, init_model
 from moe.train.checkpoint_io import install_atomic_checkpoint_io
 from moe.train.clipping import StepGradientNorm, clip_gradients
 from moe.train.default_callbacks import check_default_names, default_callbacks
+from moe.train.expert_bias import StepLoads
 from moe.train.loss_tracking import EvalLoss, StepLosses
 from moe.train.optim import build_optimizer, optimizer_class
 from moe.train.parallel import parallelize
@@ -90,9 +91,9 @@ class LanguageModel(pl.LightningModule):
             compile: torch.compile every transformer block.
             sampling: Generation settings for predict and for the sample printed after training.
             default_callbacks: Which of the callbacks in default_callbacks.DEFAULT_CALLBACKS (step guard, throughput and MFU, router
-                losses, expert load, random state on resume) to register when `trainer.callbacks` holds none of
-                their type; None registers them all, [] none. One given in `trainer.callbacks` (with its own
-                settings) is used instead of the default.
+                losses, expert load, expert bias update, random state on resume) to register when `trainer.callbacks`
+                holds none of their type; None registers them all, [] none. One given in `trainer.callbacks` (with
+                its own settings) is used instead of the default.
         """
         super().__init__()
         # Checkpoints hold these two as plain dicts (see below), which is what load_from_checkpoint passes back.
@@ -116,6 +117,7 @@ class LanguageModel(pl.LightningModule):
         self.hparams["sampling"] = dataclasses.asdict(self.sampling)
         self.model: Transformer | None = None
         self.step_losses = StepLosses()  # this optimizer step's micro-batch objectives, judged by the step guard
+        self.step_loads = StepLoads()  # ... and its expert loads, which move the experts' selection bias
         self.eval_loss = EvalLoss()
         self.step_grad_norm = StepGradientNorm()  # shared by the step guard and clipping
         self.schedule_length = ScheduleLength()
@@ -204,6 +206,9 @@ class LanguageModel(pl.LightningModule):
             self.log("train/aux_loss_micro_batch", parts["aux"])
             self.log("train/z_loss_micro_batch", parts["z"])
         moe = [MoEStats(*(t.detach() if isinstance(t, torch.Tensor) else t for t in stats)) for stats in out.moe]
+        if self.model_config.router_bias_update_rate:
+            # Read before the optimizer step, when the callbacks have not seen this micro-batch's outputs yet.
+            self.step_loads.add(moe)
         return {"loss": parts["loss"], "moe": moe}
 
     def on_before_optimizer_step(self, optimizer) -> None:
