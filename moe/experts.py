@@ -91,12 +91,21 @@ def _segment_mm_backward(ctx, grad):
 segment_mm.register_autograd(_segment_mm_backward, setup_context=_segment_mm_setup)
 
 
+def as_autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in autocast's dtype when autocast is on: neither our custom operator nor torch's grouped matmul
+    is on autocast's list, so without this the experts, most of an MoE model's FLOPs, would run in float32 under
+    bf16-mixed. Cast as autocast casts a matmul's operands."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def loop_experts(x, counts, gate_proj, up_proj, down_proj) -> torch.Tensor:
     """x (M, D) grouped by expert, counts (E,) -> (M, D): one matmul per expert and projection (segment_mm).
     Experts with no rows still enter the graph."""
-    if torch.is_autocast_enabled(x.device.type):  # custom operators are not autocast: cast as matmul would
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, gate_proj, up_proj, down_proj = (t.to(dtype) for t in (x, gate_proj, up_proj, down_proj))
+    x, gate_proj, up_proj, down_proj = as_autocast(x, gate_proj, up_proj, down_proj)
     hidden = F.silu(segment_mm(x, gate_proj, counts)) * segment_mm(x, up_proj, counts)  # (M, F)
     return segment_mm(hidden, down_proj, counts)  # (M, D)
 
@@ -118,6 +127,7 @@ def grouped_experts(x, counts, gate_proj, up_proj, down_proj) -> torch.Tensor:
     """x (M, D) grouped by expert, counts (E,) -> (M, D) with three grouped matmuls."""
     if _grouped_mm is None:
         raise RuntimeError(f"expert_backend='grouped' needs torch >= 2.9 (found {torch.__version__})")
+    x, gate_proj, up_proj, down_proj = as_autocast(x, gate_proj, up_proj, down_proj)
     if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
         # torch's shape (meta) function for grouped matmul accepts only bf16 (torch 2.13), so torch.compile cannot
         # trace an fp32 one; the loop's operator computes the same products and stays in the compiled graph.
@@ -165,5 +175,13 @@ class Experts(nn.Module):
         return self.gate_proj.shape[0]
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (M, D) grouped by expert and counts (E_local,) -> (M, D). Under expert parallelism the weights are
+        DTensors sharded by expert over the expert-parallel processes, and this process runs its own slice."""
         kernel = EXPERT_KERNELS[self.backend]
-        return kernel(x, counts, self.gate_proj, self.up_proj, self.down_proj)
+        return kernel(x, counts, *(_local(w) for w in (self.gate_proj, self.up_proj, self.down_proj)))
+
+
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return weight.to_local() if isinstance(weight, DTensor) else weight

@@ -153,10 +153,12 @@ def test_fp32_experts_compile_without_graph_breaks_and_match_eager(backend):
             torch.testing.assert_close(g, want, atol=1e-4, rtol=1e-4)
 
 
-def test_loop_backend_follows_autocast():
-    """Custom operators are not autocast; the loop casts as a matmul under autocast would."""
+@pytest.mark.parametrize("backend", ["loop", "grouped"])
+def test_backend_follows_autocast(backend):
+    """Neither custom operators nor torch's grouped matmul are autocast; the experts cast as a matmul under autocast
+    would, or bf16-mixed would run them in float32."""
     counts = counts_for("random")
-    experts = make_experts("loop")
+    experts = make_experts(backend)
     x = torch.randn(int(counts.sum()), D, generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = experts(x, counts)
