@@ -21,7 +21,6 @@ from pathlib import Path
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.strategies import ModelParallelStrategy
 
 from eval.callback import ZeroShotEvaluation
 from moe import commands
@@ -36,7 +35,7 @@ from moe.train.checkpoint_verify import verify_checkpoint
 from moe.train.guard import StepGuard
 from moe.train.preemption import CheckpointOnSigterm
 from moe.train.run_paths import check_ckpt_path, claim_run_directory
-from moe.train.strategies import check_strategy
+from moe.train.strategies import ModelParallelStrategy, check_parallel_sizes, check_strategy
 from moe.train.throughput import ThroughputMonitor
 from moe.train.trainer_checks import check_trainer_flags
 
@@ -100,7 +99,16 @@ def _settings(cls: type) -> set[str]:
     if dataclasses.is_dataclass(cls):
         return {field.name for field in dataclasses.fields(cls)}
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {name for name, p in inspect.signature(cls).parameters.items() if p.kind in kinds}
+    # A subclass passing its parent's settings through **kwargs (our ModelParallelStrategy) takes those too.
+    names: set[str] = set()
+    for base in cls.__mro__:
+        if "__init__" not in vars(base):
+            continue
+        parameters = inspect.signature(base.__init__).parameters.values()
+        names |= {p.name for p in parameters if p.kind in kinds and p.name != "self"}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            break
+    return names
 
 
 def as_flags(message: str, read_from_checkpoint: tuple[type, ...] = ()) -> str:
@@ -196,6 +204,7 @@ class MoECLI(LightningCLI):
         # prepared (Lightning's errors come from inside the Trainer's constructor, as tracebacks).
         try:
             check_strategy(config.trainer)
+            check_parallel_sizes(config.trainer, None if config.model.init_from else config.model.config)
             check_trainer_flags(config.trainer)
         except InputError as error:
             refuse(str(error))

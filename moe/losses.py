@@ -9,17 +9,17 @@ the losses count what the layer did.
 - Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2; keeps logits small.
 
 Data parallelism. The z-loss is a mean over tokens, so the mean of the per-process losses is the global one. The
-load-balancing loss is not linear in the tokens: f_e must be counted over the global batch. During training,
-when torch.distributed is initialised, `load_balancing_loss(..., reduce_counts=True)` sums the (k, E) assignment
-counts (and the token count) over all processes before forming f_e: E*k+1 numbers per layer. P_e
-stays the local mean. Why that gives exactly the global loss's gradient: with R processes of N tokens each and
-p_ne the router probability of expert e for token n,
+load-balancing loss is not linear in the tokens: f_e must be counted over the global batch. During training the
+MoE layer passes the data-parallel process group (set on it by the training code, moe.train.parallel), and
+`global_assignment_fraction` sums the (k, E) assignment counts and the token count over it before forming f_e:
+E*k+1 numbers per layer. P_e stays the local mean. Why that gives exactly the global loss's gradient: with R
+processes of N tokens each and p_ne the router probability of expert e for token n,
     global loss      L   = E * sum_e f_e * (1 / RN) * sum_{all n} p_ne,   dL/dp_ne   = E * f_e / (RN)
     process r's loss L_r = E * sum_e f_e * (1 / N)  * sum_{n in r} p_ne,  dL_r/dp_ne = E * f_e / N
-(f_e, the global fraction, carries no gradient). DDP averages gradients over the R processes, giving
+(f_e, the global fraction, carries no gradient). Data parallelism averages gradients over the R processes, giving
 E * f_e / (RN) = dL/dp_ne; and the mean over processes of L_r is L itself.
-This module is the one place in `moe/` that touches torch.distributed (one all-reduce, skipped unless
-initialised); which group to use is set from outside, by the training code.
+The group is always explicit: nothing here issues a collective on the default group. The all-reduce is this
+module's one collective; the layer skips it when activation checkpointing recomputes the block (moe/recompute.py).
 Shapes: N tokens, E experts, k experts per token.
 """
 
@@ -37,17 +37,16 @@ def expert_assignment_counts(experts: torch.Tensor, n_experts: int) -> torch.Ten
     return counts.index_add_(0, bins, torch.ones_like(bins, dtype=torch.float32)).view(k, n_experts)
 
 
-def all_reduce_counts(counts: torch.Tensor) -> torch.Tensor:
-    """Sum of `counts` over all processes; `counts` itself without torch.distributed. All processes, even when
-    some share their tokens (tensor-parallel ranks): the token count is summed with the assignment counts, so
-    replicas scale both alike and the fractions are unchanged."""
+def global_assignment_fraction(counts: torch.Tensor, n_tokens: int, group) -> torch.Tensor:
+    """(k, E) fraction of the tokens of every process of `group` making each choice of each expert, from this
+    process's (k, E) `counts` of its `n_tokens` tokens: one all-reduce. The token count travels with the counts,
+    so processes with unequal batches still get the true fraction, and processes that share their tokens (tensor
+    parallel replicas, if the group held them) scale both alike."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return counts
-    counts = counts.detach().clone()
-    dist.all_reduce(counts)
-    return counts
+    counts_and_n = torch.cat([counts.detach().flatten(), counts.new_tensor([n_tokens])])
+    dist.all_reduce(counts_and_n, group=group)
+    return (counts_and_n[:-1] / counts_and_n[-1]).view_as(counts)
 
 
 def load_balancing_loss_from_sums(counts: torch.Tensor, probability_sum: torch.Tensor,
@@ -61,17 +60,12 @@ def load_balancing_loss_from_sums(counts: torch.Tensor, probability_sum: torch.T
     return n_experts * (fraction * mean_probs[..., None, :]).sum(dim=(-2, -1))
 
 
-def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, reduce_counts: bool = False) -> torch.Tensor:
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, fraction: torch.Tensor | None = None) -> torch.Tensor:
     """Switch/Mixtral load-balancing loss of one layer from its (N, E) float32 router probabilities (the gradient
-    flows through them) and the (k, E) counts of the experts chosen (`expert_assignment_counts`). With
-    `reduce_counts`, the assignment fractions are those of all processes (see the module docstring)."""
+    flows through them) and the (k, E) counts of the experts chosen (`expert_assignment_counts`). `fraction`, the
+    (k, E) assignment fractions of a larger batch (`global_assignment_fraction`), replaces counts / N."""
     n_tokens, n_experts = probs.shape
-    if reduce_counts:
-        # The token count travels with the counts, so processes with unequal batches still get the true fraction.
-        counts_and_n = all_reduce_counts(torch.cat([counts.flatten(), counts.new_tensor([n_tokens])]))
-        counts, n_total = counts_and_n[:-1].view_as(counts), counts_and_n[-1]
-        fraction = counts / n_total
-    else:
+    if fraction is None:
         fraction = counts / n_tokens
     return n_experts * (fraction * probs.mean(dim=0)).sum()
 

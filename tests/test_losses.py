@@ -60,14 +60,17 @@ def test_load_balancing_loss_grows_when_routing_collapses(n_experts, top_k):
 @pytest.mark.parametrize("n_experts,top_k", EXPERTS_AND_K)
 def test_load_balancing_loss_of_a_batch_from_the_sums_of_its_parts(n_experts, top_k):
     """What the training logs use: the summed counts and probabilities of unequal parts give the whole batch's loss;
-    without torch.distributed, reduce_counts changes nothing."""
+    and what data parallelism differentiates: each part's loss with the whole batch's fractions, whose
+    token-weighted mean over the parts is the whole batch's loss."""
     logits = torch.randn(53, n_experts, generator=torch.Generator().manual_seed(n_experts * top_k)) * 2
     parts = [route(chunk, top_k) for chunk in logits.split([20, 33])]
     counts = sum(c for _, c in parts)  # (k, E)
     probability_sum = sum(p.sum(dim=0) for p, _ in parts)  # (E,)
     whole = load_balancing_loss(*route(logits, top_k))
     torch.testing.assert_close(load_balancing_loss_from_sums(counts, probability_sum, 53), whole)
-    torch.testing.assert_close(load_balancing_loss(*route(logits, top_k), reduce_counts=True), whole)
+    whole_fraction = counts / 53
+    with_global_fraction = [load_balancing_loss(p, c, whole_fraction) * len(p) / 53 for p, c in parts]
+    torch.testing.assert_close(sum(with_global_fraction), whole)
     halves = [load_balancing_loss(*route(chunk, top_k)) for chunk in logits.split([20, 33])]
     assert not any(torch.allclose(h, whole) for h in halves)  # the loss is not a mean over tokens
 

@@ -36,7 +36,7 @@ from moe.train.default_callbacks import check_default_names, default_callbacks
 from moe.train.expert_bias import StepLoads
 from moe.train.loss_tracking import EvalLoss, StepLosses
 from moe.train.optim import build_optimizer, optimizer_class
-from moe.train.parallel import parallelize
+from moe.train.parallel import parallelize, set_count_groups
 from moe.train.resume import accept_checkpoint
 from moe.train.schedule import ScheduleLength, check_schedule_settings
 
@@ -144,6 +144,10 @@ class LanguageModel(pl.LightningModule):
             check_vocabulary(datamodule, self.model_config.vocab_size, origin, stage)
 
     def on_fit_start(self) -> None:
+        # The group over which MoE layers count their load-balancing fractions: parallelize gave it, unless the
+        # model was built before the processes joined their group (configure_model called by hand).
+        if any(getattr(m, "count_group", False) is None for m in self.model.modules()):
+            set_count_groups(self.model, self.device_mesh)
         datamodule = getattr(self.trainer, "datamodule", None)
         log_dir = self.trainer.log_dir
         if datamodule is not None and hasattr(datamodule, "tokenizer") and log_dir and self.trainer.is_global_zero:

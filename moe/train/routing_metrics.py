@@ -8,7 +8,10 @@
   loss with fractions counted over the processes: a micro-batch cannot see the later ones' routing.)
 - `ExpertLoadMonitor`: per MoE layer, experts/layer_<i>/max_over_mean (the busiest expert's load over the mean; 1 is
   perfect balance) and experts/layer_<i>/idle (experts that received no token), and with a capacity limit
-  experts/dropped_fraction (assignments the limit dropped), over the steps since the last log.
+  experts/dropped_fraction (assignments the limit dropped), over the steps since the last log; under expert
+  parallelism, experts/layer_<i>/ep_rows_max_over_mean: the rows the busiest process's experts ran over the mean
+  over processes, the imbalance of the all-to-all that runs one process out of memory in the first hundreds of
+  steps, when routing is still far from balanced.
 
 Both read the routing statistics `LanguageModel.training_step` returns (`outputs["moe"]`, one `MoEStats` per MoE
 layer). Shapes: L MoE layers, k choices per token, E experts.
@@ -100,6 +103,7 @@ class ExpertLoadMonitor(pl.Callback):
     def __init__(self):
         self._tokens: torch.Tensor | None = None  # (L, E) assignments processed since the last log
         self._dropped: torch.Tensor | None = None  # (L,) assignments dropped by a capacity limit since then
+        self._received: torch.Tensor | None = None  # (L,) rows this process's experts ran since then
         self._last_report_step = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -108,8 +112,10 @@ class ExpertLoadMonitor(pl.Callback):
             return
         counts = torch.stack([s.tokens_per_expert for s in stats]).float()
         dropped = torch.stack([s.dropped for s in stats]).float()
+        received = torch.stack([s.rows_received for s in stats]).float()
         self._tokens = counts if self._tokens is None else self._tokens + counts
         self._dropped = dropped if self._dropped is None else self._dropped + dropped
+        self._received = received if self._received is None else self._received + received
         if not is_log_step(trainer, self._last_report_step):
             return
         self._last_report_step = trainer.global_step
@@ -119,7 +125,21 @@ class ExpertLoadMonitor(pl.Callback):
         if pl_module.model_config.capacity_factor is not None:
             dropped = trainer.strategy.reduce(self._dropped, reduce_op="sum").sum() / replicas
             pl_module.log("experts/dropped_fraction", dropped / (dropped + tokens.sum()).clamp_min(1.0))
-        self._tokens = self._dropped = None
+        if getattr(trainer.strategy, "expert_parallel_size", 1) > 1:
+            # Each process's row of a (processes, L) table, gathered as a sum (Lightning's all_gather is deprecated
+            # in torch's autograd form).
+            table = self._received.new_zeros(trainer.world_size, len(self._received))
+            table[trainer.global_rank] = self._received
+            self.log_rows_received(pl_module, trainer.strategy.reduce(table, reduce_op="sum"))
+        self._tokens = self._dropped = self._received = None
+
+    def log_rows_received(self, pl_module, received: torch.Tensor) -> None:
+        """Log the spread over processes of (processes, L) expert rows run (tensor-parallel replicas repeat a
+        row, which changes neither the maximum nor the mean)."""
+        imbalance = received.max(dim=0).values / received.mean(dim=0).clamp_min(1e-9)  # (L,)
+        for row, layer in enumerate(pl_module.model_config.moe_layer_indices()):
+            pl_module.log(f"experts/layer_{layer}/ep_rows_max_over_mean", imbalance[row])
+        pl_module.log("experts/ep_rows_max_over_mean", imbalance.max())
 
     def log_load(self, pl_module, tokens: torch.Tensor) -> None:
         """Log the load of (L, E) assignment counts, one row per MoE layer."""

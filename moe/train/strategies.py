@@ -21,7 +21,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy as _LightningModelParallelStrategy
 
 from moe.errors import InputError
-from moe.train.parallel import TP_FIELD
+from moe.train.parallel import EP_FIELD, TP_FIELD, check_expert_parallel, data_parallel_mesh
 
 _GPU_ONLY = ("FSDPStrategy", "DeepSpeedStrategy")  # torch FSDP1 and DeepSpeed need CUDA (NCCL) in Lightning
 
@@ -84,6 +84,45 @@ def check_strategy(trainer_config: Any) -> None:
                      "--trainer.accelerator gpu (configs/trainer/gpu.yaml).")
 
 
+def check_parallel_sizes(trainer_config: Any, model_config: Any = None) -> None:
+    """Raise `InputError` naming the flags when ModelParallelStrategy's sizes cannot fit the devices the command
+    gives (when it gives a number) or the model (`model_config`, the parsed `model.config`; None when it comes
+    from a checkpoint, which `parallelize` checks once it is read). The strategy checks the same again when it
+    starts; this says it before any process starts or any data is prepared."""
+    strategy = config_value(trainer_config, "strategy", "auto")
+    cls = _strategy_class(strategy)
+    if cls is None or not issubclass(cls, ModelParallelStrategy) or config_value(strategy, "class_path") is None:
+        return
+    args = config_value(strategy, "init_args") or {}
+    ep, tp = config_value(args, "expert_parallel_size", 1), config_value(args, "tensor_parallel_size", "auto")
+    if not isinstance(ep, int) or ep < 1:
+        raise InputError(f"{EP_FIELD}={ep!r}: expected a whole number of processes >= 1")
+    if ep > 1 and model_config is not None:
+        from moe.config import ModelConfig
+
+        fields = model_config.as_dict() if hasattr(model_config, "as_dict") else dict(model_config)
+        try:
+            config = ModelConfig(**fields)
+        except (TypeError, ValueError):
+            config = None  # reported when the model is built, naming its own field
+        if config is not None:
+            check_expert_parallel(config, ep)
+    devices, nodes = config_value(trainer_config, "devices", "auto"), config_value(trainer_config, "num_nodes", 1)
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if not isinstance(devices, int) or devices < 1 or not isinstance(nodes, int):
+        return  # "auto", "-1" or a device list: counted when the strategy starts
+    world_size, tp = devices * nodes, (1 if tp == "auto" and ep > 1 else tp)
+    if tp == "auto":
+        return
+    if world_size % tp:
+        raise InputError(f"{TP_FIELD}={tp} does not divide the {world_size} devices (Trainer.devices x "
+                         "Trainer.num_nodes); each tensor-parallel group needs tensor_parallel_size of them")
+    if (world_size // tp) % ep:
+        raise InputError(f"{EP_FIELD}={ep} does not divide the data-parallel size {world_size // tp} (Trainer.devices "
+                         f"x Trainer.num_nodes / {TP_FIELD}): expert parallelism groups data-parallel processes")
+
+
 class OffloadDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeedStrategy that lets ZeRO-Offload run the optimizer `LanguageModel` builds (torch's AdamW).
 
@@ -100,13 +139,35 @@ class OffloadDeepSpeedStrategy(DeepSpeedStrategy):
 
 
 class ModelParallelStrategy(_LightningModelParallelStrategy):
-    """Lightning's ModelParallelStrategy, except that data_parallel_size='auto' takes every device the
-    tensor-parallel groups leave (world size / tensor_parallel_size) instead of the number of nodes, so one
-    config serves any number of devices; and a tensor-parallel size that does not divide the devices is an
-    error naming the flag."""
+    """Lightning's ModelParallelStrategy (FSDP2, tensor parallelism), with expert parallelism, and with
+    data_parallel_size='auto' taking every device the tensor-parallel groups leave (world size /
+    tensor_parallel_size) instead of the number of nodes, so one config serves any number of devices.
+
+    expert_parallel_size P > 1 splits each MoE layer's experts over P data-parallel processes, which exchange
+    tokens with an all-to-all (moe/dispatch.py). It borrows its processes from data parallelism: the device mesh
+    is 3-D, ("expert_data_parallel", "expert_parallel", "tensor_parallel") of sizes (DP / P, P, TP), with
+    "data_parallel" the flattened first two, so that the data sampler and every non-expert weight see DP
+    data-parallel processes as before (moe.train.parallel explains how each weight is sharded). With P > 1 a
+    tensor_parallel_size of 'auto' means 1. Sizes that do not divide are errors naming the flags.
+    """
+
+    def __init__(self, data_parallel_size: int | str = "auto", tensor_parallel_size: int | str = "auto",
+                 expert_parallel_size: int = 1, **kwargs: Any) -> None:
+        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs)
+        if not isinstance(expert_parallel_size, int) or expert_parallel_size < 1:
+            raise InputError(f"{EP_FIELD}={expert_parallel_size!r}: expected a whole number of processes >= 1")
+        self.expert_parallel_size = expert_parallel_size
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        dp_mesh = data_parallel_mesh(self.device_mesh)
+        return {"num_replicas": dp_mesh.size(), "rank": dp_mesh.get_local_rank()}
 
     def setup_environment(self) -> None:
         world_size = self.num_nodes * self.num_processes
+        ep = self.expert_parallel_size
+        if ep > 1 and self._tensor_parallel_size == "auto":
+            self._tensor_parallel_size = 1
         tp = self._tensor_parallel_size
         if tp != "auto":
             if world_size % tp:
@@ -114,4 +175,30 @@ class ModelParallelStrategy(_LightningModelParallelStrategy):
                                  "Trainer.num_nodes); each tensor-parallel group needs tensor_parallel_size of them")
             if self._data_parallel_size == "auto":
                 self._data_parallel_size = world_size // tp
-        super().setup_environment()
+        if ep == 1:
+            super().setup_environment()
+            return
+        dp = self._data_parallel_size
+        if dp * tp != world_size:
+            raise InputError(f"ModelParallelStrategy.data_parallel_size={dp} x {TP_FIELD}={tp} is not the "
+                             f"{world_size} devices (Trainer.devices x Trainer.num_nodes)")
+        if dp % ep:
+            raise InputError(f"{EP_FIELD}={ep} does not divide the data-parallel size {dp} (Trainer.devices x "
+                             f"Trainer.num_nodes / {TP_FIELD}): expert parallelism groups data-parallel processes")
+        # Lightning's setup_environment, with our mesh instead of its 2-D one.
+        super(_LightningModelParallelStrategy, self).setup_environment()
+        self._setup_distributed()
+        self._device_mesh = expert_parallel_mesh(self.root_device.type, dp, ep, tp)
+        self.lightning_module._device_mesh = self._device_mesh
+
+
+def expert_parallel_mesh(device_type: str, dp: int, ep: int, tp: int):
+    """The 3-D device mesh of expert parallelism, with "data_parallel" = ("expert_data_parallel", "expert_parallel")
+    flattened. Expert-parallel processes are adjacent data-parallel ranks (a stride of tp), so a group stays within
+    a node when ep x tp devices fit in one."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device_type, (dp // ep, ep, tp),
+                            mesh_dim_names=("expert_data_parallel", "expert_parallel", "tensor_parallel"))
+    mesh.data_parallel_mesh = mesh["expert_data_parallel", "expert_parallel"]._flatten("data_parallel")
+    return mesh
