@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark, in parts sized for a short device lease; run from the repository root.
 #
-#   bash bench/run_gpu.sh                 # all parts: check moe dense strategies fit (about 12 minutes on one H100)
+#   bash bench/run_gpu.sh                 # all parts: check moe dense strategies fit ep (about 12 minutes on one H100)
 #   bash bench/run_gpu.sh check moe       # a 15-minute lease: these two in one call ...
 #   bash bench/run_gpu.sh dense strategies  # ... these two in the next ...
 #   bash bench/run_gpu.sh fit             # ... and this one last
+#   bash bench/run_gpu.sh ep              # on a machine with 2 or more GPUs, a call of its own
 #
 # Parts: check (bench/gpu_check.py: kernels against references, no host syncs, MoE layer and attention timings),
 # moe and dense (bench/train_speed.py --config moe-bench / dense-bench: ours against HF transformers, eager and
 # compiled, tokens/s and MFU), strategies (bench/strategies_gpu.py: FSDP and DeepSpeed against one device, in fp32
 # and in bf16-mixed), fit (the quickstart through the real `fit` command with configs/trainer/gpu.yaml on one GPU:
 # bf16-mixed, fused AdamW, clipping; needs jsonargparse, datasets and their dependencies, which the device image
-# lacks: carry wheels).
+# lacks: carry wheels), ep (bench/ep_speed.py: moe-bench under FSDP2 against FSDP2 + expert parallelism 2, 4, 8 on
+# every GPU, bf16-mixed: tokens/s, MFU, peak memory, all-to-all imbalance; with fewer than 2 GPUs it writes a skip
+# record and passes in seconds; not yet timed on GPUs, each layout is limited to 180 s and the part to 540 s).
 # Results go to $OUT when it is set (the device tool's output folder), else bench/results; each part has its own
 # time limit, so one that hangs or fails leaves the others' results.
 set -u
@@ -20,11 +23,11 @@ out="${OUT:-bench/results}"
 mkdir -p "$out"
 export PYTHONPATH=.
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(check moe dense strategies fit)
+[ ${#parts[@]} -eq 0 ] && parts=(check moe dense strategies fit ep)
 for part in "${parts[@]}"; do
   case "$part" in
-    check | moe | dense | strategies | fit) ;;
-    *) echo "unknown part '$part' (parts: check moe dense strategies fit)" >&2; exit 2 ;;
+    check | moe | dense | strategies | fit | ep) ;;
+    *) echo "unknown part '$part' (parts: check moe dense strategies fit ep)" >&2; exit 2 ;;
   esac
 done
 
@@ -64,6 +67,7 @@ for part in "${parts[@]}"; do
       --config configs/data/stdlib.yaml --config configs/trainer/gpu.yaml --config configs/experiment/quickstart.yaml \
       --trainer.devices 1 --trainer.max_steps 100 --trainer.val_check_interval 50 \
       --trainer.logger.init_args.save_dir "$out/runs" ;;
+    ep) run 540 ep_speed python bench/ep_speed.py --results "$out/ep_speed.json" ;;
   esac
 done
 

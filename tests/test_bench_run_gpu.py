@@ -16,7 +16,7 @@ def test_unknown_part_is_refused_before_anything_runs(tmp_path):
     result = subprocess.run(["bash", str(SCRIPT), "check", "mo"], check=False, capture_output=True, text=True,
                             env={**os.environ, "OUT": str(tmp_path)})
     assert result.returncode == 2
-    assert "unknown part 'mo'" in result.stderr and "check moe dense strategies fit" in result.stderr
+    assert "unknown part 'mo'" in result.stderr and "check moe dense strategies fit ep" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
