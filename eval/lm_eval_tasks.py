@@ -16,7 +16,8 @@ from eval.tasks import get_task
 # lm-eval's YAML for each shipped task, relative to lm_eval/tasks.
 LM_EVAL_YAML = {"arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
                 "hellaswag": "hellaswag/hellaswag.yaml", "piqa": "piqa/piqa.yaml",
-                "winogrande": "winogrande/default.yaml", "boolq": "super_glue/boolq/default.yaml"}
+                "winogrande": "winogrande/default.yaml", "boolq": "super_glue/boolq/default.yaml",
+                "sciq": "sciq/sciq.yaml", "openbookqa": "openbookqa/openbookqa.yaml"}
 # Where the local file's layout differs from lm-eval's dataset: google/boolq's bool `answer` is super_glue's
 # integer `label`.
 OVERRIDES = {"boolq": "doc_to_target: '{{answer | int}}'\n"}

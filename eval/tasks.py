@@ -1,6 +1,6 @@
 """Zero-shot multiple-choice task definitions, following lm-evaluation-harness 0.4's task YAMLs
-(lm_eval/tasks/{arc,hellaswag,piqa,winogrande,super_glue/boolq}) so that the same documents give the same
-requests.
+(lm_eval/tasks/{arc,hellaswag,piqa,winogrande,super_glue/boolq,sciq,openbookqa}) so that the same documents give
+the same requests.
 
 A task is data (where its rows live) plus four small functions of one row: the context, the choices, the gold
 choice index and, for "partial" tasks (Winogrande, Sakaguchi et al. 2020), the continuation shared by all
@@ -89,6 +89,16 @@ TASKS: dict[str, Task] = {task.name: task for task in [
          context=lambda doc: f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:",
          choices=lambda doc: ["no", "yes"], gold=lambda doc: int(doc["answer"] if "answer" in doc else doc["label"]),
          metrics=("acc",)),
+    # The supporting paragraph (empty for some rows, which then start with the newline), then the question; the
+    # correct answer is always the fourth choice.
+    Task("sciq", "allenai/sciq", None, "validation",
+         context=lambda doc: f"{doc['support'].lstrip()}\nQuestion: {doc['question']}\nAnswer:",
+         choices=lambda doc: [doc["distractor1"], doc["distractor2"], doc["distractor3"], doc["correct_answer"]],
+         gold=lambda doc: 3),
+    # The bare question stem, no "Question:"/"Answer:" frame (lm-eval's openbookqa.yaml).
+    Task("openbookqa", "allenai/openbookqa", "main", "validation", context=lambda doc: doc["question_stem"],
+         choices=lambda doc: list(doc["choices"]["text"]),
+         gold=lambda doc: list(doc["choices"]["label"]).index(doc["answerKey"].lstrip())),
 ]}
 
 

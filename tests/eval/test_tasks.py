@@ -14,7 +14,8 @@ from .conftest import rows
 
 
 def test_task_names_and_unknown_task():
-    assert task_names() == ["arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande"]
+    assert task_names() == ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "sciq",
+                            "winogrande"]
     with pytest.raises(ValueError, match="unknown task 'arc'; available tasks: arc_challenge, arc_easy, boolq"):
         get_task("arc")
 
@@ -81,3 +82,13 @@ def test_encode_pair_matches_lm_eval(tokenizer, context, continuation):
         return tokenizer.encode(text, add_special_tokens=False).ids
 
     assert encode_pair(encode, context, continuation, prefix_id) == expected
+
+
+def test_the_olmo_config_names_every_shipped_task_and_zero_shot_six_of_them():
+    import yaml
+
+    from ..cli_runs import ROOT
+
+    olmo = yaml.safe_load((ROOT / "configs/eval/olmo-8.yaml").read_text())["eval"]["tasks"]
+    six = yaml.safe_load((ROOT / "configs/eval/zero-shot.yaml").read_text())["eval"]["tasks"]
+    assert olmo == task_names() and set(six) == set(olmo) - {"sciq", "openbookqa"}
