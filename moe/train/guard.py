@@ -21,7 +21,6 @@ from collections import deque
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
-import torch
 
 from moe.errors import TrainingStopped
 
@@ -125,13 +124,10 @@ class StepGuard(pl.Callback):
         # After the last micro-batch's backward, before clipping and the update: the one place to decide whether
         # the update happens.
         grad_norm = pl_module.step_grad_norm.get(trainer, optimizer, pl_module.parameters())  # None under DeepSpeed
-        device = pl_module.device
         # The step's total loss: the mean of its micro-batches' objectives, as LanguageModel computed them (not the
-        # loss the backward pass starts from, which is divided by the accumulation and fp16-scaled).
-        loss = pl_module.step_losses.total_mean(device)
-        values = torch.stack([loss.float(), torch.tensor(grad_norm or 0.0, device=device)])
-        loss, norm = trainer.strategy.reduce(values, reduce_op="mean").tolist()
-        norm = None if grad_norm is None else norm
+        # loss the backward pass starts from, which is divided by the accumulation and fp16-scaled), reduced with
+        # the norm in the collective whose result the module then logs.
+        _, loss, norm = pl_module.step_losses.reduce(trainer.strategy, grad_norm)
         # fp16's gradient scaler skips overflowing steps itself and lowers its scale; that is not a divergence.
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         verdict = self.check(trainer.global_step, loss, None if scaler is not None else norm)

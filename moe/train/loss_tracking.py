@@ -18,22 +18,29 @@ class StepLosses:
     def __init__(self):
         self.total: list[torch.Tensor] = []
         self.ce: list[torch.Tensor] = []
+        self._reduced: tuple[float, float, float | None] | None = None
 
     def add(self, total: torch.Tensor, ce: torch.Tensor) -> None:
         self.total.append(total.detach())
         self.ce.append(ce.detach())
 
-    def total_mean(self, device: torch.device) -> torch.Tensor:
-        """This process's mean total objective over the step's micro-batches (0 before any)."""
-        return torch.stack(self.total).mean() if self.total else torch.zeros((), device=device)
+    def reduce(self, strategy, grad_norm: float | None = None) -> tuple[float, float, float | None]:
+        """(cross-entropy, total objective, gradient norm) of the step's global batch: the losses averaged over
+        micro-batches and processes, in one collective per step. The step guard asks first, with the gradient norm,
+        so that every process judges the very same numbers; the module's log of the step reuses the result until
+        `clear`. The norm comes back None when none was given."""
+        if self._reduced is None:
+            device = strategy.root_device
+            ce, total = ((torch.stack(values).mean() if values else torch.zeros((), device=device))
+                         for values in (self.ce, self.total))
+            values = torch.stack([ce.float(), total.float(), torch.tensor(grad_norm or 0.0, device=device)])
+            ce, total, norm = strategy.reduce(values, reduce_op="mean").tolist()
+            self._reduced = (ce, total, None if grad_norm is None else norm)
+        return self._reduced
 
-    def reduce(self, strategy) -> tuple[float, float]:
-        """(cross-entropy, total objective) of the global batch, averaged over micro-batches and processes; the
-        next step starts empty."""
-        values = torch.stack([torch.stack(self.ce).mean(), torch.stack(self.total).mean()])
-        ce, total = strategy.reduce(values.float(), reduce_op="mean").tolist()
-        self.total, self.ce = [], []
-        return ce, total
+    def clear(self) -> None:
+        """Start the next optimizer step."""
+        self.total, self.ce, self._reduced = [], [], None
 
 
 class EvalLoss:

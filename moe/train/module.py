@@ -217,7 +217,8 @@ class LanguageModel(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Every micro-batch of the step has run: log the losses of its global batch, not process 0's last micro-batch.
-        ce, total = self.step_losses.reduce(self.trainer.strategy)
+        ce, total, _ = self.step_losses.reduce(self.trainer.strategy)  # the step guard's reduction, if it ran
+        self.step_losses.clear()
         self.log("train/loss", ce, prog_bar=True)
         if self.model_config.is_moe:
             self.log("train/total_loss", total)
