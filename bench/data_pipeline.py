@@ -33,6 +33,8 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
+from bench.results_file import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
 
@@ -180,9 +182,7 @@ def main() -> None:
                    "seq_len": args.seq_len},
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1))
-    print(f"wrote {args.out}")
+    write_results(args.out, record)
 
 
 if __name__ == "__main__":

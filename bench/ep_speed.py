@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from train_speed import BETAS, CONFIGS, EPS, LR, WEIGHT_DECAY, machine, make_batches, sync
 
+from bench.results_file import write_results
 from moe.config import ModelConfig, format_count
 
 RESULTS = Path(__file__).parent / "results" / "ep_speed.json"
@@ -301,11 +302,9 @@ def main(argv: list[str] | None = None) -> int:
               "batch_size_per_process": args.batch_size, "seq_len": args.seq_len, "warmup_steps": args.warmup,
               "timed_steps": args.steps, "gradient_clip_val": GRADIENT_CLIP,
               "optimizer": {"lr": LR, "betas": BETAS, "eps": EPS, "weight_decay": WEIGHT_DECAY}}
-    args.results.parent.mkdir(parents=True, exist_ok=True)
     if args.processes < 2:
         record["skipped"] = skip_reason(1, args.processes, config.n_experts)
-        args.results.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"skipped: {record['skipped']}; wrote {args.results}")
+        write_results(args.results, record, note=f"skipped: {record['skipped']}; ")
         return 0
 
     from moe.train.throughput import device_peak_tflops
@@ -334,8 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                   problems=problems)
     print(f"\n{record['gpu'] or record['cpu']}; torch {record['torch']}, lightning {record['lightning']}")
     print_table(layouts, "GPU" if args.device == "cuda" else "proc")
-    args.results.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.results}")
+    write_results(args.results, record)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     return 1 if problems else 0

@@ -12,7 +12,6 @@ checks that they agree on acc before it reports speed (a fast wrong answer is no
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from bench.results_file import write_results
 from eval import evaluate
 from eval.data import load_docs, resolve_local
 from eval.harness import _ITEMS, subsample
@@ -124,9 +124,7 @@ def main() -> None:
               "torch": torch.__version__, "lm_eval": getattr(lm_eval, "__version__", "?"), "preset": args.preset,
               "items": n_items, "batch_tokens": args.batch_tokens,
               "rows": records}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, record)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.results_file import write_results
+
 RESULTS = Path(__file__).parent / "results" / "strategies_gpu.json"
 STRATEGIES = {
     "single": "one GPU, no sharding (the reference)",
@@ -147,10 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         diff = result.get("max_abs_diff_vs_single")
         print(f"{name:<16} {result['devices']:>7} {'-' if diff is None else f'{diff:.2e}':>20}  "
               + " ".join(f"{v:.4f}" for v in result["losses"]))
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({"gpus": gpus, "steps": args.steps, "precision": args.precision, "shape": SHAPE,
-                                        "results": results}, indent=2) + "\n")
-    print(f"wrote {args.results}")
+    write_results(args.results, {"gpus": gpus, "steps": args.steps, "precision": args.precision, "shape": SHAPE,
+                                 "results": results})
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ import zlib
 from datetime import date
 from pathlib import Path
 
+from bench.results_file import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 ENGINE = REPO / "moe" / "data" / "parallel_tokenize.py"
 CHUNK_CHARS = 4 << 20  # the token cache's chunk (moe.data.token_cache._CHUNK_BYTES, counted in characters)
@@ -396,9 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "process alone (for plain-xN, none)",
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, record)
     return record
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.results_file import write_results
 from moe.config import ModelConfig, format_count
 
 _SHAPE = dict(d_model=1024, n_heads=16, n_kv_heads=4, vocab_size=32000, max_seq_len=2048)
@@ -411,9 +412,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                                                                      "weight_decay": WEIGHT_DECAY},
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, record)
     return record
 
 
