@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -182,6 +183,4 @@ class Experts(nn.Module):
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
     return weight.to_local() if isinstance(weight, DTensor) else weight

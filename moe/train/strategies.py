@@ -95,8 +95,7 @@ def check_parallel_sizes(trainer_config: Any, model_config: Any = None) -> None:
         return
     args = config_value(strategy, "init_args") or {}
     ep, tp = config_value(args, "expert_parallel_size", 1), config_value(args, "tensor_parallel_size", "auto")
-    if not isinstance(ep, int) or ep < 1:
-        raise InputError(f"{EP_FIELD}={ep!r}: expected a whole number of processes >= 1")
+    check_expert_parallel_size(ep)
     if ep > 1 and model_config is not None:
         from moe.config import ModelConfig
 
@@ -112,15 +111,34 @@ def check_parallel_sizes(trainer_config: Any, model_config: Any = None) -> None:
         devices = int(devices)
     if not isinstance(devices, int) or devices < 1 or not isinstance(nodes, int):
         return  # "auto", "-1" or a device list: counted when the strategy starts
-    world_size, tp = devices * nodes, (1 if tp == "auto" and ep > 1 else tp)
+    parallel_sizes(devices * nodes, tp, ep)
+
+
+def check_expert_parallel_size(ep: Any) -> None:
+    if not isinstance(ep, int) or ep < 1:
+        raise InputError(f"{EP_FIELD}={ep!r}: expected a whole number of processes >= 1")
+
+
+def parallel_sizes(world_size: int, tp: int | str, ep: int, dp: int | str = "auto") -> tuple[int | str, int | str]:
+    """(data_parallel_size, tensor_parallel_size) of ModelParallelStrategy on `world_size` devices: 'auto'
+    data-parallel takes what the tensor-parallel groups leave, and with expert parallelism an 'auto'
+    tensor-parallel size is 1. Sizes that do not divide raise InputError naming the flags."""
+    if ep > 1 and tp == "auto":
+        tp = 1
     if tp == "auto":
-        return
+        return dp, tp  # Lightning's own meaning: one tensor-parallel group per node
     if world_size % tp:
         raise InputError(f"{TP_FIELD}={tp} does not divide the {world_size} devices (Trainer.devices x "
                          "Trainer.num_nodes); each tensor-parallel group needs tensor_parallel_size of them")
-    if (world_size // tp) % ep:
-        raise InputError(f"{EP_FIELD}={ep} does not divide the data-parallel size {world_size // tp} (Trainer.devices "
-                         f"x Trainer.num_nodes / {TP_FIELD}): expert parallelism groups data-parallel processes")
+    if dp == "auto":
+        dp = world_size // tp
+    if dp * tp != world_size:
+        raise InputError(f"ModelParallelStrategy.data_parallel_size={dp} x {TP_FIELD}={tp} is not the "
+                         f"{world_size} devices (Trainer.devices x Trainer.num_nodes)")
+    if dp % ep:
+        raise InputError(f"{EP_FIELD}={ep} does not divide the data-parallel size {dp} (Trainer.devices x "
+                         f"Trainer.num_nodes / {TP_FIELD}): expert parallelism groups data-parallel processes")
+    return dp, tp
 
 
 class OffloadDeepSpeedStrategy(DeepSpeedStrategy):
@@ -154,8 +172,7 @@ class ModelParallelStrategy(_LightningModelParallelStrategy):
     def __init__(self, data_parallel_size: int | str = "auto", tensor_parallel_size: int | str = "auto",
                  expert_parallel_size: int = 1, **kwargs: Any) -> None:
         super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs)
-        if not isinstance(expert_parallel_size, int) or expert_parallel_size < 1:
-            raise InputError(f"{EP_FIELD}={expert_parallel_size!r}: expected a whole number of processes >= 1")
+        check_expert_parallel_size(expert_parallel_size)
         self.expert_parallel_size = expert_parallel_size
 
     @property
@@ -164,31 +181,17 @@ class ModelParallelStrategy(_LightningModelParallelStrategy):
         return {"num_replicas": dp_mesh.size(), "rank": dp_mesh.get_local_rank()}
 
     def setup_environment(self) -> None:
-        world_size = self.num_nodes * self.num_processes
         ep = self.expert_parallel_size
-        if ep > 1 and self._tensor_parallel_size == "auto":
-            self._tensor_parallel_size = 1
-        tp = self._tensor_parallel_size
-        if tp != "auto":
-            if world_size % tp:
-                raise InputError(f"{TP_FIELD}={tp} does not divide the {world_size} devices (Trainer.devices x "
-                                 "Trainer.num_nodes); each tensor-parallel group needs tensor_parallel_size of them")
-            if self._data_parallel_size == "auto":
-                self._data_parallel_size = world_size // tp
+        self._data_parallel_size, self._tensor_parallel_size = parallel_sizes(
+            self.num_nodes * self.num_processes, self._tensor_parallel_size, ep, self._data_parallel_size)
         if ep == 1:
             super().setup_environment()
             return
-        dp = self._data_parallel_size
-        if dp * tp != world_size:
-            raise InputError(f"ModelParallelStrategy.data_parallel_size={dp} x {TP_FIELD}={tp} is not the "
-                             f"{world_size} devices (Trainer.devices x Trainer.num_nodes)")
-        if dp % ep:
-            raise InputError(f"{EP_FIELD}={ep} does not divide the data-parallel size {dp} (Trainer.devices x "
-                             f"Trainer.num_nodes / {TP_FIELD}): expert parallelism groups data-parallel processes")
         # Lightning's setup_environment, with our mesh instead of its 2-D one.
         super(_LightningModelParallelStrategy, self).setup_environment()
         self._setup_distributed()
-        self._device_mesh = expert_parallel_mesh(self.root_device.type, dp, ep, tp)
+        self._device_mesh = expert_parallel_mesh(self.root_device.type, self._data_parallel_size, ep,
+                                                 self._tensor_parallel_size)
         self.lightning_module._device_mesh = self._device_mesh
 
 

@@ -187,7 +187,9 @@ def test_strategy_configs_parse():
     import yaml
 
     root = Path(__file__).parents[2] / "configs" / "strategy"
-    for name, tp in (("fsdp2.yaml", 1), ("fsdp2-tp.yaml", 2)):
+    for name, tp, ep in (("fsdp2.yaml", 1, None), ("fsdp2-tp.yaml", 2, None), ("fsdp2-ep.yaml", 1, 2),
+                         ("fsdp2-ep-tp.yaml", 2, 2)):
         strategy = yaml.safe_load((root / name).read_text())["trainer"]["strategy"]
         assert strategy["class_path"] == "moe.train.strategies.ModelParallelStrategy"
-        assert strategy["init_args"] == {"data_parallel_size": "auto", "tensor_parallel_size": tp}
+        expected = {"data_parallel_size": "auto", "tensor_parallel_size": tp}
+        assert strategy["init_args"] == (expected if ep is None else {**expected, "expert_parallel_size": ep})
