@@ -99,8 +99,9 @@ def test_errors_raised_while_the_run_goes_name_flags(workdir, capsys, error, pri
     ("ZeroShotEvaluation.every_n_steps=0", "--eval.every_n_steps=0"),
     ("CheckpointOnSigterm.dirpath", "--preemption.dirpath"),
     ("ModelParallelStrategy.tensor_parallel_size=3", "--trainer.strategy.init_args.tensor_parallel_size=3"),
-    ("global batch size (TextDataModule.batch_size x Trainer.devices x Trainer.num_nodes)",
-     "global batch size (--data.batch_size x --trainer.devices x --trainer.num_nodes)"),
+    (("global batch size (TextDataModule.batch_size x data-parallel devices: Trainer.devices x Trainer.num_nodes / "
+     "tensor-parallel size)"), ("global batch size (--data.batch_size x data-parallel devices: --trainer.devices x "
+                              "--trainer.num_nodes / tensor-parallel size)")),
     # A linked setting is no flag: the flag it is linked from, or (computed) the Python name.
     ("TextDataModule.seq_len: checkpoint 16, now 8", "--model.config.max_seq_len: checkpoint 16, now 8"),
     ("ModelConfig.vocab_size=300", "ModelConfig.vocab_size=300"),

@@ -14,7 +14,8 @@ FINGERPRINT_LABELS = {
     "seq_len": "TextDataModule.seq_len",
     "seed": "TextDataModule.seed",
     "val_fraction": "TextDataModule.val_fraction",
-    "global_batch_size": "global batch size (TextDataModule.batch_size x Trainer.devices x Trainer.num_nodes)",
+    "global_batch_size": "global batch size (TextDataModule.batch_size x data-parallel devices: Trainer.devices x "
+                         "Trainer.num_nodes / tensor-parallel size)",
     "accumulate_grad_batches": "Trainer.accumulate_grad_batches (micro-batches per optimizer step, so the tokens "
     "per step are those of the global batch times this)",
     "schedule": "mixture schedule version",

@@ -118,9 +118,18 @@ class TextDataModule(pl.LightningDataModule):
     # ---- setup --------------------------------------------------------------------------------------------------
 
     def _rank_and_world(self) -> tuple[int, int]:
+        """This process's rank among the processes that read different data, and their number: the strategy's
+        sampler settings, so that the processes of a tensor-parallel group, which must see the same batch, read
+        the same rows (every process, under the strategies without model parallelism)."""
         if self.trainer is None:
             return 0, 1
+        sampler = getattr(getattr(self.trainer, "strategy", None), "distributed_sampler_kwargs", None)
+        if sampler:
+            return sampler["rank"], sampler["num_replicas"]
         return self.trainer.global_rank, self.trainer.world_size
+
+    def _is_first_process(self) -> bool:
+        return self.trainer is None or self.trainer.global_rank == 0
 
     def prepare_data(self) -> None:
         self._prepare()
@@ -140,19 +149,20 @@ class TextDataModule(pl.LightningDataModule):
         if self._checkpoint_fingerprint is not None:
             self._check_fingerprint(self._checkpoint_fingerprint)
         # prepare_data() may have built everything already; the report is printed once, at the first setup.
-        if not self._reported and self._rank_and_world()[0] == 0:
+        if not self._reported and self._is_first_process():
             self._reported = True
             rank_zero_info("\n" + self.report())
 
     def _prepare(self) -> None:
-        self.corpus.prepare(show_progress=self._rank_and_world()[0] == 0)
+        self.corpus.prepare(show_progress=self._is_first_process())
 
     def _require_setup(self) -> None:
         if not self.corpus.prepared:
             raise RuntimeError("call setup() first")
 
     def global_batch_size(self) -> int:
-        """Sequences per training batch over all devices (per micro-batch: accumulation multiplies it per step)."""
+        """Sequences per training batch over the data-parallel devices (per micro-batch: accumulation multiplies it
+        per step)."""
         return self.batch_size * self._rank_and_world()[1]
 
     def _accumulate_grad_batches(self) -> int:
@@ -167,7 +177,7 @@ class TextDataModule(pl.LightningDataModule):
             raise DataError(
                 f"the corpus is smaller than one batch: {n_train} training sequences of {self.seq_len} tokens "
                 f"({self.corpus.describe_train_windows()}), but one global batch needs {self.global_batch_size()} "
-                f"(batch_size {self.batch_size} x {self._rank_and_world()[1]} devices); add data or lower "
+                f"(batch_size {self.batch_size} x {self._rank_and_world()[1]} data-parallel devices); add data or lower "
                 "TextDataModule.seq_len / TextDataModule.batch_size"
             )
         return batches

@@ -207,7 +207,8 @@ def original_kwargs(module):
         ({"seq_len": 8}, r"TextDataModule.seq_len: checkpoint 16, now 8"),
         ({"seed": 8}, r"TextDataModule.seed: checkpoint 7, now 8"),
         ({"batch_size": 2},
-         r"global batch size \(TextDataModule.batch_size x Trainer.devices x Trainer.num_nodes\): checkpoint 4, now 2"),
+         (r"global batch size \(TextDataModule.batch_size x data-parallel devices: Trainer.devices x Trainer.num_nodes "
+         r"/ tensor-parallel size\): checkpoint 4, now 2")),
         ({"val_fraction": 0.2}, r"TextDataModule.val_fraction: checkpoint 0.1, now 0.2"),
         ({"vocab_size": 300}, r"tokenizer \(hash of its JSON\): checkpoint '\w+', now '\w+'"),
     ],

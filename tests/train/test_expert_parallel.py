@@ -7,7 +7,7 @@
   2 processes: EP 2 with torch.compile.
 - 2 processes through the real command line (configs/strategy/fsdp2-ep.yaml): a fit with gradient accumulation
   logs the all-to-all's imbalance and writes sharded checkpoints; its step-3 checkpoint resumes exactly under EP 2,
-  and under plain FSDP2, under EP 4 (4 processes) and, consolidated, on one process to the same weights (optimizer
+  and under plain FSDP2, under EP 4 and EP 2 x TP 2 (4 processes) and, consolidated, on one process to the same weights (optimizer
   state included: without it the weights would part after one step); the checkpoint exports to HF.
 - Bad sizes are refused before any process starts, naming the flags.
 """
@@ -123,18 +123,20 @@ def test_expert_parallel_fit_resumes_exactly_and_moves_between_layouts(workdir):
     # version_3: EP 4, the same global batch of 4 rows in 4 processes
     run_cli(workdir, resume + ep + ["--trainer.strategy.init_args.expert_parallel_size", "4",
                                     "--data.batch_size", "1"], devices=4)
+    # version_4: EP 2 x TP 2 (fsdp2-ep-tp.yaml), 4 processes of which 2 see different data: the same global batch
+    run_cli(workdir, resume + ["--config", str(ROOT / "configs/strategy/fsdp2-ep-tp.yaml")], devices=4)
     import cli
 
     single = workdir / "step3.ckpt"
     cli.main(["consolidate", str(step3), str(single)])
-    # version_4: one process, the same global batch (2 micro-batches of 2 x 2 rows)
+    # version_5: one process, the same global batch (2 micro-batches of 2 x 2 rows)
     run_cli(workdir, args + ["--data.batch_size", "4", "--ckpt_path", str(single)], devices=None)
 
     expected = final_weights(straight)
     exact = final_weights(runs / "version_1/checkpoints/last.ckpt")
     for name, weight in expected.items():
         assert torch.equal(exact[name], weight), name
-    for version in (2, 3, 4):  # other layouts: the same sums in another order
+    for version in (2, 3, 4, 5):  # other layouts: the same sums in another order
         moved = final_weights(runs / f"version_{version}/checkpoints/last.ckpt")
         for name, weight in expected.items():
             torch.testing.assert_close(moved[name], weight, rtol=1e-4, atol=1e-5, msg=f"version {version} {name}")
