@@ -16,26 +16,37 @@ import contextlib
 import hashlib
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from moe.data import locking
 from moe.data.locking import atomic_write_bytes
 
 
-def hash_files(files: list[Path], root: Path, text_field: str,
-               hash_cache: Path | None = None) -> tuple[str, int, list[list]]:
+class FileReader(Protocol):
+    """Something else to do with a file's bytes while they are read for its hash (so they are read once)."""
+
+    def update(self, block: bytes) -> None: ...
+
+    def finish(self, file_hash: str, n_bytes: int) -> None: ...
+
+
+def hash_files(files: list[Path], root: Path, text_field: str, hash_cache: Path | None = None,
+               also_read: Callable[[Path], FileReader | None] | None = None) -> tuple[str, int, list[list]]:
     """(content hash of the files, their total bytes, [hash, bytes] of each file), from the record in `hash_cache`
-    when the files are unchanged since it was written."""
+    when the files are unchanged since it was written. When the files are read, `also_read(path)` may give a reader
+    that is fed the same bytes and then the file's own hash (pre-tokenized shards are scanned so)."""
     stats = _stat_key(files, root, text_field)
     record = hash_cache / f"{stats}.json" if hash_cache is not None else None
-    if record is not None and record.is_file() and (remembered := _read_hash_record(record)) is not None:
+    if record is not None and (remembered := _read_hash_record(record)) is not None:
         return remembered  # read without the lock: a cache shared read-only needs none
     with locking.file_lock(record.with_suffix(".lock")) if record is not None else contextlib.nullcontext():
         started = locking.now_ns()
         remembered = _read_hash_record(record) if record is not None else None  # another process may have hashed
         if remembered is not None:
             return remembered
-        content_hash, n_bytes, shard_hashes = _hash_files(files, root, text_field)
+        content_hash, n_bytes, shard_hashes = _hash_files(files, root, text_field, also_read)
         newest = max(max(p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in files)
         unchanged = _stat_key(files, root, text_field) == stats
         if record is not None and unchanged and newest < started - locking.RACY_NS:
@@ -74,7 +85,8 @@ def _stat_key(files: list[Path], root: Path, text_field: str) -> str:
     return digest.hexdigest()[:32]
 
 
-def _hash_files(files: list[Path], root: Path, text_field: str) -> tuple[str, int, list[list]]:
+def _hash_files(files: list[Path], root: Path, text_field: str,
+                also_read: Callable[[Path], FileReader | None] | None = None) -> tuple[str, int, list[list]]:
     """Content hash of the files (relative names and bytes), their total size, and each file's own hash (its name
     and bytes) and size, in one read."""
     prefix = f"local\0{text_field}\0".encode()
@@ -87,13 +99,18 @@ def _hash_files(files: list[Path], root: Path, text_field: str) -> tuple[str, in
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
         own = hashlib.sha256(prefix + path.name.encode() + b"\0")
         size = 0
+        reader = also_read(path) if also_read is not None else None
         with open(path, "rb") as f:
             while block := f.read(1 << 20):
                 digest.update(block)
                 own.update(block)
                 size += len(block)
+                if reader is not None:
+                    reader.update(block)
         digest.update(b"\0")
         own.update(b"\0")
         shards.append([own.hexdigest(), size])
+        if reader is not None:
+            reader.finish(own.hexdigest(), size)
         n_bytes += size
     return digest.hexdigest(), n_bytes, shards

@@ -8,6 +8,7 @@ so that a resume onto a different corpus can be refused.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from moe.data.checksum import combined_crc32
 from moe.data.datasets import SourceTokens, TokenFile
 from moe.data.mixture import SCHEDULE_VERSION, MixtureSchedule
 from moe.data.packing import n_windows, split_windows
-from moe.data.pretokenized import token_shard
+from moe.data.pretokenized import scan_while_hashing, token_shard
 from moe.data.report import SourceRow, unigram_baseline
 from moe.data.sources import DataError, ResolvedSource, Source, resolve_source
 from moe.data.streaming import PLACEHOLDER_WINDOWS
@@ -70,7 +71,8 @@ class TokenCorpus:
     def resolved_sources(self) -> list[ResolvedSource]:
         if self._resolved is None:
             hashes = self.cache_dir / "hashes"
-            self._resolved = [resolve_source(s, self.corpus_max_bytes, hashes) for s in self.sources]
+            scan = functools.partial(scan_while_hashing, cache_dir=self.cache_dir)  # pre-tokenized shards: one read
+            self._resolved = [resolve_source(s, self.corpus_max_bytes, hashes, scan) for s in self.sources]
         return self._resolved
 
     @property

@@ -27,6 +27,7 @@ from moe.data.datasets import TokenFile
 from moe.data.locking import atomic_output, atomic_write_bytes
 from moe.data.sources import DataError
 from moe.data.token_cache import TokenCacheMeta
+from moe.data.tokenizer import tokenizer_hash
 
 _SCAN_TOKENS = 1 << 24  # tokens per read: bounds memory on any file size
 _NUMPY_MAGIC = b"\x93NUMPY"
@@ -98,29 +99,84 @@ def _refuse_uint32_read_as_uint16(path: Path, ids: np.ndarray) -> None:
 
 def token_shard(path: Path, key: str, token_dtype: str, cache_dir: Path) -> tuple[TokenFile, TokenCacheMeta, Path]:
     """The token file of a pre-tokenized shard, its metadata (scanned once and kept under `cache_dir` by the
-    file's content hash `key`) and where its id counts are kept."""
+    file's content hash `key`; on first use, while it is hashed: `scan_while_hashing`) and where its id counts are
+    kept."""
     offset, dtype, n_tokens = _layout(path, token_dtype)
-    record = cache_dir / "pretokenized" / f"{key}.json"
-    counts_path = record.with_suffix(".counts.npy")
-    tokens = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n_tokens,))
+    record = _record_path(cache_dir, key)
     meta = _read_record(record, n_tokens, dtype)
-    if meta is None:
-        crc, counts = 0, np.zeros(1, dtype=np.int64)
+    if meta is None:  # its hash was remembered, but not this record (another cache folder, a deleted record)
+        tokens = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n_tokens,))
+        scan = _Scan()
         for start in range(0, n_tokens, _SCAN_TOKENS):
-            block = np.ascontiguousarray(tokens[start : start + _SCAN_TOKENS])
-            crc = zlib.crc32(block, crc)
-            block_counts = np.bincount(block)
-            if len(block_counts) > len(counts):
-                counts = np.pad(counts, (0, len(block_counts) - len(counts)))
-            counts[: len(block_counts)] += block_counts
-        meta = TokenCacheMeta(n_tokens=n_tokens, n_docs=0, dtype=dtype.str, max_token_id=len(counts) - 1,
-                              source=str(path), source_hash=key, bytes=path.stat().st_size,
-                              tokenizer_hash=PRETOKENIZED, crc32=crc)
+            scan.update(tokens[start : start + _SCAN_TOKENS])
+        meta = scan.keep(record, path, key, dtype, path.stat().st_size)
+    return TokenFile(str(path), dtype.str, n_tokens, offset), meta, record.with_suffix(".counts.npy")
+
+
+def _record_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / "pretokenized" / f"{key}.json"
+
+
+class _Scan:
+    """The CRC-32 of a token array and the count of each id in it, fed block by block."""
+
+    def __init__(self):
+        self.crc, self.n_tokens, self.counts = 0, 0, np.zeros(1, dtype=np.int64)
+
+    def update(self, ids: np.ndarray) -> None:
+        block = np.ascontiguousarray(ids)
+        self.crc = zlib.crc32(block, self.crc)
+        self.n_tokens += len(block)
+        block_counts = np.bincount(block)
+        if len(block_counts) > len(self.counts):
+            self.counts = np.pad(self.counts, (0, len(block_counts) - len(self.counts)))
+        self.counts[: len(block_counts)] += block_counts
+
+    def keep(self, record: Path, path: Path, key: str, dtype: np.dtype, n_bytes: int) -> TokenCacheMeta:
+        """The shard's metadata, written (with its counts) to `record` for the next use."""
+        meta = TokenCacheMeta(n_tokens=self.n_tokens, n_docs=0, dtype=dtype.str, max_token_id=len(self.counts) - 1,
+                              source=str(path), source_hash=key, bytes=n_bytes, tokenizer_hash=PRETOKENIZED,
+                              crc32=self.crc)
         with contextlib.suppress(OSError):  # a read-only cache folder: scanned again next time
-            with atomic_output(counts_path) as out:
-                np.save(out, counts, allow_pickle=False)
+            with atomic_output(record.with_suffix(".counts.npy")) as out:
+                np.save(out, self.counts, allow_pickle=False)
             atomic_write_bytes(record, json.dumps(meta.__dict__, indent=1).encode())
-    return TokenFile(str(path), dtype.str, n_tokens, offset), meta, counts_path
+        return meta
+
+
+def scan_while_hashing(path: Path, token_dtype: str, cache_dir: Path) -> _HashedScan | None:
+    """A reader for content_hash.hash_files that scans a pre-tokenized shard from the bytes read for its content
+    hash and keeps its record, so that on first use the file is read once, not once to hash and again in
+    `token_shard`. None for a file `_layout` refuses: `token_shard` names the fault, as it would without this."""
+    try:
+        offset, dtype, n_tokens = _layout(path, token_dtype)
+    except DataError:
+        return None
+    return _HashedScan(path, cache_dir, offset, dtype, n_tokens)
+
+
+class _HashedScan:
+    def __init__(self, path: Path, cache_dir: Path, offset: int, dtype: np.dtype, n_tokens: int):
+        self.path, self.cache_dir, self.dtype, self.n_tokens = path, cache_dir, dtype, n_tokens
+        self.header = offset  # bytes of the NumPy header still to pass
+        self.rest = b""  # the bytes of an id split between two blocks
+        self.scan = _Scan()
+
+    def update(self, block: bytes) -> None:
+        skipped = min(self.header, len(block))
+        self.header -= skipped
+        data = self.rest + block[skipped:]
+        whole = len(data) - len(data) % self.dtype.itemsize
+        self.rest = data[whole:]
+        if whole:
+            self.scan.update(np.frombuffer(data, dtype=self.dtype, count=whole // self.dtype.itemsize))
+
+    def finish(self, file_hash: str, n_bytes: int) -> None:
+        if self.rest or self.scan.n_tokens != self.n_tokens:
+            return  # changed since _layout: not kept, token_shard scans what the file holds then
+        record = _record_path(self.cache_dir, file_hash)
+        if _read_record(record, self.n_tokens, self.dtype) is None:
+            self.scan.keep(record, self.path, file_hash, self.dtype, n_bytes)
 
 
 def _read_record(record: Path, n_tokens: int, dtype: np.dtype) -> TokenCacheMeta | None:
@@ -150,14 +206,17 @@ def export_tokens(corpus, out_dir: str | Path) -> list[Path]:
         for index, token_file in enumerate(files.files):
             target = folder / f"part-{index:05d}.bin"
             tokens = token_file.open()
+            # Raw ids in this machine's byte order, as they are read back: a pre-tokenized shard's dtype may be
+            # "<u2" or ">u2" (from a .npy header), a tokenized one's "uint16".
+            native = np.dtype(np.dtype(token_file.dtype).name)
             with atomic_output(target) as out:
                 for start in range(0, token_file.n_tokens, _SCAN_TOKENS):
-                    out.write(np.ascontiguousarray(tokens[start : start + _SCAN_TOKENS]).tobytes())
+                    out.write(np.ascontiguousarray(tokens[start : start + _SCAN_TOKENS], dtype=native).tobytes())
             parts.append({"file": target.name, "n_tokens": token_file.n_tokens})
-        dtypes = {f.dtype for f in files.files}
+        dtypes = {np.dtype(f.dtype).name for f in files.files}
         atomic_write_bytes(folder / "metadata.json", json.dumps({
             "source": resolved.description, "dtype": dtypes.pop() if len(dtypes) == 1 else sorted(dtypes),
-            "eos_id": corpus.eos_id, "n_vocab": corpus.n_vocab, "tokenizer_hash": corpus.fingerprint()["tokenizer"],
+            "eos_id": corpus.eos_id, "n_vocab": corpus.n_vocab, "tokenizer_hash": tokenizer_hash(corpus.tokenizer),
             "files": parts,
         }, indent=1).encode())
         tokenizer_json = folder / "tokenizer.json"

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from moe.data.content_hash import hash_files
+from moe.data.content_hash import FileReader, hash_files
 from moe.data.readers import DataError, read_documents
 
 STDLIB = "stdlib"
@@ -94,9 +94,11 @@ class ResolvedSource:
 
 
 def resolve_source(
-    source: Source, stdlib_max_bytes: int | None = None, hash_cache: Path | None = None
+    source: Source, stdlib_max_bytes: int | None = None, hash_cache: Path | None = None,
+    scan_tokens: Callable[[Path, str], FileReader | None] | None = None,
 ) -> ResolvedSource:
-    """Bind `source` to its files; `hash_cache` is a folder where content hashes of unchanged files are kept."""
+    """Bind `source` to its files; `hash_cache` is a folder where content hashes of unchanged files are kept.
+    `scan_tokens(path, token_dtype)` gives what else reads a pre-tokenized shard while it is hashed."""
     if not source.weight > 0:  # NaN too
         raise DataError(f"Source.weight={source.weight} must be positive (source {source.path!r})")
     if source.path == STDLIB:
@@ -116,7 +118,9 @@ def resolve_source(
             raise DataError(f"Source.token_dtype={source.token_dtype!r} must be one of {TOKEN_DTYPES} (source "
                             f"{source.path!r})")
         # The type is part of the key: the same bytes read as uint16 or uint32 are other tokens.
-        resolved = _local_source(name, token_files, root, f"tokens:{source.token_dtype}", source.path, hash_cache)
+        also_read = None if scan_tokens is None else lambda path: scan_tokens(path, source.token_dtype)
+        resolved = _local_source(name, token_files, root, f"tokens:{source.token_dtype}", source.path, hash_cache,
+                                 also_read=also_read)
         resolved.token_dtype = source.token_dtype
         return resolved
     return _local_source(name, files, root, source.text_field, source.path, hash_cache)
@@ -191,11 +195,11 @@ def _expand_local_path(path: str) -> tuple[list[Path], Path]:
 
 def _local_source(
     name: str, files: list[Path], root: Path, text_field: str, description: str, hash_cache: Path | None = None,
-    one_shard: bool = False,
+    one_shard: bool = False, also_read: Callable[[Path], FileReader | None] | None = None,
 ) -> ResolvedSource:
     """A source of local files: a shard per file, or all of them as one shard (`one_shard`, the embedded corpus of
     many small files, where a cache entry per file would cost more than it saves)."""
-    content_hash, n_bytes, shard_hashes = hash_files(files, root, text_field, hash_cache)
+    content_hash, n_bytes, shard_hashes = hash_files(files, root, text_field, hash_cache, also_read)
 
     def reader(paths: list[Path]) -> Callable[[], Iterator[str]]:
         def documents() -> Iterator[str]:

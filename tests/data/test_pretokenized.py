@@ -144,6 +144,18 @@ def test_byte_order_and_type_mistakes(tmp_path, tokenizer_file):
         module(folder, tmp_path, tokenizer_file)
 
 
+def test_exported_pretokenized_shards_read_back(tmp_path, tokenizer_file):
+    # A .npy header's dtype ("<u2", ">u2") is written out as the raw ids' type name, in this machine's byte order.
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    np.save(folder / "a.npy", np.arange(3, 300, dtype=">u2"))
+    np.save(folder / "b.npy", np.arange(5, 200, dtype="<u2"))
+    original = module(folder, tmp_path, tokenizer_file)
+    (exported,) = export_tokens(original.corpus, tmp_path / "tokens")
+    assert json.loads((exported / "metadata.json").read_text())["dtype"] == "uint16"
+    assert stream(module(exported, tmp_path, str(exported / "tokenizer.json"))) == stream(original)
+
+
 def test_export_refuses_a_stream_and_names_folders_safely(tmp_path, helpers, tokenizer_file):
     folder, _ = shard_folder(tmp_path, helpers)
     glob = module(str(folder / "*.jsonl"), tmp_path, tokenizer_file)
@@ -157,3 +169,44 @@ def test_export_refuses_a_stream_and_names_folders_safely(tmp_path, helpers, tok
     streamed.setup("fit")
     with pytest.raises(DataError, match="is streamed while training: it has no token cache to export"):
         export_tokens(streamed.corpus, tmp_path / "more")
+
+
+def test_a_shard_is_read_once_on_first_use(tmp_path, tokenizer_file, monkeypatch):
+    # Its content hash and its scan (CRC-32, id counts) come from one read; a start that remembers its hash but
+    # not its scan scans it alone, to the same record; a start that remembers both reads neither.
+    import time
+
+    from moe.data import locking, pretokenized
+
+    monkeypatch.setattr(locking, "now_ns", lambda: time.time_ns() + 10**11)  # old files: hash records are kept
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    np.save(folder / "a.npy", rng.integers(0, 320, size=700_000).astype(np.uint16))  # a header, and 2 MB of ids
+    rng.integers(0, 320, size=5000).astype(np.uint16).tofile(folder / "b.bin")
+    scanned, real_update = [], pretokenized._Scan.update  # (tokens, read from a memory map of the file)
+
+    def recording(self, ids):
+        scanned.append((len(ids), isinstance(ids, np.memmap)))
+        return real_update(self, ids)
+
+    monkeypatch.setattr(pretokenized._Scan, "update", recording)
+    first = module(folder, tmp_path, tokenizer_file)
+    n_tokens = first.corpus.files[0].n_tokens
+    # Scanned once, from the bytes read for the content hash: no second read of the file's memory map.
+    assert sum(n for n, _ in scanned) == n_tokens == 705_000 and not any(mapped for _, mapped in scanned)
+    records = {p.name: p.read_bytes() for p in (tmp_path / "cache" / "pretokenized").iterdir()}
+    assert len(records) == 4  # a record and its counts per shard
+    for path in (tmp_path / "cache" / "pretokenized").iterdir():
+        path.unlink()
+    scanned.clear()
+    again = module(folder, tmp_path, tokenizer_file)
+    assert sum(n for n, mapped in scanned if mapped) == n_tokens  # hashes remembered: token_shard scans, once
+    assert all(mapped for _, mapped in scanned)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "cache" / "pretokenized").iterdir()} == records
+    scanned.clear()
+    third = module(folder, tmp_path, tokenizer_file)
+    assert scanned == []
+    assert stream(first) == stream(again) == stream(third)
+    assert first.fingerprint() == again.fingerprint() == third.fingerprint()
+    assert first.unigram_baseline() == third.unigram_baseline()
