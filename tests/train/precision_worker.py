@@ -53,7 +53,8 @@ class RecordClipping(pl.Callback):
                         "weights": weights}, f"{self.out}.rank{trainer.global_rank}.pt")
 
 
-STRATEGIES = {"ddp": ["--trainer.strategy", "ddp"], "fsdp2": ["--config", "configs/strategy/fsdp2.yaml"]}
+STRATEGIES = {"ddp": ["--trainer.strategy", "ddp"], "fsdp2": ["--config", "configs/strategy/fsdp2.yaml"],
+              "fsdp2-ep": ["--config", "configs/strategy/fsdp2-ep.yaml"]}
 
 
 def run_cli(strategy: str, out: Path, workdir: Path) -> None:

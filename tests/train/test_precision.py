@@ -108,7 +108,7 @@ def test_fp16_with_a_gradient_scaler_and_fused_adamw():
     assert guard.skipped == 0
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "fsdp2-ep"])
 def test_bf16_mixed_on_two_processes_through_the_command_line(tmp_path, strategy):
     from ..cli_runs import write_tiny_run
 
