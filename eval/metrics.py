@@ -36,10 +36,11 @@ def binary_mean_stderr(correct: float, n: float) -> float:
 class TaskScores:
     """Correct counts per metric and the item count of one task, as torchmetrics sums.
 
-    sync: reduce over torch.distributed's default group at compute() (every rank must then call it)."""
+    sync: reduce over torch.distributed's default group at compute() (every rank must then call it). replicas:
+    how many processes scored each item (tensor-parallel peers run the same batches), so sums divide by it."""
 
-    def __init__(self, metrics: tuple[str, ...], sync: bool = False):
-        self.metrics = metrics
+    def __init__(self, metrics: tuple[str, ...], sync: bool = False, replicas: int = 1):
+        self.metrics, self.replicas = metrics, replicas
         self.correct = {m: SumMetric(sync_on_compute=sync) for m in metrics}
         self.count = SumMetric(sync_on_compute=sync)
         for metric in (*self.correct.values(), self.count):
@@ -52,10 +53,10 @@ class TaskScores:
 
     def compute(self) -> dict[str, float]:
         """{metric: mean, metric_stderr: its standard error, ..., n: items}."""
-        n = float(self.count.compute())
+        n = float(self.count.compute()) / self.replicas
         out = {}
         for m in self.metrics:
-            correct = float(self.correct[m].compute())
+            correct = float(self.correct[m].compute()) / self.replicas
             out[m] = correct / n if n else math.nan
             out[f"{m}_stderr"] = binary_mean_stderr(correct, n)
         out["n"] = round(n)

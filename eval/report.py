@@ -1,27 +1,44 @@
-"""Zero-shot results as a table (one column per task and an average) and as JSON lines on disk."""
+"""Evaluation results as a table (one row per task, then one per group, with standard errors) and as JSON lines
+on disk."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+METRICS = ("acc", "acc_norm")
+
+
+def _cell(value: float | None, width: int) -> str:
+    return f"{'-' if value is None or math.isnan(value) else f'{100 * value:.2f}':>{width}}"
 
 
 def format_table(results: dict[str, dict]) -> str:
-    """Rows acc and acc_norm (percent, lm-eval's metric names) and n; columns the tasks and their average.
-    A task without acc_norm (winogrande, boolq, as in lm-eval) shows '-' and is left out of that average."""
-    tasks = list(results)
-    width = max([8, *(len(t) for t in tasks)])
-    lines = [f"{'metric':<10}" + "".join(f"{t:>{width + 2}}" for t in tasks) + f"{'average':>{width + 2}}"]
-    for metric in ("acc", "acc_norm"):
-        values = [results[t].get(metric) for t in tasks]
-        present = [v for v in values if v is not None]
-        if not present:
-            continue
-        cells = "".join(f"{'-' if v is None else f'{100 * v:.2f}':>{width + 2}}" for v in values)
-        lines.append(f"{metric:<10}{cells}{100 * sum(present) / len(present):>{width + 2}.2f}")
-    lines.append(f"{'n':<10}" + "".join(f"{results[t]['n']:>{width + 2}}" for t in tasks))
-    rule = "-" * len(lines[0])
-    return "\n".join([lines[0], rule, *lines[1:]])
+    """Rows: tasks (acc and acc_norm in percent with their standard errors, and items), the plain average of the
+    tasks when no group is shown, then the groups (entries with a "tasks" count) as lm-eval aggregates them. A task
+    without acc_norm (winogrande, boolq, MMLU's lettered form, as in lm-eval) shows '-'."""
+    tasks = [name for name, r in results.items() if "tasks" not in r]
+    groups = [name for name, r in results.items() if "tasks" in r]
+    width = max([10, *(len(name) for name in results)])
+    header = f"{'':<{width}}{'n':>8}" + "".join(f"{m:>10}{'±':>7}" for m in METRICS)
+    rule = "-" * len(header)
+
+    def row(name: str) -> str:
+        r = results[name]
+        cells = "".join(_cell(r.get(m), 10) + _cell(r.get(f"{m}_stderr"), 7) for m in METRICS)
+        return f"{name:<{width}}{r['n']:>8}{cells}"
+
+    lines = [header.replace(f"{'':<{width}}", f"{'task':<{width}}", 1), rule, *map(row, tasks)]
+    if len(tasks) > 1 and not groups:
+        means = []
+        for m in METRICS:
+            values = [results[t][m] for t in tasks if m in results[t]]
+            means.append(sum(values) / len(values) if values else None)
+        lines.append(f"{'average':<{width}}{'':>8}" + "".join(_cell(v, 10) + f"{'':>7}" for v in means))
+    if groups:
+        lines += [rule, header.replace(f"{'':<{width}}", f"{'group':<{width}}", 1), rule, *map(row, groups)]
+    return "\n".join(lines)
 
 
 def append_results(path: str | Path, record: dict) -> None:

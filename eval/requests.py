@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from eval.data import EvalDataError
+from eval.fewshot import context_prefix
 from eval.tasks import Doc, Task
 
 
@@ -30,14 +31,15 @@ class Item:
     choice_chars: list[int]  # length in characters of each choice, the acc_norm divisor
 
 
-def doc_requests(task: Task, doc: Doc) -> list[tuple[str, str]]:
-    """(context, continuation) per choice of one document, zero-shot."""
-    choices = task.choices(doc)
-    if task.partial:
-        continuation = task.target_delimiter + task.continuation(doc)
-        return [(choice, continuation) for choice in choices]
-    context = task.context(doc)
-    return [(context, task.target_delimiter + choice) for choice in choices]
+def doc_requests(task: Task, doc: Doc, examples: list[Doc] = ()) -> list[tuple[str, str]]:
+    """(context, continuation) per choice of one document, after the task's description and the solved few-shot
+    `examples` (none: zero-shot)."""
+    prefix = context_prefix(task, doc, list(examples))
+    text = task.text(doc)
+    if isinstance(text, int):  # partial: every choice completes the context, the same continuation is scored
+        continuation = task.target_delimiter + task.target(doc)
+        return [(prefix + choice, continuation) for choice in task.choices(doc)]
+    return [(prefix + text, task.target_delimiter + choice) for choice in task.choices(doc)]
 
 
 def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str,
@@ -56,20 +58,21 @@ def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: 
     return context_ids, whole[len(context_ids):]
 
 
-def build_items(task: Task, docs: list[Doc], indices: list[int], encode: Callable[[str], list[int]],
-                prefix_id: int, places: list[str] | None = None) -> list[Item]:
-    """Items for the documents at `indices`; a request whose continuation has no tokens is an error (lm-eval
-    asserts the same), as it would score 0 for every choice: an EvalDataError naming the row's place
-    (places[index], "file:line") when given."""
+def build_items(task: Task, docs: dict[int, Doc], indices: list[int], encode: Callable[[str], list[int]],
+                prefix_id: int, places: list[str] | None = None,
+                examples: dict[int, list[Doc]] | None = None) -> list[Item]:
+    """Items for the documents at `indices` (with their few-shot `examples` when given); a request whose
+    continuation has no tokens is an error (lm-eval asserts the same), as it would score 0 for every choice: an
+    EvalDataError naming the row's place (places[index], "file:line") when given."""
     items = []
     for index in indices:
         doc = docs[index]
-        requests = doc_requests(task, doc)
+        requests = doc_requests(task, doc, examples[index] if examples else ())
         tokens = [encode_pair(encode, context, continuation, prefix_id) for context, continuation in requests]
         for (context, continuation), (_, continuation_ids) in zip(requests, tokens):
             if not continuation_ids:
                 place = places[index] if places is not None else f"row {index}"
                 raise EvalDataError(f"{place}: {task.name} continuation {continuation!r} has no tokens")
-        items.append(Item(task.name, index, requests, tokens, task.gold(doc),
-                          [len(choice) for choice in task.choices(doc)]))
+        choices = task.choices(doc)
+        items.append(Item(task.name, index, requests, tokens, task.gold(doc, choices), [len(c) for c in choices]))
     return items

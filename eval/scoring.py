@@ -19,12 +19,16 @@ Two ways to run an item (all its choices together, so that an item is always com
 The plan is a deterministic list of batches computed identically on every rank; rank r runs batches r::world
 and then dummy forward passes until it has made as many calls as the busiest rank, so that collectives inside
 a sharded model's forward (FSDP's all-gathers) pair up on every rank.
+
+An optional observer (eval/routing.py's RoutingRecorder) is told before every forward pass what its rows are
+(ForwardObserver); with none, nothing is computed for it.
 Shapes: B items, R requests (rows), T tokens, V vocabulary, N scored tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +46,15 @@ class Batch:
     kind: str  # SHARED or FULL
     items: tuple[int, ...]  # indices into the item list
     prefix_len: int = 0  # p, shared batches only
+
+
+class ForwardObserver(Protocol):
+    def before_forward(self, ids: torch.Tensor, lengths: list[int], tasks: list[str | None], weights: list[int],
+                       continues: list[int] | None = None) -> None:
+        """The next forward pass runs ids (B, T), right-padded: row r's real tokens are its first lengths[r],
+        belong to task tasks[r] and stand for weights[r] requests' identical tokens (a shared prefix stands for
+        every choice of its item). continues[r], when given, is the row of the previous forward pass (the
+        prefill) whose tokens precede row r's in its sequence (its KV cache row)."""
 
 
 def _inputs(item: Item, max_length: int) -> list[list[int]]:
@@ -144,7 +157,8 @@ def _logits_at(model, ids: torch.Tensor, rows: list[int], positions: list[int], 
     return model(ids, **kwargs).logits[rows_t, positions_t]
 
 
-def run_full(model, items: list[Item], max_length: int, pad_id: int, device) -> torch.Tensor:
+def run_full(model, items: list[Item], max_length: int, pad_id: int, device,
+             observer: ForwardObserver | None = None) -> torch.Tensor:
     """(R,) log-likelihoods of all choices of `items`, in item then choice order, one forward pass."""
     inputs = [_inputs(item, max_length) for item in items]
     flat = [x for item_inputs in inputs for x in item_inputs]
@@ -153,11 +167,16 @@ def run_full(model, items: list[Item], max_length: int, pad_id: int, device) -> 
         rows += [r] * len(continuation)
         positions += range(start, len(x))
         targets += continuation
-    selected = _logits_at(model, _right_pad(flat, pad_id, device), rows, positions)  # (N, V)
+    ids = _right_pad(flat, pad_id, device)
+    if observer is not None:
+        observer.before_forward(ids, [len(x) for x in flat], [item.task for item in items for _ in item.tokens],
+                                [1] * len(flat))
+    selected = _logits_at(model, ids, rows, positions)  # (N, V)
     return _sum_log_probs(selected, targets, rows, len(flat))
 
 
-def run_shared(model, items: list[Item], prefix_len: int, max_length: int, pad_id: int, device) -> torch.Tensor:
+def run_shared(model, items: list[Item], prefix_len: int, max_length: int, pad_id: int, device,
+               observer: ForwardObserver | None = None) -> torch.Tensor:
     """As run_full, prefilling the first prefix_len tokens of each item once (see the module docstring)."""
     p = prefix_len
     inputs = [_inputs(item, max_length) for item in items]
@@ -169,6 +188,9 @@ def run_shared(model, items: list[Item], prefix_len: int, max_length: int, pad_i
     prefix_ids = _right_pad(prefixes, pad_id, device)
     last_column = torch.zeros(prefix_ids.shape, dtype=torch.bool, device=device)
     last_column[:, -1] = True
+    if observer is not None:
+        observer.before_forward(prefix_ids, [p] * len(items), [item.task for item in items],
+                                [len(item.tokens) for item in items])
     last = model(prefix_ids, cache=cache, logits_at=last_column).logits  # (B, V)
     cache = cache.select_rows(torch.tensor(row_item, device=device))
     # Input position t of a request is the prefill's last logit when t = p - 1, else remainder position t - p.
@@ -185,23 +207,28 @@ def run_shared(model, items: list[Item], prefix_len: int, max_length: int, pad_i
         rest_positions += range(start + offset - p, len(x) - p)
         targets += continuation[offset:]
         owner += [r] * (len(continuation) - offset)
-    rest = _logits_at(model, _right_pad(remainders, pad_id, device), rest_rows, rest_positions, cache=cache)
+    rest_ids = _right_pad(remainders, pad_id, device)
+    if observer is not None:
+        observer.before_forward(rest_ids, [len(r) for r in remainders], [items[b].task for b in row_item],
+                                [1] * len(remainders), continues=row_item)
+    rest = _logits_at(model, rest_ids, rest_rows, rest_positions, cache=cache)
     selected = torch.cat([last[torch.tensor(from_prefill, dtype=torch.long, device=device)], rest])  # (N, V)
     return _sum_log_probs(selected, prefill_targets + targets, prefill_owner + owner, len(remainders))
 
 
 def run_plan(model, items: list[Item], plan: list[Batch], max_length: int, pad_id: int,
-             rank: int = 0, world_size: int = 1) -> tuple[dict[int, list[float]], int]:
+             rank: int = 0, world_size: int = 1,
+             observer: ForwardObserver | None = None) -> tuple[dict[int, list[float]], int]:
     """Run rank `rank`'s batches: {item index: log-likelihood per choice}, and the forward calls made
-    (dummy ones included: the same number on every rank)."""
+    (dummy ones included: the same number on every rank). observer: told about every forward pass first."""
     device = next(model.parameters()).device
     results, calls = {}, 0
     for batch in plan[rank::world_size]:
         batch_items = [items[i] for i in batch.items]
         if batch.kind == SHARED:
-            lls = run_shared(model, batch_items, batch.prefix_len, max_length, pad_id, device)
+            lls = run_shared(model, batch_items, batch.prefix_len, max_length, pad_id, device, observer)
         else:
-            lls = run_full(model, batch_items, max_length, pad_id, device)
+            lls = run_full(model, batch_items, max_length, pad_id, device, observer)
         calls += FORWARD_CALLS[batch.kind]
         start = 0
         for i, item in zip(batch.items, batch_items):
@@ -209,6 +236,9 @@ def run_plan(model, items: list[Item], plan: list[Batch], max_length: int, pad_i
             start += len(item.tokens)
     busiest = max(forward_calls(plan, r, world_size) for r in range(world_size))
     for _ in range(busiest - calls):  # a rank short of work keeps its peers' collectives company
-        model(torch.tensor([[pad_id]], device=device))
+        dummy = torch.tensor([[pad_id]], device=device)
+        if observer is not None:
+            observer.before_forward(dummy, [0], [None], [0])  # no real token
+        model(dummy)
         calls += 1
     return results, calls

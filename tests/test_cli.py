@@ -95,16 +95,39 @@ def test_fit_validate_test_predict(workdir, capsys):
         cli.main([command, *tiny_run_args(workdir), "--ckpt_path", ckpt])
         assert f"{'val' if command == 'validate' else 'test'}/loss" in capsys.readouterr().out
 
-    # Evaluation-only run: the same scores as eval.evaluate on the checkpoint's model and tokenizer.
+    # Evaluation-only run, 2-shot, on a shipped task, MMLU's STEM group (a stratified subsample: one item of each
+    # of its 19 subjects) and a user's task file: the same scores as eval.evaluate on the checkpoint's model.
+    user_task = workdir / "my_boolq.yaml"
+    user_task.write_text("task: my_boolq\ndataset_path: google/boolq\nvalidation_split: validation\n"
+                         "output_type: multiple_choice\ndoc_to_text: \"{{passage}}\\nQuestion: {{question}}?\\nAnswer:\"\n"
+                         "doc_to_choice: ['no', 'yes']\ndoc_to_target: '{{answer | int}}'\n")
+    tasks = ["arc_challenge", "mmlu_stem", str(user_task)]
+    (EVALDATA_COPY := workdir / "evaldata").mkdir()
+    (EVALDATA_COPY / "my_boolq").symlink_to(EVALDATA / "boolq")
+    for name in ("arc_challenge", "mmlu"):
+        (EVALDATA_COPY / name).symlink_to(EVALDATA / name)
     cli.main(["validate", *tiny_run_args(workdir), "--ckpt_path", ckpt, "--config",
-              str(ROOT / "configs/eval/zero-shot.yaml"), "--eval.tasks", "[arc_challenge, boolq]", "--eval.limit", "10",
-              "--eval.data_dir", str(EVALDATA)])
+              str(ROOT / "configs/eval/zero-shot.yaml"), "--eval.tasks", f"[{', '.join(tasks)}]", "--eval.limit", "10",
+              "--eval.num_fewshot", "2", "--eval.group_limit", "19", "--eval.data_dir", str(EVALDATA_COPY),
+              "--eval.routing", "true"])
     out = capsys.readouterr().out
-    assert "zero-shot (validate" in out and "eval/arc_challenge/acc_norm" in out
+    assert "zero-shot (validate" in out and "2-shot" in out and "eval/mmlu_stem/acc" in out
     model, tokenizer = load_lightning_checkpoint(ckpt)
-    expected = evaluate(model, tokenizer, ["arc_challenge", "boolq"], data_dir=EVALDATA, limit=10)
+    expected = evaluate(model, tokenizer, tasks, data_dir=EVALDATA_COPY, limit=10, num_fewshot=2, group_limit=19)
     record = json.loads((workdir / "runs/quickstart/version_3/zero_shot.jsonl").read_text().splitlines()[-1])
-    assert record["stage"] == "validate" and record["results"] == expected
+    assert record["stage"] == "validate" and json.dumps(record["results"]) == json.dumps(expected)  # nan-safe
+    assert expected["mmlu_stem"]["n"] == 19 and expected["my_boolq"]["n"] == 10
+    # --eval.routing: routing.jsonl (the reference's lines, task null, then every task's) and one heatmap beside
+    # zero_shot.jsonl, counting the tokens eval.routing counts on the checkpoint's model.
+    from eval.routing import RoutingRecorder
+
+    with RoutingRecorder(model) as recorder:
+        evaluate(model, tokenizer, tasks, data_dir=EVALDATA_COPY, limit=10, num_fewshot=2, group_limit=19,
+                 routing=recorder)
+    lines = [json.loads(line) for line in (workdir / "runs/quickstart/version_3/routing.jsonl").read_text().splitlines()]
+    tokens = {line["task"]: line["tokens"] for line in lines if line["stage"] == "validate"}
+    assert tokens.pop(None) > 0 and tokens == {task: int(n) for task, n in zip(recorder.tasks, recorder.sums().tokens)}
+    assert len(list((workdir / "runs/quickstart/version_3").glob("routing_validate_step*.png"))) == 1
     cli.main(["predict", *tiny_run_args(workdir), "--ckpt_path", ckpt])
     assert "----- 'def ' -----" in capsys.readouterr().out
 

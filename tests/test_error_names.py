@@ -39,8 +39,8 @@ CASES = {
                       "--data.sources[1].weight=0.0 must be positive"),
     "evaluation setting": (lambda w: ZeroShotEvaluation(tasks=["piqa"], limit=0), lambda w: ["--eval.limit", "0"],
                            "ZeroShotEvaluation.limit=0 must be positive", "--eval.limit=0 must be positive"),
-    "evaluation task": (lambda w: ZeroShotEvaluation(tasks=["piqa", "mmlu"]), lambda w: ["--eval.tasks", "[mmlu]"],
-                        "ZeroShotEvaluation.tasks: unknown task 'mmlu'", "--eval.tasks: unknown task 'mmlu'"),
+    "evaluation task": (lambda w: ZeroShotEvaluation(tasks=["piqa", "mmlu2"]), lambda w: ["--eval.tasks", "[mmlu2]"],
+                        "ZeroShotEvaluation.tasks: unknown task 'mmlu2'", "--eval.tasks: unknown task 'mmlu2'"),
     # ModelConfig's own messages: these name `ModelConfig.<field>` (moe/config.py) for the command line to rewrite.
     "model config": (lambda w: get_preset("tiny-moe", head_dim=7), lambda w: ["--model.config.head_dim", "7"],
                      "ModelConfig.head_dim=7", "--model.config.head_dim=7"),

@@ -1,5 +1,6 @@
 """Run by test_ddp_eval.py: zero-shot evaluation through the Lightning callback in a 2-process DDP `validate` on
-CPU (gloo). Rank 0 writes the callback's results and the forward passes each rank made to argv[1] (JSON)."""
+CPU (gloo), routing recorded. Rank 0 writes the callback's results and the forward passes each rank made to argv[1]
+(JSON), and the callback its routing.jsonl beside it."""
 
 import json
 import sys
@@ -41,8 +42,14 @@ class EvalOnlyData(pl.LightningDataModule):
         self.tokenizer, self.eos_id = tokenizer, tokenizer.token_to_id("<|endoftext|>")
 
     def val_dataloader(self):
-        rows = torch.randint(0, 100, (4, 17), generator=torch.Generator().manual_seed(0))
-        return DataLoader([{"input_ids": r[:-1], "labels": r[1:]} for r in rows], batch_size=2)
+        # This rank's share, as moe.data's loader shards validation: the routing reference sums the shares.
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return DataLoader([{"input_ids": r[:-1], "labels": r[1:]} for r in reference_rows()[rank::world]],
+                          batch_size=2)
+
+
+def reference_rows() -> torch.Tensor:
+    return torch.randint(0, 100, (4, 17), generator=torch.Generator().manual_seed(0))
 
 
 def main(out: Path, evaldata: Path) -> None:
@@ -51,7 +58,7 @@ def main(out: Path, evaldata: Path) -> None:
     forward = module.model.forward
     module.model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
     callback = ZeroShotEvaluation(tasks=TASKS, limit=LIMIT, data_dir=str(evaldata), batch_tokens=512,
-                                  output=str(out.parent / "zero_shot.jsonl"))
+                                  output=str(out.parent / "zero_shot.jsonl"), routing=True)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[callback])
     trainer.validate(module, datamodule=EvalOnlyData(tokenizer))

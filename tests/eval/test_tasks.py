@@ -16,7 +16,7 @@ from .conftest import rows
 def test_task_names_and_unknown_task():
     assert task_names() == ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "sciq",
                             "winogrande"]
-    with pytest.raises(ValueError, match="unknown task 'arc'; available tasks: arc_challenge, arc_easy, boolq"):
+    with pytest.raises(ValueError, match=r"^unknown task 'arc': not a shipped task \(arc_challenge, arc_easy, boolq"):
         get_task("arc")
 
 
@@ -84,11 +84,17 @@ def test_encode_pair_matches_lm_eval(tokenizer, context, continuation):
     assert encode_pair(encode, context, continuation, prefix_id) == expected
 
 
-def test_the_olmo_config_names_every_shipped_task_and_zero_shot_six_of_them():
+def test_the_eval_configs_name_shipped_tasks_and_groups():
     import yaml
+
+    from eval.tasks import get_group, resolve
 
     from ..cli_runs import ROOT
 
-    olmo = yaml.safe_load((ROOT / "configs/eval/olmo-8.yaml").read_text())["eval"]["tasks"]
-    six = yaml.safe_load((ROOT / "configs/eval/zero-shot.yaml").read_text())["eval"]["tasks"]
-    assert olmo == task_names() and set(six) == set(olmo) - {"sciq", "openbookqa"}
+    config = {name: yaml.safe_load((ROOT / f"configs/eval/{name}.yaml").read_text())["eval"]
+              for name in ("olmo-8", "zero-shot", "mmlu")}
+    assert config["olmo-8"]["tasks"] == ["olmo_core8"]
+    assert [t.name for t in get_group("olmo_core8").leaves()] == task_names()
+    assert set(config["zero-shot"]["tasks"]) == set(task_names()) - {"sciq", "openbookqa"}
+    (mmlu,) = resolve(config["mmlu"]["tasks"])
+    assert len(mmlu.leaves()) == 57 and config["mmlu"]["num_fewshot"] == 5
