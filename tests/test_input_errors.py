@@ -45,12 +45,12 @@ PIQA_ROW = {"goal": "g", "sol1": "a", "sol2": "b", "label": 0}
 
 @pytest.mark.parametrize("command,task,text,message", [
     ("fit", "piqa", json.dumps(PIQA_ROW) + '\n{"goal": "g", "sol1": "a", "label": 1}\n',
-     "piqa/validation.jsonl:2: malformed piqa row (KeyError: 'sol2')"),
+     "piqa/validation.jsonl:2: malformed piqa row (UndefinedError: 'sol2' is undefined)"),
     ("fit", "piqa", json.dumps(PIQA_ROW) + '\n\n{"goal": "g", "sol1": \n', "piqa/validation.jsonl:3: malformed JSON"),
     ("validate", "winogrande", '{"sentence": "a _ b", "option1": "x", "option2": "y", "answer": "3"}\n',
-     "winogrande/validation.jsonl:1: malformed winogrande row (KeyError: '3')"),
-    ("fit", "boolq", None, "no data for task 'boolq'; looked for: {data}/validation.jsonl, {data}/boolq/validation.jsonl"),
-    ("validate", "boolq", None, "no data for task 'boolq'; looked for: {data}/validation.jsonl"),
+     "winogrande/validation.jsonl:1: malformed winogrande row (UndefinedError: 'dict object' has no attribute '3')"),
+    ("fit", "boolq", None, "no data for task 'boolq' (validation split); looked for: {data}/validation.jsonl, {data}/boolq/validation.jsonl"),
+    ("validate", "boolq", None, "no data for task 'boolq' (validation split); looked for: {data}/validation.jsonl"),
 ])
 def test_bad_or_missing_evaluation_rows_end_in_one_line_before_any_step(workdir, capsys, command, task, text, message):
     data = workdir / "evaldata"
