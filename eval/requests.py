@@ -42,6 +42,22 @@ def doc_requests(task: Task, doc: Doc, examples: list[Doc] = ()) -> list[tuple[s
     return [(prefix + text, task.target_delimiter + choice) for choice in task.choices(doc)]
 
 
+def _move_spaces(context: str, continuation: str) -> tuple[str, str]:
+    """The context's trailing whitespace moved to the start of the continuation."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        return context[:-n_spaces], context[-n_spaces:] + continuation
+    return context, continuation
+
+
+def pair_texts(context: str, continuation: str) -> list[str]:
+    """The strings encode_pair encodes for this request."""
+    if context == "":
+        return [continuation]
+    context, continuation = _move_spaces(context, continuation)
+    return [context + continuation, context]
+
+
 def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str,
                 prefix_id: int) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) of one request, as lm-eval tokenizes it for a causal model."""
@@ -50,29 +66,33 @@ def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: 
         if continuation_ids and continuation_ids[0] == prefix_id:
             return continuation_ids[:1], continuation_ids[1:]
         return [prefix_id], continuation_ids
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    context, continuation = _move_spaces(context, continuation)
     whole = encode(context + continuation)
     context_ids = encode(context)
     return context_ids, whole[len(context_ids):]
 
 
 def build_items(task: Task, docs: dict[int, Doc], indices: list[int], encode: Callable[[str], list[int]],
-                prefix_id: int, places: list[str] | None = None,
-                examples: dict[int, list[Doc]] | None = None) -> list[Item]:
+                prefix_id: int, places: list[str] | None = None, examples: dict[int, list[Doc]] | None = None,
+                encode_batch: Callable[[list[str]], list[list[int]]] | None = None) -> list[Item]:
     """Items for the documents at `indices` (with their few-shot `examples` when given); a request whose
     continuation has no tokens is an error (lm-eval asserts the same), as it would score 0 for every choice: an
-    EvalDataError naming the row's place (places[index], "file:line") when given."""
+    EvalDataError naming the row's place (places[index], "file:line") when given. Every distinct string is
+    encoded once, all of them in one encode_batch call when given (the same ids as encode's, string by string:
+    a Rust tokenizer's batch runs on all cores)."""
+    requests = {index: doc_requests(task, docs[index], examples[index] if examples else ()) for index in indices}
+    texts = list(dict.fromkeys(text for pairs in requests.values() for pair in pairs for text in pair_texts(*pair)))
+    encoded = dict(zip(texts, encode_batch(texts) if encode_batch is not None else map(encode, texts)))
     items = []
     for index in indices:
         doc = docs[index]
-        requests = doc_requests(task, doc, examples[index] if examples else ())
-        tokens = [encode_pair(encode, context, continuation, prefix_id) for context, continuation in requests]
-        for (context, continuation), (_, continuation_ids) in zip(requests, tokens):
+        tokens = [encode_pair(encoded.__getitem__, context, continuation, prefix_id)
+                  for context, continuation in requests[index]]
+        for (context, continuation), (_, continuation_ids) in zip(requests[index], tokens):
             if not continuation_ids:
                 place = places[index] if places is not None else f"row {index}"
                 raise EvalDataError(f"{place}: {task.name} continuation {continuation!r} has no tokens")
         choices = task.choices(doc)
-        items.append(Item(task.name, index, requests, tokens, task.gold(doc, choices), [len(c) for c in choices]))
+        items.append(Item(task.name, index, requests[index], tokens, task.gold(doc, choices),
+                          [len(c) for c in choices]))
     return items

@@ -138,6 +138,7 @@ class _Pass:
     pair_weight: torch.Tensor  # (B, T) float64: the same where the token has a predecessor in its sequence
     continues: torch.Tensor | None  # (B,) row of the previous pass that each row continues
     last: torch.Tensor  # (B,) position of each row's last real token (-1 for an empty row)
+    real: torch.Tensor  # (N_real,) flat positions b * T + t of the real tokens
     recorded: set[int] = field(default_factory=set)  # router slots that have seen this pass
 
 
@@ -204,7 +205,8 @@ class RoutingRecorder:
             self._pairs.index_add_(0, task_index, pair_weight.sum(1))
         # An empty row has no last token (-1): a row continuing it has no predecessor.
         last = torch.where(length > 0, length - 1, -1)
-        self._pass = _Pass((B, T), task_index.repeat_interleave(T), token_weight.flatten(), pair_weight, source, last)
+        self._pass = _Pass((B, T), task_index.repeat_interleave(T), token_weight.flatten(), pair_weight, source, last,
+                           real.flatten().nonzero()[:, 0])
 
     def sums(self) -> RoutingSums:
         """This process's sums so far (tasks in the order first seen; none when no real token ran here, as on a
@@ -238,19 +240,23 @@ class RoutingRecorder:
     def _hook(self, slot: int):
         def record(module, inputs, routing: Routing) -> None:
             current = self._pass
-            if current is None or slot in current.recorded or routing.experts.shape[0] != current.shape[0] * \
-                    current.shape[1]:
+            # The model routed all B*T tokens, or the real ones only (moe/unpadded.py: lengths given).
+            if current is None or slot in current.recorded or routing.experts.shape[0] not in (
+                    current.shape[0] * current.shape[1], current.real.numel()):
                 raise RuntimeError("RoutingRecorder: a forward pass ran that scoring did not announce "
                                    "(before_forward) or whose shape differs")
             current.recorded.add(slot)
             B, T = current.shape
-            experts = routing.experts  # (N, k)
+            experts, probs = routing.experts, routing.probs  # (N, k), (N, E)
+            if experts.shape[0] != B * T:  # back to (B*T) rows; padding's weigh nothing
+                experts = experts.new_zeros(B * T, experts.shape[1]).index_copy_(0, current.real, experts)
+                probs = probs.new_zeros(B * T, probs.shape[1]).index_copy_(0, current.real, probs)
             k = experts.shape[1]
             if self.tasks:  # else no real token was announced yet (a rank's dummy pass)
                 weight = current.token_weight
                 flat_index = (current.token_task[:, None] * self.n_experts + experts).flatten()  # (N*k,)
                 self._counts[slot].view(-1).index_add_(0, flat_index, weight.repeat_interleave(k))
-                entropy = torch.special.entr(routing.probs).sum(-1).double()  # (N,)
+                entropy = torch.special.entr(probs).sum(-1).double()  # (N,)
                 self._entropy[slot].index_add_(0, current.token_task, weight * entropy)
             top1 = experts[:, 0].view(B, T)
             previous = torch.roll(top1, 1, dims=1)  # (B, T); column 0 is replaced or carries no weight

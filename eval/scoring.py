@@ -15,6 +15,8 @@ Two ways to run an item (all its choices together, so that an item is always com
 - full: every choice's whole input, right-padded, in one forward pass. Used when truncation applies (the
   inputs then no longer start with the context), when the inputs share no first token, without a KV cache, or
   when sharing is switched off.
+Our Transformer is told each row's real length and runs everything but attention on the real tokens only
+(moe/unpadded.py): right padding costs attention alone.
 
 The plan is a deterministic list of batches computed identically on every rank; rank r runs batches r::world
 and then dummy forward passes until it has made as many calls as the busiest rank, so that collectives inside
@@ -32,6 +34,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from eval.requests import Item
 from moe.kv_cache import KVCache
@@ -125,13 +128,22 @@ def _right_pad(rows: list[list[int]], pad_id: int, device) -> torch.Tensor:
     return torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long, device=device)
 
 
-def _sum_log_probs(logits: torch.Tensor, targets: list[int], request_of_token: list[int], n_requests: int):
-    """Per-request sums of log p(target) over scored positions: logits (N, V) -> (R,) float64 on the CPU."""
-    device = logits.device
-    log_probs = F.log_softmax(logits.float(), dim=-1)
-    picked = log_probs.gather(1, torch.tensor(targets, device=device)[:, None]).squeeze(1)  # (N,)
-    sums = torch.zeros(n_requests, dtype=torch.float64, device=device)
-    return sums.index_add_(0, torch.tensor(request_of_token, device=device), picked.double()).cpu()
+def _sum_log_probs(pieces: list[tuple[torch.Tensor, list[int], list[int], list[int]]], n_requests: int):
+    """Per-request sums of log p(target) over scored positions, from pieces (logits (M, V), rows, targets,
+    requests): the n-th scored token is row rows[n] of its piece's logits, predicting targets[n] for request
+    requests[n]. -> (R,) float64 on the CPU. Pieces rather than one concatenation of the logits, which would copy
+    them (tens of MB per batch)."""
+    sums = None
+    for logits, rows, targets, requests in pieces:
+        device = logits.device
+        if sums is None:
+            sums = torch.zeros(n_requests, dtype=torch.float64, device=device)
+        if not targets:
+            continue
+        log_probs = F.log_softmax(logits.float(), dim=-1)  # (M, V)
+        picked = log_probs[torch.tensor(rows, device=device), torch.tensor(targets, device=device)]  # (N,)
+        sums.index_add_(0, torch.tensor(requests, device=device), picked.double())
+    return sums.cpu()
 
 
 def _scored_positions(inputs: list[list[list[int]]], items: list[Item]):
@@ -145,15 +157,19 @@ def _scored_positions(inputs: list[list[list[int]]], items: list[Item]):
             yield x, start, continuation[len(continuation) - (len(x) - start):]
 
 
-def _logits_at(model, ids: torch.Tensor, rows: list[int], positions: list[int], **kwargs) -> torch.Tensor:
-    """(N, V) logits at (rows[i], positions[i]), which must be in row-major order. Our Transformer computes the
-    output layer only there; any other causal LM computes all logits and they are picked afterwards."""
+def _logits_at(model, ids: torch.Tensor, lengths: list[int], rows: list[int], positions: list[int],
+               observer: ForwardObserver | None, **kwargs) -> torch.Tensor:
+    """(N, V) logits at (rows[i], positions[i]), which must be in row-major order, of right-padded ids whose row
+    r holds lengths[r] real tokens. Our Transformer computes the output layer only there and runs everything
+    but attention on the real tokens only, and the last block's feed-forward at the N positions only unless an
+    observer records its routing; any other causal LM computes all logits and they are picked afterwards."""
     rows_t = torch.tensor(rows, dtype=torch.long, device=ids.device)
     positions_t = torch.tensor(positions, dtype=torch.long, device=ids.device)
     if isinstance(model, Transformer):
         mask = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
         mask[rows_t, positions_t] = True
-        return model(ids, logits_at=mask, **kwargs).logits
+        lengths_t = torch.tensor(lengths, dtype=torch.long, device=ids.device)
+        return model(ids, logits_at=mask, lengths=lengths_t, trim_last_block=observer is None, **kwargs).logits
     return model(ids, **kwargs).logits[rows_t, positions_t]
 
 
@@ -167,12 +183,11 @@ def run_full(model, items: list[Item], max_length: int, pad_id: int, device,
         rows += [r] * len(continuation)
         positions += range(start, len(x))
         targets += continuation
-    ids = _right_pad(flat, pad_id, device)
+    ids, lengths = _right_pad(flat, pad_id, device), [len(x) for x in flat]
     if observer is not None:
-        observer.before_forward(ids, [len(x) for x in flat], [item.task for item in items for _ in item.tokens],
-                                [1] * len(flat))
-    selected = _logits_at(model, ids, rows, positions)  # (N, V)
-    return _sum_log_probs(selected, targets, rows, len(flat))
+        observer.before_forward(ids, lengths, [item.task for item in items for _ in item.tokens], [1] * len(flat))
+    selected = _logits_at(model, ids, lengths, rows, positions, observer)  # (N, V)
+    return _sum_log_probs([(selected, list(range(len(targets))), targets, rows)], len(flat))
 
 
 def run_shared(model, items: list[Item], prefix_len: int, max_length: int, pad_id: int, device,
@@ -191,7 +206,7 @@ def run_shared(model, items: list[Item], prefix_len: int, max_length: int, pad_i
     if observer is not None:
         observer.before_forward(prefix_ids, [p] * len(items), [item.task for item in items],
                                 [len(item.tokens) for item in items])
-    last = model(prefix_ids, cache=cache, logits_at=last_column).logits  # (B, V)
+    last = model(prefix_ids, cache=cache, logits_at=last_column, trim_last_block=observer is None).logits  # (B, V)
     cache = cache.select_rows(torch.tensor(row_item, device=device))
     # Input position t of a request is the prefill's last logit when t = p - 1, else remainder position t - p.
     from_prefill, rest_rows, rest_positions, targets, owner = [], [], [], [], []
@@ -207,23 +222,27 @@ def run_shared(model, items: list[Item], prefix_len: int, max_length: int, pad_i
         rest_positions += range(start + offset - p, len(x) - p)
         targets += continuation[offset:]
         owner += [r] * (len(continuation) - offset)
-    rest_ids = _right_pad(remainders, pad_id, device)
+    rest_ids, rest_lengths = _right_pad(remainders, pad_id, device), [len(r) for r in remainders]
     if observer is not None:
-        observer.before_forward(rest_ids, [len(r) for r in remainders], [items[b].task for b in row_item],
-                                [1] * len(remainders), continues=row_item)
-    rest = _logits_at(model, rest_ids, rest_rows, rest_positions, cache=cache)
-    selected = torch.cat([last[torch.tensor(from_prefill, dtype=torch.long, device=device)], rest])  # (N, V)
-    return _sum_log_probs(selected, prefill_targets + targets, prefill_owner + owner, len(remainders))
+        observer.before_forward(rest_ids, rest_lengths, [items[b].task for b in row_item], [1] * len(remainders),
+                                continues=row_item)
+    rest = _logits_at(model, rest_ids, rest_lengths, rest_rows, rest_positions, observer, cache=cache)  # (N - prefill's, V)
+    return _sum_log_probs([(last, from_prefill, prefill_targets, prefill_owner),
+                           (rest, list(range(len(targets))), targets, owner)], len(remainders))
 
 
 def run_plan(model, items: list[Item], plan: list[Batch], max_length: int, pad_id: int,
              rank: int = 0, world_size: int = 1,
-             observer: ForwardObserver | None = None) -> tuple[dict[int, list[float]], int]:
+             observer: ForwardObserver | None = None, progress: bool = False) -> tuple[dict[int, list[float]], int]:
     """Run rank `rank`'s batches: {item index: log-likelihood per choice}, and the forward calls made
-    (dummy ones included: the same number on every rank). observer: told about every forward pass first."""
+    (dummy ones included: the same number on every rank). observer: told about every forward pass first.
+    progress: show a progress bar of the batches (on stderr, cleared when done)."""
     device = next(model.parameters()).device
     results, calls = {}, 0
-    for batch in plan[rank::world_size]:
+    batches = plan[rank::world_size]
+    if progress:
+        batches = tqdm(batches, desc="evaluation", unit="batch", leave=False, dynamic_ncols=True)
+    for batch in batches:
         batch_items = [items[i] for i in batch.items]
         if batch.kind == SHARED:
             lls = run_shared(model, batch_items, batch.prefix_len, max_length, pad_id, device, observer)

@@ -26,6 +26,7 @@ from torch import nn
 from moe.config import ModelConfig
 from moe.kv_cache import LayerKVCache
 from moe.rope import apply_rotary
+from moe.unpadded import Unpadded
 
 
 def sliding_window_mask(seq_len: int, window: int | None, device: torch.device | None = None) -> torch.Tensor:
@@ -141,19 +142,28 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * c, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKVCache | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, unpadded: Unpadded | None = None) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D). With a cache, x holds the T tokens that follow the cached ones, at
-        `positions` (T,); their keys and values are appended to the cache."""
+        `positions` (T,); their keys and values are appended to the cache. With `unpadded`, x (1, N, D) holds
+        the real tokens of a right-padded (B, T) batch (moe/unpadded.py): they are projected as they are and
+        attend in the (B, T) layout, padding's keys and values zero; the result is (1, N, D)."""
         B, T, _ = x.shape
         # Head counts come from the projections' widths, not the config: under tensor parallelism each process
         # holds H / tp query and K / tp key/value heads (moe/train/parallel.py).
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, C)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, C)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, C)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H*C), (B, T, K*C), (B, T, K*C)
+        if unpadded is not None:
+            q, k, v = (unpadded.unpack(t[0]) for t in (q, k, v))
+            B, T = unpadded.batch, unpadded.time
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, C)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, C)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, C)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
             y = attend(q, k, v, self.window, self.backend)  # (B, H, T, C)
         else:
             keys, values, key_positions = cache.update(k, v, positions)  # (B, K, S, C), (S,)
             y = cached_attention(q, keys, values, positions, key_positions, self.window, self.backend)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*C) -> (B, T, D)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*C)
+        if unpadded is not None:
+            y = unpadded.pack(y)[None]  # (1, N, H*C)
+        return self.o_proj(y)  # (B, T, D), or (1, N, D) unpadded

@@ -26,6 +26,7 @@ from moe.moe_layer import MoELayer, MoEStats
 from moe.norm import build_norm
 from moe.rope import RotaryEmbedding
 from moe.router import TopKRouter
+from moe.unpadded import Unpadded
 
 
 @dataclass
@@ -68,9 +69,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = build_norm(config.norm_type, config.d_model, config.norm_eps)
         self.mlp = MoELayer(config) if config.is_moe_layer(layer_idx) else SwiGLU(config.d_model, config.ffn_dim)
 
-    def forward(self, x, cos, sin, cache: LayerKVCache | None = None,
-                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions)
+    def forward(self, x, cos, sin, cache: LayerKVCache | None = None, positions: torch.Tensor | None = None,
+                unpadded: Unpadded | None = None,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        """x (B, T, D), or (1, N, D) holding only the real tokens of `unpadded`'s (B, T) batch. keep, a boolean
+        mask over x's first two dimensions: the feed-forward runs there only, and the output is (1, N', D) for
+        its N' True entries (every token still attended, and was written to the cache)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions, unpadded)
+        if keep is not None:
+            x = x[keep][None]  # (1, N', D)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoELayer):
             out, stats = self.mlp(h)
@@ -116,7 +123,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, logits_at: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> ModelOutput:
+                labels: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+                trim_last_block: bool = False) -> ModelOutput:
         """input_ids (B, T) -> logits (B, T, V) and the MoE layers' statistics.
 
         positions (T,) default to 0 .. T - 1, or with a cache to the T positions after the cached tokens.
@@ -126,8 +134,14 @@ class Transformer(nn.Module):
         model's work.
         labels (B, T), the target token at each position (-100 for none), gives the mean cross-entropy as
         `loss` instead of logits: computed a chunk of positions at a time (moe/linear_cross_entropy.py), so training
-        never holds the B x T x V logits."""
-        T = input_ids.shape[1]
+        never holds the B x T x V logits.
+        lengths (B,), for right-padded input_ids whose row b holds lengths[b] real tokens: everything but attention
+        runs on the real tokens only (moe/unpadded.py), so the MoE layers' statistics count those alone and the
+        logits at padding mean nothing; logits_at must not select padding. Scoring pads a quarter of its tokens.
+        trim_last_block, with logits_at: the last block's feed-forward runs only at logits_at's positions too, the
+        only ones whose output is read (so the last MoE layer's statistics count those alone). Scoring reads about
+        a third of its tokens."""
+        B, T = input_ids.shape
         if cache is not None:
             cache.check_room(T)
             if positions is None:
@@ -135,17 +149,31 @@ class Transformer(nn.Module):
         elif positions is None:
             positions = torch.arange(T, device=input_ids.device)
         cos, sin = self.rotary(positions)  # (T, C)
+        unpadded = None if lengths is None else Unpadded.from_lengths(lengths, B, T)
+        if unpadded is not None:
+            input_ids = unpadded.pack(input_ids)[None]  # (1, N): the blocks see one row of real tokens
         x = self.embed_tokens(input_ids)  # (B, T, D)
+        if unpadded is not None and logits_at is not None:
+            selected = unpadded.pack(logits_at)  # (N,) in row-major order, as logits_at's True entries
+            if int(selected.sum()) != int(logits_at.sum()):
+                raise ValueError("logits_at selects padding (positions past a row's lengths)")
+            logits_at = selected[None]  # (1, N_real), a mask over x's first two dimensions
+        keep = logits_at if trim_last_block else None
         moe_stats = []
         for i, block in enumerate(self.layers):
-            if cache is None:
+            if cache is None and unpadded is None and keep is None:
                 x, stats = block(x, cos, sin)
             else:
-                x, stats = block(x, cos, sin, cache.layers[i], positions)
+                x, stats = block(x, cos, sin, None if cache is None else cache.layers[i], positions, unpadded,
+                                 keep if i == len(self.layers) - 1 else None)
             if stats is not None:
                 moe_stats.append(stats)
-        if logits_at is not None:
+        if keep is not None:
+            x = x[0]  # (N, D): the last block ran at logits_at's positions only
+        elif logits_at is not None:
             x = x[logits_at]  # (N, D)
+        elif unpadded is not None:
+            x = unpadded.unpack(x[0])  # (B, T, D), zero at padding
         x = self.norm(x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if labels is None:

@@ -52,7 +52,7 @@ def capacity_keep_mask(experts: torch.Tensor, n_experts: int, capacity: int) -> 
     choice_major = experts.T.reshape(-1)  # (k*N,) all first choices, then all second choices, ...
     one_hot = F.one_hot(choice_major, n_experts)  # (k*N, E)
     position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # rank of each assignment in its expert
-    return (position < capacity).view(experts.shape[1], -1).T  # (N, k)
+    return (position < capacity).view(experts.shape[1], experts.shape[0]).T  # (N, k)
 
 
 class MoELayer(nn.Module):

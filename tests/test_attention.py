@@ -146,6 +146,16 @@ def test_rope_matches_complex_formulation(head_dim, theta):
     torch.testing.assert_close(apply_rotary(x, cos, sin), complex_rope(x, positions, theta), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_without_autograd_equals_the_autograd_formula_bit_for_bit(dtype):
+    """Without autograd apply_rotary adds the rotated half into x * cos in place: the same products and sums."""
+    x = torch.randn(2, 3, 11, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    cos, sin = RotaryEmbedding(16, 10000.0)(torch.arange(11) + 7)
+    with_graph = apply_rotary(x.clone().requires_grad_(), cos, sin)
+    assert with_graph.requires_grad
+    assert torch.equal(apply_rotary(x, cos, sin), with_graph.detach())
+
+
 def test_rope_scores_depend_only_on_relative_position():
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 1, 1, 16, generator=gen), torch.randn(1, 1, 1, 16, generator=gen)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.experts import Experts
+import moe.experts as experts_module
+from moe.experts import Experts, inference_experts
 
 E, D, FFN = 4, 16, 24
 COUNTS = {
@@ -175,3 +176,49 @@ def test_loop_backend_refuses_group_sizes_that_do_not_cover_the_rows():
         experts(x, torch.tensor([3, 3, 3, 0]))
     with pytest.raises(ValueError, match="3 group sizes summing to 10 for 4 experts"):
         experts(x, torch.tensor([4, 3, 3]))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("counts_name", list(COUNTS))
+def test_inference_kernel_equals_the_autograd_loop_bit_for_bit(counts_name, autocast):
+    """Without autograd the loop backend runs expert by expert (inference_experts): the same matmuls and
+    elementwise operations as segment_mm's three passes, so evaluation scores do not move by a bit. F is a
+    multiple of 32, as in the MoE presets: elementwise kernels round a ragged tail by a scalar path (with FFN = 24
+    the two differ in the last bit, which the oracle test above allows)."""
+    counts = counts_for(counts_name)
+    experts = Experts(E, D, 64, "loop")
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    x = torch.randn(int(counts.sum()), D, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with_graph = experts(x.clone().requires_grad_(), counts)  # parameters and x need gradients: segment_mm
+        with torch.inference_mode():
+            without = experts(x, counts)
+    assert without.dtype == with_graph.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert torch.equal(without, with_graph.detach())
+
+
+@pytest.mark.parametrize("context", ["grad", "no_grad", "inference_mode", "frozen"])
+def test_loop_backend_takes_the_inference_kernel_only_without_autograd(context, monkeypatch):
+    calls = []
+    monkeypatch.setattr(experts_module, "inference_experts",
+                        lambda *args: calls.append("inference") or inference_experts(*args))
+    experts = make_experts("loop")
+    counts = counts_for("random")
+    x = torch.randn(int(counts.sum()), D)
+    if context == "frozen":
+        experts.requires_grad_(False)
+    manager = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(context)
+    with manager() if manager else torch.enable_grad():
+        out = experts(x, counts)
+    assert calls == ([] if context == "grad" else ["inference"])
+    assert out.requires_grad == (context == "grad")
+
+
+def test_inference_kernel_checks_group_sizes():
+    experts = make_experts("loop")
+    with torch.no_grad(), pytest.raises(ValueError, match="4 group sizes summing to 9 for 4 experts and 10 rows"):
+        experts(torch.randn(10, D), torch.tensor([3, 3, 3, 0]))
+    with torch.no_grad():
+        assert experts(torch.randn(0, D), torch.zeros(E, dtype=torch.long)).shape == (0, D)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from moe.config import ModelConfig
+from moe.kv_cache import KVCache
 from moe.model import Transformer, build_model
 
 from .tiny_models import V, tiny
@@ -197,3 +198,66 @@ def test_logits_at_selects_positions_of_the_full_output():
     selected = model(ids, logits_at=mask).logits
     assert selected.shape == (3, 4096)
     torch.testing.assert_close(selected, full[mask])
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_lengths_run_real_tokens_only_and_padding_changes_nothing(name):
+    """Right-padded rows with their lengths (moe/unpadded.py): each row's real positions get the logits of the row
+    run alone, whatever the padding holds; the MoE layers route the real tokens only; logits_at and the last
+    block trimmed to it select the same logits; logits_at on padding is an error."""
+    model = build(**CONFIGS[name])
+    x, lengths = ids(4, 10, seed=3), torch.tensor([10, 4, 0, 7])
+    other = x.clone()
+    other[torch.arange(10) >= lengths[:, None]] = 1  # different padding
+    with torch.no_grad():
+        out, out_other = model(x, lengths=lengths), model(other, lengths=lengths)
+        for b, n in enumerate(lengths.tolist()):
+            if n:  # row 2 is all padding
+                torch.testing.assert_close(out.logits[b, :n], model(x[b:b + 1, :n]).logits[0], atol=1e-5, rtol=0)
+                assert torch.equal(out.logits[b, :n], out_other.logits[b, :n])
+        if model.config.is_moe:
+            assert (out.tokens_per_expert.sum(-1) == 2 * 21).all()
+        mask = torch.zeros(4, 10, dtype=torch.bool)
+        mask[0, [3, 9]] = mask[1, 3] = mask[3, 0] = True
+        reference = model(x, logits_at=mask).logits
+        for options in ({"lengths": lengths}, {"lengths": lengths, "trim_last_block": True},
+                        {"trim_last_block": True}):
+            torch.testing.assert_close(model(x, logits_at=mask, **options).logits, reference, atol=1e-5, rtol=0)
+        mask[1, 4] = True
+        with pytest.raises(ValueError, match="logits_at selects padding"):
+            model(x, logits_at=mask, lengths=lengths)
+
+
+def test_lengths_with_a_cache_keep_padding_out_of_later_tokens():
+    """Padding written to the cache (zero keys and values) sits after its row's real tokens: no real token of
+    this pass or a later one attends to it, so a right-padded chunk continues each row as it would alone."""
+    model = build(**MOE)
+    x, lengths = ids(3, 12, seed=8), torch.tensor([5, 2, 0])
+    with torch.no_grad():
+        cache = KVCache.for_model(model, 3, 20)
+        model(x[:, :6], cache=cache)
+        chunk = model(x[:, 6:], cache=cache, lengths=lengths).logits
+        for b, n in enumerate(lengths.tolist()):  # row 2's chunk is all padding
+            alone = model(x[b:b + 1, :6 + n]).logits[0, 6:]
+            torch.testing.assert_close(chunk[b, :n], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["moe", "moe_shared", "moe_dense_first"])
+def test_training_forward_is_the_plain_composition_of_its_blocks(name):
+    """Training (no lengths, no cache, gradients on) runs every block on the whole (B, T) batch: the loss and the
+    logits equal, bit for bit, the plain composition embed -> blocks -> norm -> head. Guards the training path
+    against the evaluation-only paths (unpadding, trimming the last block)."""
+    model = build(**CONFIGS[name]).train()
+    x = ids(2, 12, seed=9)
+    cos, sin = model.rotary(torch.arange(12))
+    h = model.embed_tokens(x)
+    for block in model.layers:
+        h = h + block.self_attn(block.input_layernorm(h), cos, sin)
+        out = block.mlp(block.post_attention_layernorm(h))
+        h = h + (out[0] if isinstance(out, tuple) else out)
+    expected = F.linear(model.norm(h), model.lm_head.weight)
+    logits = model(x).logits
+    assert logits.requires_grad and torch.equal(logits, expected)
+    labels = ids(2, 12, seed=10)
+    loss = model(x, labels=labels).loss
+    torch.testing.assert_close(loss, F.cross_entropy(expected.flatten(0, 1), labels.flatten()), atol=1e-6, rtol=0)

@@ -12,7 +12,9 @@ import math
 import pytest
 import torch
 
+import moe.dispatch as dispatch_module
 from moe.config import ModelConfig
+from moe.dispatch import LocalDispatcher
 from moe.moe_layer import MoELayer, capacity_keep_mask
 
 D, FFN = 16, 24
@@ -222,3 +224,42 @@ def test_unused_expert_gets_zero_gradient_not_none():
         assert p.grad is not None
         assert torch.count_nonzero(p.grad[3]) == 0
         assert p.grad[:3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_combine_without_autograd_matches_the_autograd_combine(top_k, monkeypatch):
+    """Without autograd the local dispatcher adds each weighted row straight into its token (index_add_): the k
+    outputs of a token are summed in expert order, not choice order, the same sum bit for bit when k <= 2."""
+    calls = []
+    original = dispatch_module._add_weighted_rows
+    monkeypatch.setattr(dispatch_module, "_add_weighted_rows", lambda *args: calls.append(1) or original(*args))
+    gen = torch.Generator().manual_seed(5)
+    n_tokens, n_experts = 13, 5
+    experts = torch.stack([torch.randperm(n_experts, generator=gen)[:top_k] for _ in range(n_tokens)])  # (N, k)
+    weights = torch.rand(n_tokens, top_k, generator=gen)
+    dispatcher = LocalDispatcher(n_experts)
+    dispatched = dispatcher.dispatch(torch.randn(n_tokens, D, generator=gen), experts)
+    expert_out = torch.randn(n_tokens * top_k, D, generator=gen)
+    with_graph = dispatcher.combine(expert_out.clone().requires_grad_(), dispatched.state, weights)
+    assert not calls
+    with torch.inference_mode():
+        without = dispatcher.combine(expert_out, dispatched.state, weights)
+    assert calls == [1]
+    if top_k <= 2:
+        assert torch.equal(without, with_graph.detach())
+    else:
+        torch.testing.assert_close(without, with_graph.detach(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_inference_forward_equals_the_training_forward_bit_for_bit(top_k, capacity_factor):
+    """Evaluation (inference mode: the experts' and the combine's inference paths) scores exactly what the same
+    weights compute in a training forward, for F a multiple of 32 as in the MoE presets (see moe.experts)."""
+    layer = make_layer(ffn_dim=64, n_experts=6, top_k=top_k, capacity_factor=capacity_factor)
+    x = torch.randn(3, 11, D, generator=torch.Generator().manual_seed(6))
+    training, _ = layer(x)
+    assert training.requires_grad
+    with torch.inference_mode():
+        inference, _ = layer(x)
+    assert torch.equal(inference, training.detach())

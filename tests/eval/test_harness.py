@@ -147,3 +147,53 @@ def test_shared_batch_of_single_token_continuations(model):
     shared, _ = run_plan(model, items, plan, MAX_SEQ_LEN, pad_id=0)
     full, _ = run_plan(model, items, plan_batches(items, MAX_SEQ_LEN, 1024, share_context=False), MAX_SEQ_LEN, 0)
     assert shared[0] == pytest.approx(full[0], abs=1e-4)
+
+
+def _alone(model, item) -> list[float]:
+    """Each choice's log-likelihood from its own input run alone, one sequence with no padding: the oracle of
+    batched scoring (lm-eval's request by request, left-truncated to the max length as there)."""
+    import torch
+
+    lls = []
+    for context, continuation in item.tokens:
+        x = torch.tensor([(context + continuation)[-(MAX_SEQ_LEN + 1):][:-1]])
+        log_probs = model(x).logits.float().log_softmax(-1)[0, -len(continuation):]  # (n, V)
+        lls.append(log_probs.gather(1, torch.tensor(continuation)[:, None]).double().sum().item())
+    return lls
+
+
+@pytest.mark.parametrize("share_context", [True, False])
+def test_padding_never_reaches_a_score(model, items, share_context):
+    """Batched scoring pads every input to its batch's longest and runs everything but attention on the real
+    tokens only (moe/unpadded.py), the last block's feed-forward only where logits are read: each choice scores
+    as its input alone does, and the pad token's id changes nothing, bit for bit."""
+    import torch
+
+    plan = plan_batches(items, MAX_SEQ_LEN, batch_tokens=600, share_context=share_context)
+    assert any(len(batch.items) > 1 for batch in plan)
+    with torch.inference_mode():
+        scores, _ = run_plan(model, items, plan, MAX_SEQ_LEN, pad_id=0)
+        other_pad, _ = run_plan(model, items, plan, MAX_SEQ_LEN, pad_id=model.config.vocab_size - 1)
+        assert other_pad == scores
+        for i in (0, 13, 25, 40):  # one item per task
+            assert scores[i] == pytest.approx(_alone(model, items[i]), abs=1e-5)
+
+
+def test_batch_encoding_gives_the_ids_of_one_by_one_encoding(tokenizer, evaldata):
+    """build_task_items encodes every distinct string once, all of a task's together (encode_batch): the same
+    ids as encoding each request's strings one by one (lm-eval's way)."""
+    from eval.requests import encode_pair
+
+    def encode(text):
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(texts):
+        return [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    tasks = ["arc_easy", "hellaswag", "winogrande", "boolq", "piqa"]
+    batched = build_task_items(tasks, encode, eos, evaldata, limit=12, seed=7, encode_batch=encode_batch)
+    assert len(batched) == 60
+    for item in batched:
+        assert item.tokens == [encode_pair(encode, context, continuation, eos) for context, continuation in
+                               item.requests]
