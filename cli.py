@@ -7,7 +7,9 @@ data module's tokenizer and the data's sequence length to the model's `max_seq_l
 
 `moe presets` prints every model preset with its total and active parameter counts, computed from the config;
 `moe export CKPT DIR` writes a checkpoint as an HF model directory; `moe consolidate SHARDED_DIR FILE` writes a
-sharded checkpoint (FSDP, ModelParallel) as one file.
+sharded checkpoint (FSDP, ModelParallel) as one file; `moe plot RUN_DIR...` draws the loss, learning-rate,
+throughput and expert-load figures of one or several runs (moe/plot.py); `moe plan MODEL --tokens N | --flops C`
+prints parameters, FLOPs, compute-optimal allocations, memory per strategy and time (moe/planning/).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import sys
 from pathlib import Path
 
 from jsonargparse import Namespace, set_parsing_settings
+from jsonargparse.typing import import_object
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from eval.callback import ZeroShotEvaluation
@@ -31,10 +35,12 @@ from moe.errors import ConfigError, InputError, TrainingStopped
 from moe.generate import Sampling
 from moe.presets import get_preset, preset_names
 from moe.train import LanguageModel
+from moe.train.checkpoint import init_config
 from moe.train.checkpoint_verify import verify_checkpoint
 from moe.train.guard import StepGuard
 from moe.train.preemption import CheckpointOnSigterm
-from moe.train.run_paths import check_ckpt_path, claim_run_directory
+from moe.train.quiet import silence_misleading_messages
+from moe.train.run_paths import check_ckpt_path, claim_run_directory, place_loggers
 from moe.train.strategies import ModelParallelStrategy, check_parallel_sizes, check_strategy
 from moe.train.throughput import ThroughputMonitor
 from moe.train.trainer_checks import check_trainer_flags
@@ -140,6 +146,25 @@ def refuse(message: str, flags: bool = True) -> None:
     sys.exit(2)
 
 
+def add_callback_unless_given(trainer: Namespace, switch: str, kind: type, class_path: str) -> None:
+    """Append `class_path` to trainer.callbacks unless the Trainer flag `switch` is false or a callback of type
+    `kind` is given (Lightning would add its own of that kind otherwise)."""
+    callbacks = trainer.get("callbacks") or []
+    if trainer.get(switch) is False or any(issubclass(_callback_class(c), kind) for c in callbacks):
+        return
+    trainer.callbacks = [*callbacks, Namespace(class_path=class_path, init_args=Namespace())]
+
+
+def _callback_class(callback) -> type:
+    """The class of a trainer.callbacks entry: a class_path Namespace or an instance."""
+    if isinstance(callback, Namespace):
+        try:
+            return import_object(callback.get("class_path", ""))
+        except (ImportError, AttributeError, ValueError):
+            return object
+    return type(callback)
+
+
 class MoECLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         self._args = args  # parsed again, without defaults, to tell the settings given from the defaults
@@ -156,6 +181,24 @@ class MoECLI(LightningCLI):
         parser.add_lightning_class_args(ZeroShotEvaluation, "eval")
         # On by default in every run: a preempted job saves and exits instead of losing its progress.
         parser.add_lightning_class_args(CheckpointOnSigterm, "preemption")
+
+    def _given(self, key: str) -> Namespace:
+        """The settings under `key` (e.g. "model.config") given on the command line or in config files, without
+        the defaults."""
+        if not hasattr(self, "_given_settings"):
+            args = self._args
+            self._given_settings = self.parser.parse_object(args, defaults=False) \
+                if isinstance(args, (dict, Namespace)) else self.parser.parse_args(args, defaults=False)
+        subcommand = self.config.get("subcommand")
+        found = self._given_settings.get(f"{subcommand}.{key}" if subcommand else key)
+        return found if isinstance(found, Namespace) else Namespace()
+
+    def _flag_given(self, flag: str) -> bool:
+        """Whether the command line holds `flag` (as `--flag value` or `--flag=value`)."""
+        args = self._args
+        if isinstance(args, (dict, Namespace)):
+            return Namespace(args).get(f"{self.config.get('subcommand')}.{flag.removeprefix('--')}") is not None
+        return any(arg == flag or arg.startswith(f"{flag}=") for arg in args or sys.argv[1:])
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
@@ -181,12 +224,10 @@ class MoECLI(LightningCLI):
             refuse(f"--ckpt_path: {error}")
         # The sampling settings are how to generate, not what the model is: those given (flags, config files)
         # win over the checkpoint's, which fill in the rest.
-        given = self.parser.parse_object(self._args, defaults=False) if isinstance(self._args, (dict, Namespace)) \
-            else self.parser.parse_args(self._args, defaults=False)
-        given_sampling = given.get(f"{subcommand}.model.sampling")
+        given_sampling = self._given("model.sampling")
         super()._parse_ckpt_path()
         sampling = self.config[subcommand].model.get("sampling")
-        if isinstance(given_sampling, Namespace) and isinstance(sampling, Namespace):
+        if isinstance(sampling, Namespace):
             for name, value in given_sampling.items():
                 sampling[name] = value
 
@@ -206,6 +247,9 @@ class MoECLI(LightningCLI):
             check_strategy(config.trainer)
             check_parallel_sizes(config.trainer, None if config.model.init_from else config.model.config)
             check_trainer_flags(config.trainer)
+            # A logger whose package is missing (TensorBoard, W&B) fails only once built, as a traceback.
+            from moe.train.loggers import check_logger_packages
+            check_logger_packages(config.trainer.get("logger"))
         except InputError as error:
             refuse(str(error))
         # Checked here rather than when jsonargparse builds it, which buries the message in one about its union type.
@@ -215,6 +259,24 @@ class MoECLI(LightningCLI):
                 Sampling(**sampling.as_dict())
             except ValueError as error:
                 refuse(str(error))
+        # Where this command writes: a resumed fit in its own run folder, validate/test/predict on a checkpoint in
+        # a subfolder of its run, and CSV under runs/ when no logger is given (moe.train.run_paths).
+        config.trainer.logger = place_loggers(config.trainer.logger, self.subcommand or "fit", config.get("ckpt_path"),
+                                              config.model.init_from)
+        init_from = config.model.init_from
+        if init_from and Path(init_from).expanduser().is_dir() and not self._flag_given("--model.config.max_seq_len"):
+            # An HF model is read (and evaluated) in windows of its own maximum length unless the flag says
+            # otherwise (a model config file's length is not the HF model's); the link gave the data the default.
+            try:
+                length = init_config(ModelConfig(), init_from).max_seq_len
+            except (ValueError, FileNotFoundError) as error:
+                refuse(str(error))
+            config.model.config.max_seq_len = config.data.seq_len = length
+        # Training progress in optimizer steps and a one-line model summary, unless given (or turned off).
+        add_callback_unless_given(config.trainer, "enable_progress_bar", ProgressBar,
+                                  "moe.train.progress.StepProgressBar")
+        add_callback_unless_given(config.trainer, "enable_model_summary", ModelSummary,
+                                  "moe.train.summary.ModelOverview")
         if self.subcommand == "predict" and not config.data.prompts:
             refuse("--data.prompts is empty: predict continues each prompt, so give at least one, e.g. "
                    "--data.prompts '[\"def \"]'")
@@ -251,6 +313,7 @@ class MoECLI(LightningCLI):
 
 def build_cli(argv: list[str] | None = None, run: bool = True) -> MoECLI:
     """The LightningCLI on `argv` (None: the process's command line)."""
+    silence_misleading_messages()
     return MoECLI(
         LanguageModel,
         TextDataModule,
@@ -270,6 +333,11 @@ def build_cli(argv: list[str] | None = None, run: bool = True) -> MoECLI:
 def main(argv: list[str] | None = None) -> None:
     # Returns None: the installed `moe` script exits with main()'s return value.
     args = sys.argv[1:] if argv is None else list(argv)
+    for flag in ("--optimizer", "--lr_scheduler"):
+        if any(arg == flag or arg.startswith((f"{flag}=", f"{flag}.")) for arg in args):
+            refuse(f"{flag} is not a flag of this CLI: the optimizer and its schedule are the model's "
+                   "(--model.optimizer SGD --model.optimizer_args '{momentum: 0.9}', --model.lr, "
+                   "--model.schedule cosine|wsd|constant, --model.warmup_steps)", flags=False)
     if args[:1] == ["presets"]:
         print_presets()
     elif args[:1] and args[0] in commands.COMMANDS:

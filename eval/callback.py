@@ -146,7 +146,7 @@ class ZeroShotEvaluation(pl.Callback):
                     batch_tokens=self.batch_tokens, eos_id=datamodule.eos_id, rank=rank, world_size=world_size,
                     replicas=trainer.world_size // world_size, num_fewshot=self.num_fewshot,
                     group_limit=self.group_limit,
-                    routing=recorder,
+                    routing=recorder, progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
                 )
         finally:
             model.train(was_training)

@@ -1,7 +1,7 @@
 """The command line's commands beside LightningCLI's fit/validate/test/predict: `export` (a checkpoint as an HF model
-directory), `consolidate` (a sharded checkpoint as one file) and `export-tokens` (the token caches of a data
-config as pre-tokenized shards). Each raises ValueError (InputError) or FileNotFoundError for what its arguments
-name; cli.py prints that as one line.
+directory), `consolidate` (a sharded checkpoint as one file), `export-tokens` (the token caches of a data
+config as pre-tokenized shards), `plot` (the training curves of runs as PNG files) and `plan` (moe/planning/). Each raises ValueError
+(InputError) or FileNotFoundError for what its arguments name; cli.py prints that as one line.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 
 import torch
 
+from moe.planning.command import plan as plan_run
 from moe.train.checkpoint import consolidate_checkpoint
 from moe.train.export import export_to_hf
 
@@ -58,5 +59,25 @@ def export_tokens(argv: list[str]) -> None:
         print(f"wrote {folder}")
 
 
+def plot(argv: list[str]) -> None:
+    from moe.plot import X_AXES, plot_runs  # matplotlib only for this command
+
+    parser = argparse.ArgumentParser(prog="moe plot", description="Draw the training curves of one or several runs "
+                                     "as PNG files: loss.png (train and validation loss), lr.png, throughput.png, "
+                                     "and per MoE run with an expert_load.jsonl a heatmap of each layer's expert "
+                                     "load over steps (expert_load.png).")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run's folder holding metrics.csv, e.g. "
+                        "runs/quickstart/version_0, or runs/quickstart for its latest version")
+    parser.add_argument("--out", default=None, help="folder to write (default: the first run's plots/)")
+    parser.add_argument("--x", choices=X_AXES, default="step", help="x axis of the curves: optimizer step or "
+                        "tokens seen (default: step)")
+    parser.add_argument("--labels", nargs="+", default=None, metavar="LABEL", help="one name per run, in order, "
+                        "for legends and file names (default: each folder relative to the runs' common parent)")
+    args = parser.parse_args(argv)
+    for path in plot_runs(args.run_dirs, args.out, x=args.x, labels=args.labels):
+        print(f"wrote {path}")
+
+
 # name -> (function, whether the settings its errors name are flags of the command)
-COMMANDS = {"export": (export, False), "consolidate": (consolidate, False), "export-tokens": (export_tokens, True)}
+COMMANDS = {"export": (export, False), "consolidate": (consolidate, False), "export-tokens": (export_tokens, True),
+            "plot": (plot, False), "plan": (plan_run, False)}

@@ -114,7 +114,7 @@ def test_fit_validate_test_predict(workdir, capsys):
     assert "zero-shot (validate" in out and "2-shot" in out and "eval/mmlu_stem/acc" in out
     model, tokenizer = load_lightning_checkpoint(ckpt)
     expected = evaluate(model, tokenizer, tasks, data_dir=EVALDATA_COPY, limit=10, num_fewshot=2, group_limit=19)
-    record = json.loads((workdir / "runs/quickstart/version_3/zero_shot.jsonl").read_text().splitlines()[-1])
+    record = json.loads((run / "validate/version_1/zero_shot.jsonl").read_text().splitlines()[-1])
     assert record["stage"] == "validate" and json.dumps(record["results"]) == json.dumps(expected)  # nan-safe
     assert expected["mmlu_stem"]["n"] == 19 and expected["my_boolq"]["n"] == 10
     # --eval.routing: routing.jsonl (the reference's lines, task null, then every task's) and one heatmap beside
@@ -124,12 +124,13 @@ def test_fit_validate_test_predict(workdir, capsys):
     with RoutingRecorder(model) as recorder:
         evaluate(model, tokenizer, tasks, data_dir=EVALDATA_COPY, limit=10, num_fewshot=2, group_limit=19,
                  routing=recorder)
-    lines = [json.loads(line) for line in (workdir / "runs/quickstart/version_3/routing.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run / "validate/version_1/routing.jsonl").read_text().splitlines()]
     tokens = {line["task"]: line["tokens"] for line in lines if line["stage"] == "validate"}
     assert tokens.pop(None) > 0 and tokens == {task: int(n) for task, n in zip(recorder.tasks, recorder.sums().tokens)}
-    assert len(list((workdir / "runs/quickstart/version_3").glob("routing_validate_step*.png"))) == 1
+    assert len(list((run / "validate/version_1").glob("routing_validate_step*.png"))) == 1
     cli.main(["predict", *tiny_run_args(workdir), "--ckpt_path", ckpt])
     assert "----- 'def ' -----" in capsys.readouterr().out
+    assert (run / "predict/version_0/predictions.jsonl").is_file()  # each command in the checkpoint's run
 
     # Export: transformers loads the directory and computes the checkpoint's logits with its tokenizer.
     cli.main(["export", ckpt, str(workdir / "hf")])

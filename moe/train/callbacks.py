@@ -73,8 +73,10 @@ class ValidationSummary(pl.Callback):
             lines.append(f"validation loss {float(val):.3f} nats (perplexity {math.exp(float(val)):.1f})")
             if data is not None and hasattr(data, "unigram_baseline"):
                 baseline = data.unigram_baseline()
+                gain = baseline - float(val)
+                verdict = f"{gain:.3f} nats better than" if gain >= 0 else f"{-gain:.3f} nats worse than"
                 lines.append(f"unigram baseline {baseline:.3f} nats (perplexity {math.exp(baseline):.1f}): "
-                             f"{baseline - float(val):+.3f} nats better than context-free")
+                             f"{verdict} context-free")
         ckpt = trainer.checkpoint_callback
         if ckpt is not None and ckpt.dirpath:
             lines.append(f"checkpoints in {ckpt.dirpath}" + (f" (last: {ckpt.last_model_path})"

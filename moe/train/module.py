@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from moe.train.loss_tracking import EvalLoss, StepLosses
 from moe.train.optim import build_optimizer, optimizer_class
 from moe.train.parallel import parallelize, set_count_groups
 from moe.train.resume import accept_checkpoint
+from moe.train.run_paths import forget_rows_from
 from moe.train.schedule import ScheduleLength, check_schedule_settings
 
 
@@ -155,6 +157,16 @@ class LanguageModel(pl.LightningModule):
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             datamodule.tokenizer.save(str(Path(log_dir) / "tokenizer.json"))
 
+    def on_train_start(self) -> None:
+        # An int val_check_interval counts optimizer steps, as max_steps, log_every_n_steps and checkpoint intervals
+        # do: Lightning counts micro-batches (it would validate `accumulate_grad_batches` times too often).
+        # val_check_batch is what its loop reads, set from the interval just before this hook.
+        if self.trainer.ckpt_path:  # resumed: the steps after the checkpoint are logged again
+            forget_rows_from(self.trainer, self.trainer.global_step)
+        interval = self.trainer.val_check_interval
+        if isinstance(interval, int) and self.trainer.accumulate_grad_batches > 1:
+            self.trainer.val_check_batch = interval * self.trainer.accumulate_grad_batches
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Random states, the guard's window and tokens seen are the callbacks' state.
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -271,9 +283,30 @@ class LanguageModel(pl.LightningModule):
         first EOS."""
         return complete(self.model, prompt_ids.to(self.device), self.sampling, eos_id)
 
+    def on_predict_start(self) -> None:
+        # The completions also go to predictions.jsonl in the run's folder (one file per process when several
+        # share the prompts), written line by line so that an interrupted run keeps what it generated.
+        self.predictions_file = None
+        if self.trainer.log_dir:
+            suffix = f".rank{self.global_rank}" if self.trainer.world_size > 1 else ""
+            self.predictions_file = Path(self.trainer.log_dir) / f"predictions{suffix}.jsonl"
+            self.predictions_file.parent.mkdir(parents=True, exist_ok=True)
+            self.predictions_file.write_text("")
+
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """One prompt ({"prompt": str, "input_ids": (1, n)}) -> {"prompt", "completion"}, cut at the first EOS."""
         datamodule = self.trainer.datamodule
         completion = datamodule.decode(self.complete(batch["input_ids"], datamodule.eos_id))
         self.print(f"----- {batch['prompt']!r} -----\n{batch['prompt']}{completion}\n")
-        return {"prompt": batch["prompt"], "completion": completion}
+        record = {"prompt": batch["prompt"], "completion": completion}
+        if self.predictions_file is not None:
+            with self.predictions_file.open("a") as file:
+                file.write(json.dumps(record) + "\n")
+        return record
+
+    def on_predict_end(self) -> None:
+        if self.predictions_file is not None and self.trainer.is_global_zero:
+            # print, not self.print: the progress bar that self.print writes through is closed by now.
+            where = self.predictions_file if self.trainer.world_size == 1 else \
+                self.predictions_file.parent / "predictions.rank*.jsonl"
+            print(f"completions written to {where}", flush=True)

@@ -20,13 +20,16 @@ layer). Shapes: L MoE layers, k choices per token, E experts.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
 from moe.losses import load_balancing_loss_from_sums
 from moe.moe_layer import MoEStats
+from moe.train.loggers import log_expert_load_images
 from moe.train.parallel import data_parallel_size
 from moe.train.throughput import is_log_step
 
@@ -98,13 +101,23 @@ class RouterLossMonitor(pl.Callback):
 class ExpertLoadMonitor(pl.Callback):
     """Logs, per MoE layer, the busiest expert's load over the mean load and the number of experts that received no
     token, over the optimizer steps since the previous log (every `trainer.log_every_n_steps`), summed over
-    processes; tensor-parallel replicas, which route the same tokens, are counted once."""
+    processes; tensor-parallel replicas, which route the same tokens, are counted once. Global rank zero appends the
+    whole load to expert_load.jsonl in the run's folder and draws it on TensorBoard and W&B."""
+
+    FILE_NAME = "expert_load.jsonl"
 
     def __init__(self):
         self._tokens: torch.Tensor | None = None  # (L, E) assignments processed since the last log
         self._dropped: torch.Tensor | None = None  # (L,) assignments dropped by a capacity limit since then
         self._received: torch.Tensor | None = None  # (L,) rows this process's experts ran since then
         self._last_report_step = -1
+        self._path: Path | None = None  # expert_load.jsonl, or None without a run folder
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Resolved here on every rank: trainer.log_dir is a broadcast from rank zero. Without a logger there is no run
+        # folder (log_dir falls back to the working directory), so no file.
+        log_dir = trainer.log_dir if trainer.loggers else None
+        self._path = Path(log_dir) / self.FILE_NAME if log_dir else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         stats = outputs.get("moe") if isinstance(outputs, dict) else None
@@ -122,6 +135,8 @@ class ExpertLoadMonitor(pl.Callback):
         replicas = trainer.world_size // data_parallel_size(trainer)
         tokens = trainer.strategy.reduce(self._tokens, reduce_op="sum") / replicas
         self.log_load(pl_module, tokens)
+        if trainer.is_global_zero:
+            self.write_load(trainer, pl_module.model_config.moe_layer_indices(), tokens)
         if pl_module.model_config.capacity_factor is not None:
             dropped = trainer.strategy.reduce(self._dropped, reduce_op="sum").sum() / replicas
             pl_module.log("experts/dropped_fraction", dropped / (dropped + tokens.sum()).clamp_min(1.0))
@@ -132,6 +147,22 @@ class ExpertLoadMonitor(pl.Callback):
             table[trainer.global_rank] = self._received
             self.log_rows_received(pl_module, trainer.strategy.reduce(table, reduce_op="sum"))
         self._tokens = self._dropped = self._received = None
+
+    def write_load(self, trainer, layers: tuple[int, ...], tokens: torch.Tensor) -> None:
+        """Append the (L, E) assignment counts as fractions of each layer's assignments to expert_load.jsonl (append
+        mode: a resumed run in the same folder continues the file) and draw them on the loggers that show images."""
+        tokens = tokens.double().cpu()
+        load = tokens / tokens.sum(dim=1, keepdim=True).clamp_min(1.0)  # (L, E), each row sums to 1
+        step = trainer.global_step
+        if self._path is not None:
+            # Six decimals keep the file small (a line per log step for the whole run) and every load readable.
+            rows = [[round(value, 6) for value in row] for row in load.tolist()]
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._path, "a") as file:
+                file.write(json.dumps({"step": step, "layers": list(layers), "load": rows}) + "\n")
+        # At the step Lightning gives the loggers this step's scalars (global_step - 1 here, as `_batches_that_stepped`
+        # is counted after logging), so that the image lines up with experts/layer_i/max_over_mean.
+        log_expert_load_images(trainer.loggers, layers, load, trainer.fit_loop.epoch_loop._batches_that_stepped)
 
     def log_rows_received(self, pl_module, received: torch.Tensor) -> None:
         """Log the spread over processes of (processes, L) expert rows run (tensor-parallel replicas repeat a

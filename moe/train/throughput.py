@@ -4,10 +4,15 @@ Training FLOPs per token come from the model config (6 x active non-embedding we
 layer, plus 12 x layers x heads x head_dim x sequence length for attention); MFU divides the achieved FLOP/s
 per device by the device's dense peak from its datasheet. Peaks are per device for dense (not 2:4 sparse)
 matrix multiplies; unknown devices (and CPUs) report no MFU unless a peak is given.
+
+Peak memory is logged beside them: on a CUDA device what PyTorch's allocator held at most since the previous log
+(the peak is reset after each), and everywhere the process's peak resident host memory since it started (the kernel
+keeps no other), each the largest over processes.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import lightning.pytorch as pl
@@ -46,6 +51,16 @@ def device_peak_tflops(device: torch.device, precision: str) -> float | None:
         if key in name:
             return peaks[precision_kind(precision)]
     return None
+
+
+def peak_host_memory_gib() -> float | None:
+    """The peak resident memory of this process since it started, in GiB; None where the OS does not report it."""
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
 
 
 class ThroughputMeter:
@@ -97,7 +112,9 @@ class ThroughputMeter:
 
 class ThroughputMonitor(pl.Callback):
     """Logs perf/tokens_per_s, perf/tflops_per_device and perf/mfu (with a known or given peak) over the optimizer
-    steps since the previous log, and train/tokens_seen, every `trainer.log_every_n_steps` optimizer steps.
+    steps since the previous log, and train/tokens_seen, every `trainer.log_every_n_steps` optimizer steps; also
+    perf/peak_memory_gib on a CUDA device (allocated, since the previous log) and perf/peak_host_memory_gib (resident,
+    since the process started), each the largest over processes.
     Validation inside fit is not training time: the clock stops for it. tokens_seen continues across a resume.
     Registered by LanguageModel by default; give one in `trainer.callbacks` to set its peak."""
 
@@ -131,6 +148,21 @@ class ThroughputMonitor(pl.Callback):
         for name, value in self.meter.report().items():
             pl_module.log(f"perf/{name}", value, prog_bar=name == "tokens_per_s")
         pl_module.log("train/tokens_seen", torch.tensor(float(self.meter.tokens_seen), dtype=torch.float64))
+        self.log_peak_memory(trainer, pl_module)
+
+    def log_peak_memory(self, trainer, pl_module) -> None:
+        device = pl_module.device
+        peaks = {}
+        if device.type == "cuda":
+            peaks["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)  # so that the next log shows its own interval's peak
+        host = peak_host_memory_gib()
+        if host is not None:
+            peaks["perf/peak_host_memory_gib"] = host
+        # The largest over processes, the one that runs out of memory first: one collective, at log steps only.
+        values = trainer.strategy.reduce(torch.tensor(list(peaks.values()), device=device), reduce_op="max")
+        for name, value in zip(peaks, values):
+            pl_module.log(name, value)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if self.meter is not None:

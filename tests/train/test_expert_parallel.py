@@ -117,14 +117,17 @@ def test_expert_parallel_fit_resumes_exactly_and_moves_between_layouts(workdir):
         rows = [row for row in csv.DictReader(f) if row.get("experts/ep_rows_max_over_mean")]
     assert len(rows) == 6 and all(float(row["experts/ep_rows_max_over_mean"]) >= 1.0 for row in rows)
 
-    resume = args + ["--ckpt_path", str(step3)]
-    run_cli(workdir, resume + ep, devices=2)  # version_1: EP 2 again, exact
-    run_cli(workdir, resume + ["--config", str(ROOT / "configs/strategy/fsdp2.yaml")], devices=2)  # version_2
+    # Each resume from step 3 branches into a folder it names (a plain resume would continue in version_0).
+    def resume(version: int) -> list[str]:
+        return args + ["--ckpt_path", str(step3), "--trainer.logger.init_args.version", f"version_{version}"]
+
+    run_cli(workdir, resume(1) + ep, devices=2)  # version_1: EP 2 again, exact
+    run_cli(workdir, resume(2) + ["--config", str(ROOT / "configs/strategy/fsdp2.yaml")], devices=2)
     # version_3: EP 4, the same global batch of 4 rows in 4 processes
-    run_cli(workdir, resume + ep + ["--trainer.strategy.init_args.expert_parallel_size", "4",
-                                    "--data.batch_size", "1"], devices=4)
+    run_cli(workdir, resume(3) + ep + ["--trainer.strategy.init_args.expert_parallel_size", "4",
+                                       "--data.batch_size", "1"], devices=4)
     # version_4: EP 2 x TP 2 (fsdp2-ep-tp.yaml), 4 processes of which 2 see different data: the same global batch
-    run_cli(workdir, resume + ["--config", str(ROOT / "configs/strategy/fsdp2-ep-tp.yaml")], devices=4)
+    run_cli(workdir, resume(4) + ["--config", str(ROOT / "configs/strategy/fsdp2-ep-tp.yaml")], devices=4)
     import cli
 
     single = workdir / "step3.ckpt"

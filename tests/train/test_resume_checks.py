@@ -5,6 +5,7 @@ seed, are refused with a message naming each change; settings that only change h
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import random
 import re
@@ -105,8 +106,11 @@ def test_cli_refuses_a_changed_resume_naming_the_flag(workdir, capsys):
             cli.main(["fit", *tiny_run_args(workdir), "--trainer.max_steps", "8", "--ckpt_path", str(last), *change])
         assert exit_info.value.code == 2
         assert named in capsys.readouterr().err
-    # The same settings resume.
+    # The refused resumes left the run as it was; the same settings resume, in the same folder.
+    metrics = workdir / "runs/quickstart/version_0/metrics.csv"
+    assert len([row for row in csv.DictReader(metrics.open()) if row.get("train/loss")]) == 3
     cli.main(["fit", *tiny_run_args(workdir), "--trainer.max_steps", "8", "--ckpt_path", str(last)])
-    steps = sorted(torch.load(p, weights_only=True)["global_step"]
-                   for p in workdir.glob("runs/quickstart/version_*/checkpoints/last.ckpt"))
-    assert steps == [6, 8]
+    steps = [torch.load(p, weights_only=True)["global_step"]
+             for p in workdir.glob("runs/quickstart/version_*/checkpoints/last.ckpt")]
+    assert steps == [8]
+    assert [int(row["step"]) for row in csv.DictReader(metrics.open()) if row.get("train/loss")] == [1, 3, 5, 7]
