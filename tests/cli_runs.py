@@ -36,6 +36,22 @@ def write_tiny_run(folder: Path) -> None:
     (folder / "tiny-callbacks.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
 
 
+def fit_tiny_run(folder: Path, *extra: str) -> Path:
+    """A tiny fit in a folder of its own (corpus, caches, working directory), for module-scoped fixtures, which
+    cannot use the `workdir` fixture; the run's version folder."""
+    import sys
+
+    import cli
+
+    write_tiny_run(folder)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setattr(sys, "argv", ["cli.py"])
+        patch.setenv("MOE_CACHE_DIR", str(folder / "cache"))
+        cli.main(["fit", *tiny_run_args(folder), *extra])
+    return folder / "runs" / "quickstart" / "version_0"
+
+
 def tiny_run_args(workdir: Path) -> list[str]:
     """The quickstart configs with a smaller model, corpus and run, so the test takes seconds."""
     return QUICKSTART + [

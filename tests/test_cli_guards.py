@@ -3,7 +3,6 @@ flags beside a checkpoint, an empty prompt list, a --ckpt_path that is not a che
 refuses with a traceback. Each error is one line on stderr naming the flag or file, with exit status 2."""
 
 import csv
-import sys
 from typing import ClassVar
 
 import pytest
@@ -19,7 +18,7 @@ from moe.generate import Sampling, generate
 from moe.train.checkpoint import load_lightning_checkpoint
 from moe.train.trainer_checks import check_trainer_flags
 
-from .cli_runs import refused, tiny_run_args, write_tiny_run
+from .cli_runs import fit_tiny_run, refused, tiny_run_args
 
 RUN = "runs/quickstart"  # the quickstart's CSVLogger: save_dir runs, name quickstart
 
@@ -33,14 +32,7 @@ def without(args: list[str], flag: str) -> list[str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The last.ckpt of a tiny fit (3 steps; sampling: max_new_tokens 8, the default temperature 0.8)."""
-    folder = tmp_path_factory.mktemp("trained")
-    write_tiny_run(folder)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        patch.setattr(sys, "argv", ["cli.py"])
-        patch.setenv("MOE_CACHE_DIR", str(folder / "cache"))
-        cli.main(["fit", *tiny_run_args(folder), "--trainer.max_steps", "3"])
-    return folder / RUN / "version_0/checkpoints/last.ckpt"
+    return fit_tiny_run(tmp_path_factory.mktemp("trained"), "--trainer.max_steps", "3") / "checkpoints/last.ckpt"
 
 
 # ------------------------------------------------------------------------------------------------ run directories

@@ -46,6 +46,8 @@ def test_a_resumed_fit_continues_in_its_own_folder_and_log(workdir):
     resumed = rows(run)
     assert steps_of(resumed, "train/loss") == [1, 3, 5]
     assert resumed[:2] == first[:2]  # what the first run wrote before the checkpoint is kept as it was
+    load_steps = [json.loads(line)["step"] for line in (run / "expert_load.jsonl").read_text().splitlines()]
+    assert load_steps == [2, 4, 6]  # expert_load.jsonl too: steps 4 and 6 once, from the resumed run
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 6
 
 

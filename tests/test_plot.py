@@ -5,7 +5,6 @@ data gives a different image, and the one-line errors of the command line."""
 import csv
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ from moe.plot import (
     time_bins,
 )
 
-from .cli_runs import refused, tiny_run_args, write_tiny_run
+from .cli_runs import fit_tiny_run, refused
 
 CURVE_PIXELS = (CURVE_SIZE[1], CURVE_SIZE[0])  # imread's (height, width)
 TOKENS_PER_STEP = 128
@@ -38,13 +37,7 @@ TOKENS_PER_STEP = 128
 def fitted_run(tmp_path_factory):
     """The version folder of a tiny MoE fit through the command line (6 steps, logged every 2, validated every 3)."""
     folder = tmp_path_factory.mktemp("fit")
-    write_tiny_run(folder)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        patch.setattr(sys, "argv", ["cli.py"])
-        patch.setenv("MOE_CACHE_DIR", str(folder / "cache"))
-        cli.main(["fit", *tiny_run_args(folder), "--trainer.logger.init_args.save_dir", str(folder / "runs")])
-    return folder / "runs" / "quickstart" / "version_0"
+    return fit_tiny_run(folder, "--trainer.logger.init_args.save_dir", str(folder / "runs"))
 
 
 def write_metrics(folder, scale: float = 1.0, steps: int = 40, tokens: bool = True):

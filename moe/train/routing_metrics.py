@@ -118,6 +118,13 @@ class ExpertLoadMonitor(pl.Callback):
         # folder (log_dir falls back to the working directory), so no file.
         log_dir = trainer.log_dir if trainer.loggers else None
         self._path = Path(log_dir) / self.FILE_NAME if log_dir else None
+        if trainer.ckpt_path and trainer.is_global_zero and self._path is not None and self._path.is_file():
+            # Resumed from an earlier checkpoint: the steps after it are logged again (as metrics.csv's rows are
+            # dropped by moe.train.run_paths.forget_rows_from), so their lines go.
+            lines = self._path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= trainer.global_step]
+            if len(kept) < len(lines):
+                self._path.write_text("".join(kept))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         stats = outputs.get("moe") if isinstance(outputs, dict) else None

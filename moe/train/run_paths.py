@@ -69,7 +69,8 @@ def place_loggers(logger, subcommand: str, ckpt_path: str | None, init_from: str
     logger (CSV, TensorBoard) pointed at the folder this command writes to; see the module docstring. A logger
     whose folder is not the checkpoint's run (one the user named) is left alone, as is one with a version set."""
     run = checkpoint_run(ckpt_path)
-    if logger is None or logger is True:  # no logger given: CSV under runs/, not lightning_logs/
+    default = logger is None or logger is True
+    if default:  # no logger given: CSV under runs/, not lightning_logs/
         name = Path(init_from).name if init_from and subcommand != "fit" else "default"
         logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
                            init_args=Namespace(save_dir=DEFAULT_ROOT, name=name))
@@ -84,7 +85,7 @@ def place_loggers(logger, subcommand: str, ckpt_path: str | None, init_from: str
             continue
         root = Path(args.get("save_dir") or ".") / (args.get("name") or "")
         same_root = root.expanduser().absolute() == run.parent
-        if not same_root and not _is_default(entry, logger):
+        if not same_root and not default:
             continue
         if subcommand == "fit":  # the resumed run's own folder (and metrics.csv, appended to)
             if not same_root:  # the default logger: the checkpoint's folder, as the run named it
@@ -102,10 +103,6 @@ def _relative(path: Path) -> str:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
-
-
-def _is_default(entry: Namespace, logger) -> bool:
-    return entry is logger and entry.init_args.get("name") == "default" and entry.init_args.get("save_dir") == DEFAULT_ROOT
 
 
 class ContinuingCSVWriter(ExperimentWriter):
