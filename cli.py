@@ -9,7 +9,8 @@ data module's tokenizer and the data's sequence length to the model's `max_seq_l
 `moe export CKPT DIR` writes a checkpoint as an HF model directory; `moe consolidate SHARDED_DIR FILE` writes a
 sharded checkpoint (FSDP, ModelParallel) as one file; `moe plot RUN_DIR...` draws the loss, learning-rate,
 throughput and expert-load figures of one or several runs (moe/plot.py); `moe plan MODEL --tokens N | --flops C`
-prints parameters, FLOPs, compute-optimal allocations, memory per strategy and time (moe/planning/).
+prints parameters, FLOPs, compute-optimal allocations, memory per strategy and time; `moe ladder LADDER.yaml` trains
+a ladder of model sizes and fits and predicts from their losses (moe/planning/).
 """
 
 from __future__ import annotations

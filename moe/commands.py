@@ -1,6 +1,6 @@
 """The command line's commands beside LightningCLI's fit/validate/test/predict: `export` (a checkpoint as an HF model
 directory), `consolidate` (a sharded checkpoint as one file), `export-tokens` (the token caches of a data
-config as pre-tokenized shards), `plot` (the training curves of runs as PNG files) and `plan` (moe/planning/). Each raises ValueError
+config as pre-tokenized shards), `plot` (the training curves of runs as PNG files), `plan` and `ladder` (moe/planning/). Each raises ValueError
 (InputError) or FileNotFoundError for what its arguments name; cli.py prints that as one line.
 """
 
@@ -10,6 +10,7 @@ import argparse
 
 import torch
 
+from moe.planning.command import ladder as ladder_run
 from moe.planning.command import plan as plan_run
 from moe.train.checkpoint import consolidate_checkpoint
 from moe.train.export import export_to_hf
@@ -80,4 +81,4 @@ def plot(argv: list[str]) -> None:
 
 # name -> (function, whether the settings its errors name are flags of the command)
 COMMANDS = {"export": (export, False), "consolidate": (consolidate, False), "export-tokens": (export_tokens, True),
-            "plot": (plot, False), "plan": (plan_run, False)}
+            "plot": (plot, False), "plan": (plan_run, False), "ladder": (ladder_run, False)}

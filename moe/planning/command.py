@@ -77,3 +77,23 @@ def plan(argv: list[str]) -> None:
                        tokens_per_gpu_s=args.tokens_per_gpu_s, seq_len=args.seq_len, precision=args.precision,
                        micro_batch=args.micro_batch, headroom=args.headroom, gpus_per_node=args.gpus_per_node)
     print(plan_json(result) if args.json else format_plan(result))
+
+
+def ladder(argv: list[str]) -> None:
+    from moe.planning.ladder_command import run_ladder  # matplotlib and the CLI only for this command
+
+    parser = argparse.ArgumentParser(prog="moe ladder", description="Train a ladder of model sizes (each rung an "
+                                     "ordinary fit in its own run folder, resumable), fit L(N) = E + A/N^alpha and "
+                                     "L(C) to their final validation losses, predict the held-out target rung with "
+                                     "a 95%% interval, and for a dense and an MoE family report the MoE's compute "
+                                     "multiplier. Writes <out>/ladder.json and <out>/ladder.png.")
+    parser.add_argument("ladder", metavar="LADDER", help="a ladder file, e.g. configs/ladder/cpu.yaml")
+    parser.add_argument("--out", default=None, help="folder of the rungs' runs and the results (default: the "
+                        "ladder file's out, else runs/ladder/<its name>)")
+    parser.add_argument("--fit-only", action="store_true", help="train nothing: fit and report the finished rungs")
+    parser.add_argument("--dry-run", action="store_true", help="print each rung's size, budget and fit command "
+                        "and stop")
+    parser.add_argument("--families", nargs="+", default=None, metavar="FAMILY", help="train only these families "
+                        "(all are fitted)")
+    args = parser.parse_args(argv)
+    run_ladder(args.ladder, out=args.out, fit_only=args.fit_only, dry_run=args.dry_run, families=args.families)

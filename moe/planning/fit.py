@@ -1,10 +1,10 @@
-"""Scaling-law fits for a ladder of runs (issue 19, part 2's fitting half; the ladder command that trains the rungs
-is still to come).
+"""Scaling-law fits for a ladder of runs (moe/planning/ladder.py trains the rungs and applies these).
 
 - `fit_power_law(x, loss)`: L(x) = E + A / x^alpha, x the parameters N (Kaplan et al. 2020's L(N), with an
   irreducible term as Hoffmann et al. 2022 fit it) or the training compute C. Least squares by scipy's
   `curve_fit` with A on a log scale (the rungs' A / x^alpha spans decades); the exponent's standard error and a
-  prediction interval come from the fit's covariance (delta method), widened by the residual spread.
+  prediction interval come from the fit's covariance (delta method), widened by the residual spread, with Student's
+  t quantile for the rungs' n - 3 degrees of freedom (a ladder has few rungs: 1.96 would claim too much).
 - `fit_chinchilla(n, d, loss)`: L(N, D) = E + A / N^alpha + B / D^beta, for ladders whose rungs vary the tokens too.
 - `compute_multiplier(dense, moe_compute, moe_loss)`: the dense compute that reaches the MoE run's loss on the
   dense family's L(C) curve, over the MoE run's compute (Clark et al. 2022's "effective compute"; Krajewski et al.
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import curve_fit
+from scipy.stats import t as student_t
 
 
 def _power_law(log_x, e, log_a, alpha):
@@ -33,6 +34,7 @@ class PowerLawFit:
     alpha: float
     covariance: np.ndarray
     residual_std: float  # of the rungs' losses about the fit (nats)
+    dof: int = 1  # rungs minus the 3 parameters
 
     @property
     def alpha_stderr(self) -> float:
@@ -45,14 +47,15 @@ class PowerLawFit:
     def loss(self, x: float) -> float:
         return float(_power_law(math.log(x), self.e, math.log(self.a), self.alpha))
 
-    def interval(self, x: float, z: float = 1.96) -> tuple[float, float]:
-        """A z-sigma prediction interval of the loss at x: the fit's uncertainty (delta method on the parameters'
-        covariance) and the rungs' scatter about it, added in quadrature."""
+    def interval(self, x: float, level: float = 0.95) -> tuple[float, float]:
+        """A `level` prediction interval of the loss at x: the fit's uncertainty (delta method on the parameters'
+        covariance) and the rungs' scatter about it, added in quadrature, times Student's t quantile for `dof`."""
         log_x = math.log(x)
         term = self.a * x ** -self.alpha
         gradient = np.array([1.0, term, -term * log_x])  # dL/dE, dL/dlogA, dL/dalpha
         sigma = math.sqrt(float(gradient @ self.covariance @ gradient) + self.residual_std ** 2)
         center = self.loss(x)
+        z = float(student_t.ppf(0.5 + level / 2, self.dof))
         return center - z * sigma, center + z * sigma
 
     def inverse(self, loss: float) -> float:
@@ -63,7 +66,7 @@ class PowerLawFit:
 
     def as_dict(self) -> dict:
         return {"E": self.e, "A": self.a, "alpha": self.alpha, "alpha_stderr": self.alpha_stderr,
-                "E_stderr": self.e_stderr, "residual_std": self.residual_std}
+                "E_stderr": self.e_stderr, "residual_std": self.residual_std, "dof": self.dof}
 
 
 def fit_power_law(x, loss) -> PowerLawFit:
@@ -87,7 +90,8 @@ def fit_power_law(x, loss) -> PowerLawFit:
                                    bounds=([0.0, -np.inf, 1e-4], [loss.min(), np.inf, 5.0]), maxfev=20000)
     residuals = loss - _power_law(log_x, *params)
     residual_std = float(np.sqrt(np.sum(residuals ** 2) / max(len(x) - 3, 1)))
-    return PowerLawFit(float(params[0]), float(math.exp(params[1])), float(params[2]), covariance, residual_std)
+    return PowerLawFit(float(params[0]), float(math.exp(params[1])), float(params[2]), covariance, residual_std,
+                       dof=len(x) - 3)
 
 
 @dataclass
