@@ -48,14 +48,15 @@ from moe.train.trainer_checks import check_trainer_flags
 
 
 def print_presets() -> None:
-    header = f"{'preset':<14} {'layers':>6} {'d_model':>7} {'heads':>7} {'experts':>7} {'total':>8} {'active':>8}"
+    width = max(14, *(len(name) for name in preset_names()))
+    header = f"{'preset':<{width}} {'layers':>6} {'d_model':>7} {'heads':>7} {'experts':>7} {'total':>8} {'active':>8}"
     print(header)
     print("-" * len(header))
     for name in preset_names():
         c = get_preset(name)
         experts = f"{c.top_k}/{c.n_experts}" if c.is_moe else "-"
         heads = f"{c.n_heads}/{c.n_kv_heads}"
-        print(f"{name:<14} {c.n_layers:>6} {c.d_model:>7} {heads:>7} {experts:>7} "
+        print(f"{name:<{width}} {c.n_layers:>6} {c.d_model:>7} {heads:>7} {experts:>7} "
               f"{format_count(c.num_params()):>8} {format_count(c.num_active_params()):>8}")
 
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from moe.config import ModelConfig
 from moe.kv_cache import LayerKVCache
+from moe.norm import RMSNorm
 from moe.rope import apply_rotary
 from moe.unpadded import Unpadded
 
@@ -140,6 +141,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * c, bias=config.attn_bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * c, bias=config.attn_bias)
         self.o_proj = nn.Linear(self.n_heads * c, d, bias=False)
+        # QK-norm (ModelConfig.qk_norm): 'head' normalises each head's C channels with one shared weight (Qwen3),
+        # 'full' all heads' channels of a token together (OLMoE, OLMo 2), before RoPE either way.
+        self.qk_norm = config.qk_norm
+        if self.qk_norm is not None:
+            q_width, k_width = (c, c) if self.qk_norm == "head" else (self.n_heads * c, self.n_kv_heads * c)
+            self.q_norm, self.k_norm = RMSNorm(q_width, config.norm_eps), RMSNorm(k_width, config.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKVCache | None = None,
                 positions: torch.Tensor | None = None, unpadded: Unpadded | None = None) -> torch.Tensor:
@@ -151,12 +158,16 @@ class Attention(nn.Module):
         # Head counts come from the projections' widths, not the config: under tensor parallelism each process
         # holds H / tp query and K / tp key/value heads (moe/train/parallel.py).
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H*C), (B, T, K*C), (B, T, K*C)
+        if self.qk_norm == "full":  # over a token's heads together: all of them must be here (not under TP)
+            q, k = self.q_norm(q), self.k_norm(k)
         if unpadded is not None:
             q, k, v = (unpadded.unpack(t[0]) for t in (q, k, v))
             B, T = unpadded.batch, unpadded.time
         q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, C)
         k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, C)
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, C)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
             y = attend(q, k, v, self.window, self.backend)  # (B, H, T, C)

@@ -51,12 +51,18 @@ class ModelConfig:
     """Longest sequence the model is meant to see (sizes the RoPE cache; informational for training)."""
     rope_theta: float = 10000.0
     """Base of the rotary position embedding frequencies."""
+    rope_scaling: dict | None = None
+    """Scaled RoPE: {rope_type: llama3, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
+    (Llama 3.1's frequency bands, as transformers computes them); None = plain RoPE."""
     norm_type: str = "rmsnorm"
     """'rmsnorm', 'layernorm' (learnable weight and bias) or 'layernorm_nonparam' (OLMo: no parameters)."""
     norm_eps: float = 1e-5
     """Epsilon added to the variance inside every norm."""
     attn_bias: bool = False
     """Bias on the query, key and value projections (Qwen2); the output projection never has one."""
+    qk_norm: str | None = None
+    """RMSNorm on queries and keys before RoPE: 'head' (one weight of head_dim shared by the heads; Qwen3, Qwen3-MoE),
+    'full' (over all heads' channels together; OLMoE, OLMo 2) or None."""
     tie_embeddings: bool = False
     """Share the token embedding with the output layer."""
     sliding_window: int | None = None
@@ -167,7 +173,8 @@ class ModelConfig:
         kv = 2 * self.d_model * self.n_kv_heads * self.head_dim
         out = self.n_heads * self.head_dim * self.d_model
         bias = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim if self.attn_bias else 0
-        return q + kv + out + bias
+        qk_norm = {None: 0, "head": 2 * self.head_dim, "full": (self.n_heads + self.n_kv_heads) * self.head_dim}
+        return q + kv + out + bias + qk_norm[self.qk_norm]
 
     def expert_params(self) -> int:
         """Parameters of one routed expert (a SwiGLU of width expert_ffn_dim)."""

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 NORM_TYPES = ("rmsnorm", "layernorm", "layernorm_nonparam")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "eager")
 EXPERT_BACKENDS = ("auto", "loop", "grouped", "megablocks")
+QK_NORMS = (None, "head", "full")
+ROPE_TYPES = ("llama3",)
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def _check(ok: bool, field: str, problem: str) -> None:
@@ -49,6 +52,9 @@ def validate(config: ModelConfig) -> None:
     _check(config.attention_backend in ATTENTION_BACKENDS, "attention_backend",
            f"={config.attention_backend!r} is not one of {ATTENTION_BACKENDS}")
     _check_finite(config, "rope_theta", 0, strict=True)
+    _check(config.qk_norm in QK_NORMS, "qk_norm", f"={config.qk_norm!r} is not one of {QK_NORMS}")
+    if config.rope_scaling is not None:
+        _validate_rope_scaling(config)
     _check_finite(config, "norm_eps", 0, strict=False)
     _check_finite(config, "init_std", 0, strict=False)
     _check(config.sliding_window is None or config.sliding_window > 0, "sliding_window",
@@ -72,6 +78,22 @@ def validate(config: ModelConfig) -> None:
         _check(config.is_moe or not config.router_bias_update_rate, "router_bias_update_rate",
                f"={config.router_bias_update_rate} balances the load of experts, but ModelConfig.n_experts=0 "
                "(a dense model): leave it unset")
+
+
+def _validate_rope_scaling(config: ModelConfig) -> None:
+    scaling = config.rope_scaling
+    _check(isinstance(scaling, dict) and scaling.get("rope_type") in ROPE_TYPES, "rope_scaling",
+           f"={scaling!r}: rope_type must be one of {ROPE_TYPES}")
+    missing = [k for k in LLAMA3_ROPE_KEYS if k not in scaling]
+    _check(not missing, "rope_scaling", f" (rope_type llama3) lacks {missing}")
+    unknown = sorted(set(scaling) - {"rope_type", *LLAMA3_ROPE_KEYS})
+    _check(not unknown, "rope_scaling", f" has unknown keys {unknown} (llama3 takes {list(LLAMA3_ROPE_KEYS)})")
+    for key in LLAMA3_ROPE_KEYS:
+        value = scaling[key]
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
+               "rope_scaling", f"[{key!r}]={value!r} must be a positive number")
+    _check(scaling["high_freq_factor"] > scaling["low_freq_factor"], "rope_scaling",
+           f": high_freq_factor={scaling['high_freq_factor']} must exceed low_freq_factor={scaling['low_freq_factor']}")
 
 
 def _validate_moe(config: ModelConfig) -> None:

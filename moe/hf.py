@@ -1,10 +1,10 @@
-"""HF transformers interoperability: load Llama / Mistral / Mixtral / Qwen2 / Qwen2-MoE checkpoints into our
+"""HF transformers interoperability: load Llama / Mistral / Mixtral / Qwen2 / Qwen2-MoE / OLMoE / Qwen3-MoE checkpoints into our
 Transformer and save ours as HF checkpoints (config.json plus safetensors, sharded with an index above
 max_shard_size).
 
 One key mapping, `hf_key_map`, serves import and export: our module names already follow HF's, so most
 entries are renames; per-expert matrices (hub format `block_sparse_moe.experts.{j}.w1/w2/w3` for Mixtral,
-`mlp.experts.{j}.gate_proj/up_proj/down_proj` for Qwen2-MoE, which transformers 5 fuses on load and splits again
+`mlp.experts.{j}.gate_proj/up_proj/down_proj` for Qwen2-MoE, OLMoE and Qwen3-MoE, which transformers 5 fuses on load and splits again
 on save) stack into our (E, F, D) / (E, D, F) expert weights. Qwen2-MoE always has a gated shared expert: a model
 of ours without shared experts exports it with width 0 (`hf_placeholders`), which computes nothing.
 Config translation lives in `moe/hf_config.py`.
@@ -51,6 +51,8 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 _MOE_NAMES = {
     "mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}),
     "qwen2_moe": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}),
+    "olmoe": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}),
+    "qwen3_moe": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}),
 }
 
 
@@ -71,6 +73,7 @@ def hf_key_map(config: ModelConfig, model_type: str | None = None) -> list[KeyMa
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
         names = [f"self_attn.{p}_proj.weight" for p in "qkvo"]
         names += [f"self_attn.{p}_proj.bias" for p in "qkv"] if config.attn_bias else []
+        names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"] if config.qk_norm else []
         names += ["input_layernorm.weight", "post_attention_layernorm.weight"]
         if config.is_moe_layer(i):
             block, expert_names = _MOE_NAMES[model_type]

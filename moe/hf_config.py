@@ -1,5 +1,5 @@
-"""Translation between our ModelConfig and HF transformers' config.json for Llama, Mistral, Mixtral, Qwen2 and
-Qwen2-MoE.
+"""Translation between our ModelConfig and HF transformers' config.json for Llama (Llama 3's scaled RoPE included),
+Mistral, Mixtral, Qwen2, Qwen2-MoE, OLMoE and Qwen3-MoE.
 
 Reads both transformers-v4 configs (top-level `rope_theta`, `rope_scaling`) and v5 configs (`rope_parameters`),
 and writes both spellings so that either version loads the export. Defaults for absent keys are those of the
@@ -14,6 +14,10 @@ our `dense_layers` (plus the `first_k_dense` leading layers on export); its dens
 `intermediate_size` (our ffn_dim), its experts of `moe_intermediate_size` (our expert_ffn_dim), and its one shared
 expert of `shared_expert_intermediate_size` (our n_shared_experts x expert_ffn_dim) is always gated
 (shared_expert_gate). Qwen2-MoE's `qkv_bias` (our attn_bias) needs transformers >= 4.51 to be False.
+
+A model with QK-norm exports as OLMoE (qk_norm 'full': every layer MoE, `intermediate_size` the experts' width,
+top-k probabilities as norm_topk_prob says) or Qwen3-MoE (qk_norm 'head': Qwen2-MoE's layer pattern without the
+shared expert). OLMoE's `clip_qkv` and both families' `attention_bias` (which biases o_proj too) are refused.
 """
 
 from __future__ import annotations
@@ -42,7 +46,18 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                                               shared_expert_intermediate_size=5632, norm_topk_prob=False,
                                               router_aux_loss_coef=0.001, decoder_sparse_step=1, mlp_only_layers=[],
                                               qkv_bias=True)),
+    "olmoe": ("OlmoeForCausalLM", dict(rope_theta=10000.0, num_key_value_heads=None, rms_norm_eps=1e-5,
+                                       max_position_embeddings=4096, num_experts=64, num_experts_per_tok=8,
+                                       norm_topk_prob=False, router_aux_loss_coef=0.01, clip_qkv=None,
+                                       attention_bias=False)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", dict(rope_theta=10000.0, num_key_value_heads=4, rms_norm_eps=1e-6,
+                                              max_position_embeddings=32768, use_sliding_window=False, num_experts=128,
+                                              num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=False,
+                                              router_aux_loss_coef=0.001, decoder_sparse_step=1, mlp_only_layers=[],
+                                              attention_bias=False)),
 }
+# Families whose attention normalises queries and keys (ModelConfig.qk_norm), and how.
+QK_NORM = {"olmoe": "full", "qwen3_moe": "head"}
 ARCHITECTURES = {arch: model_type for model_type, (arch, _) in FAMILIES.items()}
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -65,20 +80,28 @@ def hf_model_type(hf: dict) -> str:
     return model_type
 
 
-def _rope_theta(hf: dict, default: float) -> float:
-    """RoPE base from a v5 `rope_parameters` or a v4 `rope_theta`; scaled RoPE variants are refused."""
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope(hf: dict, default: float) -> tuple[float, dict | None]:
+    """RoPE base and scaling (ModelConfig.rope_theta, rope_scaling) from a v5 `rope_parameters` or a v4
+    `rope_theta` and `rope_scaling`; scaling other than Llama 3's is refused."""
     params = hf.get("rope_parameters") or {}
     if params and all(isinstance(v, dict) for v in params.values()):
         raise NotImplementedError(f"per-layer-type rope_parameters are not supported: {params}")
-    scaling = hf.get("rope_scaling") or {}  # v4
-    for source in (params, scaling):
+    scaling = None
+    for source in (params, hf.get("rope_scaling") or {}):  # v5, v4
         rope_type = source.get("rope_type", source.get("type", "default"))
-        if rope_type != "default":
-            raise NotImplementedError(
-                f"RoPE scaling type {rope_type!r} is not supported (only 'default' RoPE is implemented): {source}"
-            )
+        if rope_type == "llama3":
+            missing = [k for k in LLAMA3_KEYS if k not in source]
+            if missing:
+                raise ValueError(f"llama3 RoPE scaling lacks {missing}: {source}")
+            scaling = {"rope_type": "llama3", **{k: source[k] for k in LLAMA3_KEYS}}
+        elif rope_type != "default":
+            raise NotImplementedError(f"RoPE scaling type {rope_type!r} is not supported (only 'default' and "
+                                      f"'llama3' are implemented): {source}")
     theta = params.get("rope_theta", hf.get("rope_theta"))
-    return float(default if theta is None else theta)
+    return float(default if theta is None else theta), scaling
 
 
 def _qwen2_layer_windows(hf: dict, n_layers: int, get) -> list[int | None] | None:
@@ -111,7 +134,8 @@ def _qwen2_moe_fields(hf: dict, n_layers: int, get) -> dict:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """Our ModelConfig for an HF config.json dict of a Llama, Mistral, Mixtral, Qwen2 or Qwen2-MoE causal LM."""
+    """Our ModelConfig for an HF config.json dict of a Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, OLMoE or Qwen3-MoE
+    causal LM."""
     model_type = hf_model_type(hf)
     defaults = FAMILIES[model_type][1]
 
@@ -123,10 +147,15 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise ValueError(f"HF config lacks required keys {missing}")
     if get("hidden_act") not in (None, "silu"):
         raise NotImplementedError(f"hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
-    if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
-        # Llama's attention_bias also puts a bias on o_proj, which our Attention never has.
-        raise NotImplementedError("Llama attention_bias / mlp_bias are not supported")
+    if model_type in ("llama", "olmoe", "qwen3_moe") and (hf.get("attention_bias") or hf.get("mlp_bias")):
+        # Their attention_bias also puts a bias on o_proj, which our Attention never has.
+        raise NotImplementedError(f"{model_type} attention_bias / mlp_bias are not supported")
+    if model_type == "olmoe" and get("clip_qkv") is not None:
+        raise NotImplementedError(f"OLMoE clip_qkv={get('clip_qkv')} (clamping q, k and v) is not supported")
+    if model_type == "qwen3_moe" and get("use_sliding_window"):
+        raise NotImplementedError("Qwen3-MoE sliding windows (use_sliding_window=true) are not supported")
     n_layers = hf["num_hidden_layers"]
+    rope_theta, rope_scaling = _rope(hf, defaults["rope_theta"])
     config = dict(
         name=str(hf.get("_name_or_path") or model_type),
         vocab_size=hf["vocab_size"],
@@ -137,7 +166,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
         head_dim=hf.get("head_dim"),
         ffn_dim=hf["intermediate_size"],
         max_seq_len=get("max_position_embeddings"),
-        rope_theta=_rope_theta(hf, defaults["rope_theta"]),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        qk_norm=QK_NORM.get(model_type),
         norm_eps=get("rms_norm_eps"),
         attn_bias=model_type == "qwen2" or (model_type == "qwen2_moe" and get("qkv_bias")),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -153,6 +184,16 @@ def config_from_hf(hf: dict) -> ModelConfig:
                       aux_loss_coef=get("router_aux_loss_coef"))
     if model_type == "qwen2_moe":
         config.update(_qwen2_moe_fields(hf, n_layers, get))
+    if model_type == "olmoe":  # every layer MoE; intermediate_size is the experts' width
+        config.update(n_experts=get("num_experts"), top_k=get("num_experts_per_tok"),
+                      expert_ffn_dim=hf["intermediate_size"], norm_topk_prob=get("norm_topk_prob"),
+                      aux_loss_coef=get("router_aux_loss_coef"))
+    if model_type == "qwen3_moe":  # Qwen2-MoE's layer pattern, no shared expert
+        # The hub's config.json says num_experts; transformers 5 saves it under its alias num_local_experts.
+        config.update(n_experts=hf.get("num_experts", hf.get("num_local_experts", get("num_experts"))), top_k=get("num_experts_per_tok"),
+                      expert_ffn_dim=get("moe_intermediate_size"), norm_topk_prob=get("norm_topk_prob"),
+                      aux_loss_coef=get("router_aux_loss_coef"), moe_every=get("decoder_sparse_step"),
+                      dense_layers=sorted({i for i in get("mlp_only_layers") or [] if 0 <= i < n_layers}))
     return ModelConfig(**config)
 
 
@@ -165,6 +206,31 @@ def _layer_pattern(config: ModelConfig) -> str:
     every_layer = {"moe_every": 1, "first_k_dense": 0, "dense_layers": []}
     return ", ".join(f"ModelConfig.{name}={getattr(config, name)}" for name, value in every_layer.items()
                      if getattr(config, name) != value)
+
+
+def _qk_norm_model_type(config: ModelConfig) -> str:
+    """OLMoE for qk_norm 'full', Qwen3-MoE for 'head'; a ValueError naming what neither can represent."""
+    family = {"full": "olmoe", "head": "qwen3_moe"}[config.qk_norm]
+    if not config.is_moe:
+        raise ValueError(f"ModelConfig.qk_norm={config.qk_norm!r} without experts: no supported HF family has it "
+                         "(OLMo 2 and Qwen3 dense are not among them); MoE models export as OLMoE ('full') or "
+                         "Qwen3-MoE ('head')")
+    reasons = [reason for reason, present in (
+        ("ModelConfig.attn_bias=True (its attention_bias would add an o_proj bias)", config.attn_bias),
+        (f"ModelConfig.n_shared_experts={config.n_shared_experts}", config.n_shared_experts > 0),
+        (f"windows {_windows(config)} (ModelConfig.sliding_window / layer_windows)",
+         any(w is not None for w in _windows(config))),
+        (f"MoE on layers {list(config.moe_layer_indices())} only ({_layer_pattern(config)})",
+         family == "olmoe" and len(config.moe_layer_indices()) < config.n_layers),
+        ((f"ModelConfig.head_dim={config.head_dim} other than d_model / n_heads = "
+          f"{config.d_model // config.n_heads} (OLMoE sizes its heads and q/k norms from hidden_size)"),
+         family == "olmoe" and config.head_dim * config.n_heads != config.d_model),
+    ) if present]
+    if reasons:
+        name = {"olmoe": "OLMoE", "qwen3_moe": "Qwen3-MoE"}[family]
+        raise ValueError(f"ModelConfig.qk_norm={config.qk_norm!r} exports as {name}, which cannot represent "
+                         f"{'; '.join(reasons)}")
+    return family
 
 
 def _moe_model_type(config: ModelConfig) -> str:
@@ -193,12 +259,14 @@ def _moe_model_type(config: ModelConfig) -> str:
 
 
 def hf_model_type_for(config: ModelConfig) -> str:
-    """The HF family that represents a config: with experts Mixtral if it can, else Qwen2-MoE (see the module
-    docstring); without, Qwen2 for q/k/v bias, Mistral for a uniform sliding window, Llama otherwise. Raises
-    ValueError for what no supported family can represent."""
+    """The HF family that represents a config: with QK-norm OLMoE or Qwen3-MoE; with experts Mixtral if it can,
+    else Qwen2-MoE (see the module docstring); without, Qwen2 for q/k/v bias, Mistral for a uniform sliding window,
+    Llama otherwise. Raises ValueError for what no supported family can represent."""
     if config.norm_type != "rmsnorm":
         raise ValueError(f"ModelConfig.norm_type={config.norm_type!r} has no HF Llama-family equivalent "
                          "(only 'rmsnorm')")
+    if config.qk_norm is not None:
+        return _qk_norm_model_type(config)
     if config.is_moe:
         return _moe_model_type(config)
     windows = _windows(config)
@@ -249,6 +317,21 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         hf.update(intermediate_size=config.expert_ffn_dim, num_local_experts=config.n_experts,
                   num_experts_per_tok=config.top_k, router_aux_loss_coef=config.aux_loss_coef,
                   output_router_logits=False, router_jitter_noise=0.0)
+    if config.rope_scaling is not None:
+        hf["rope_scaling"] = dict(config.rope_scaling)  # v4
+        hf["rope_parameters"] = {"rope_theta": config.rope_theta, **config.rope_scaling}  # v5
+    if model_type == "olmoe":
+        hf.update(intermediate_size=config.expert_ffn_dim, num_experts=config.n_experts,
+                  num_experts_per_tok=config.top_k, norm_topk_prob=config.norm_topk_prob,
+                  router_aux_loss_coef=config.aux_loss_coef, clip_qkv=None, attention_bias=False,
+                  output_router_logits=False)
+    if model_type == "qwen3_moe":
+        step, moe_layers = config.moe_every, set(config.moe_layer_indices())
+        hf.update(num_experts=config.n_experts, num_experts_per_tok=config.top_k,
+                  moe_intermediate_size=config.expert_ffn_dim, norm_topk_prob=config.norm_topk_prob,
+                  router_aux_loss_coef=config.aux_loss_coef, decoder_sparse_step=step,
+                  mlp_only_layers=[i for i in range(config.n_layers) if (i + 1) % step == 0 and i not in moe_layers],
+                  attention_bias=False, use_sliding_window=False, sliding_window=None, output_router_logits=False)
     if model_type == "qwen2_moe":
         step, moe_layers = config.moe_every, set(config.moe_layer_indices())
         hf.update(num_experts=config.n_experts, num_experts_per_tok=config.top_k,

@@ -95,7 +95,7 @@ class Transformer(nn.Module):
         # Tied models reuse the embedding matrix in forward() instead of sharing a Parameter between two
         # modules, which to_empty() after meta-device construction would silently untie.
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -109,7 +109,7 @@ class Transformer(nn.Module):
                 continue
             if name.endswith("bias"):
                 nn.init.zeros_(param)
-            elif "layernorm" in name or name.startswith("norm."):
+            elif "layernorm" in name or name.startswith("norm.") or name.endswith(("q_norm.weight", "k_norm.weight")):
                 nn.init.ones_(param)
             elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
                 nn.init.normal_(param, 0.0, residual_std)

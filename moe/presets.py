@@ -44,11 +44,40 @@ PRESETS: dict[str, dict] = {
                         tie_embeddings=True, max_seq_len=2048),
     "smollm-1.7b": dict(vocab_size=49152, d_model=2048, n_layers=24, n_heads=32, n_kv_heads=32, ffn_dim=8192,
                         tie_embeddings=True, max_seq_len=2048),
+    # meta-llama/Llama-3.1-8B config.json: Llama 3's scaled RoPE (rope_type llama3), 128K context.
+    "llama-3.1-8b": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                         norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # allenai/OLMoE-1B-7B-0924 config.json: 64 experts of width 1024, top-8 not renormalised, QK-norm over all
+    # heads; OLMoE's router z-loss 0.001 (Muennighoff et al. 2024) is our default.
+    "olmoe-1b-7b": dict(vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, ffn_dim=1024, norm_eps=1e-5,
+                        max_seq_len=4096, qk_norm="full", n_experts=64, top_k=8, expert_ffn_dim=1024,
+                        norm_topk_prob=False, aux_loss_coef=0.01),
+    # Qwen/Qwen1.5-MoE-A2.7B config.json: 60 experts of width 1408, top-4 not renormalised, one shared expert of
+    # width 5632 (4 x 1408) behind a sigmoid gate, q/k/v bias.
+    "qwen1.5-moe-a2.7b": dict(vocab_size=151936, d_model=2048, n_layers=24, n_heads=16, ffn_dim=5632, norm_eps=1e-6,
+                              rope_theta=1e6, max_seq_len=8192, attn_bias=True, n_experts=60, top_k=4,
+                              expert_ffn_dim=1408, n_shared_experts=4, shared_expert_gate=True, norm_topk_prob=False,
+                              aux_loss_coef=0.001),
+    # Qwen/Qwen3-30B-A3B config.json: 128 experts of width 768, top-8 renormalised, per-head QK-norm, head_dim
+    # 128 with 32 query and 4 key/value heads on a 2048-wide stream.
+    "qwen3-30b-a3b": dict(vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128,
+                          ffn_dim=6144, norm_eps=1e-6, rope_theta=1e6, max_seq_len=40960, qk_norm="head",
+                          n_experts=128, top_k=8, expert_ffn_dim=768, aux_loss_coef=0.001),
     # Tiny models for tests and CPU demos.
     "tiny-dense": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352,
                        max_seq_len=256),
     "tiny-moe": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=256,
                      max_seq_len=256, n_experts=8, top_k=2),
+    # The MoE families above, tiny: their structure (QK-norm, shared expert, layer pattern, top-k rule) at test size.
+    "tiny-olmoe": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, ffn_dim=128, max_seq_len=256,
+                       qk_norm="full", n_experts=16, top_k=4, expert_ffn_dim=128, norm_topk_prob=False),
+    "tiny-qwen2-moe": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, ffn_dim=256, max_seq_len=256,
+                           attn_bias=True, n_experts=8, top_k=2, expert_ffn_dim=64, n_shared_experts=2,
+                           shared_expert_gate=True, norm_topk_prob=False, dense_layers=[0]),
+    "tiny-qwen3-moe": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=48,
+                           ffn_dim=256, max_seq_len=256, qk_norm="head", n_experts=16, top_k=4, expert_ffn_dim=64),
 }
 
 # Figures as the cited source writes them (total, and active for MoE), for the preset tests. Kept as text
@@ -66,6 +95,10 @@ PUBLISHED_PARAMS: dict[str, tuple[str, str | None]] = {
     "smollm-135m": ("135M", None),  # SmolLM model cards
     "smollm-360m": ("362M", None),  # HF's safetensors metadata (the name rounds to 360M)
     "smollm-1.7b": ("1.7B", None),
+    "llama-3.1-8b": ("8.03B", None),  # HF's safetensors metadata (the name rounds to 8B)
+    "olmoe-1b-7b": ("6.9B", "1.3B"),  # OLMoE paper and model card: 6.9B total, 1.3B active
+    "qwen1.5-moe-a2.7b": ("14.3B", "2.7B"),  # Qwen1.5-MoE release: 14.3B parameters, 2.7B activated
+    "qwen3-30b-a3b": ("30.5B", "3.3B"),  # Qwen3-30B-A3B model card: 30.5B in total, 3.3B activated
 }
 
 

@@ -156,6 +156,45 @@ def test_rope_without_autograd_equals_the_autograd_formula_bit_for_bit(dtype):
     assert torch.equal(apply_rotary(x, cos, sin), with_graph.detach())
 
 
+def brute_force_llama3_frequencies(head_dim: int, theta: float, scaling: dict) -> list[float]:
+    """Llama 3.1's rule frequency by frequency, as the reference implementation (Meta's apply_scaling) states it:
+    keep short wavelengths, divide long ones by the factor, blend in between."""
+    original = scaling["original_max_position_embeddings"]
+    low_wavelength = original / scaling["low_freq_factor"]
+    high_wavelength = original / scaling["high_freq_factor"]
+    out = []
+    for j in range(head_dim // 2):
+        freq = 1.0 / theta ** (2 * j / head_dim)
+        wavelength = 2 * math.pi / freq
+        if wavelength < high_wavelength:
+            out.append(freq)
+        elif wavelength > low_wavelength:
+            out.append(freq / scaling["factor"])
+        else:
+            smooth = (original / wavelength - scaling["low_freq_factor"]) / (
+                scaling["high_freq_factor"] - scaling["low_freq_factor"])
+            out.append((1 - smooth) * freq / scaling["factor"] + smooth * freq)
+    return out
+
+
+@pytest.mark.parametrize("original", [64, 8192])
+def test_llama3_rope_frequencies_match_the_rule_and_transformers(original):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": original}
+    ours = RotaryEmbedding(128, 500000.0, scaling).inv_freq
+    expected = torch.tensor(brute_force_llama3_frequencies(128, 500000.0, scaling), dtype=torch.float32)
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=0)
+    bands = [(f == e0, f == e0 / 8) for f, e0 in zip(expected.tolist(), RotaryEmbedding(128, 500000.0).inv_freq)]
+    assert any(kept for kept, _ in bands) and any(divided for _, divided in bands)
+    assert any(not kept and not divided for kept, divided in bands)  # some interpolated
+    hf = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters={"rope_theta": 500000.0, **scaling})
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    assert torch.equal(ours, theirs)
+
+
 def test_rope_scores_depend_only_on_relative_position():
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 1, 1, 16, generator=gen), torch.randn(1, 1, 1, 16, generator=gen)
@@ -210,6 +249,39 @@ def test_attention_module_matches_reference(heads, window, attn_bias, backend):
         got = module(x, cos, sin)
         torch.testing.assert_close(got, reference_attention_module(module, x, 1000.0, window),
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("qk_norm", ["head", "full"])
+def test_qk_norm_matches_reference(qk_norm):
+    """QK-norm by hand: RMS over each head's channels ('head', one weight of head_dim) or over all heads' channels
+    of a token ('full', one weight per channel of the projection), then RoPE, then attention."""
+    config = ModelConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=6, ffn_dim=64,
+                         qk_norm=qk_norm, norm_eps=1e-6, rope_theta=1000.0)
+    torch.manual_seed(0)
+    module = Attention(config, layer_idx=0)
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    module = module.double()
+    B, T, H, K, C = 2, 10, 4, 2, 6
+
+    def rms(y, weight):
+        return y / torch.sqrt((y * y).mean(-1, keepdim=True) + 1e-6) * weight
+
+    q, k, v = x @ module.q_proj.weight.T, x @ module.k_proj.weight.T, x @ module.v_proj.weight.T
+    if qk_norm == "full":
+        q, k = rms(q, module.q_norm.weight), rms(k, module.k_norm.weight)
+    q, k, v = (t.view(B, T, -1, C).transpose(1, 2) for t in (q, k, v))
+    if qk_norm == "head":
+        q, k = rms(q, module.q_norm.weight), rms(k, module.k_norm.weight)
+    positions = torch.arange(T)
+    q, k = complex_rope(q, positions, 1000.0), complex_rope(k, positions, 1000.0)
+    expected = brute_force_attention(q, k, v, None).transpose(1, 2).reshape(B, T, H * C) @ module.o_proj.weight.T
+    cos, sin = RotaryEmbedding(C, 1000.0)(positions)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x, cos, sin), expected, atol=1e-6, rtol=1e-6)  # float32 angles
+    assert module.q_norm.weight.shape == ((C,) if qk_norm == "head" else (H * C,))
+    assert module.k_norm.weight.shape == ((C,) if qk_norm == "head" else (K * C,))
 
 
 def test_attention_module_uses_layer_windows():

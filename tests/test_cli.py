@@ -149,6 +149,9 @@ def test_presets_command(workdir, capsys):
     cli.main(["presets"])
     out = capsys.readouterr().out
     assert "mixtral-8x7b" in out and "46.7B" in out and "12.9B" in out
+    lines = out.splitlines()
+    assert len({len(line) for line in lines[2:]}) == 1  # columns aligned, the longest name included
+    assert any(line.startswith("qwen1.5-moe-a2.7b ") and line.endswith("14.3B    2.69B") for line in lines)
 
 
 def test_help_documents_model_fields_and_module_arguments(workdir, capsys):

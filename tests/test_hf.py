@@ -13,8 +13,10 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    OlmoeConfig,
     Qwen2Config,
     Qwen2MoeConfig,
+    Qwen3MoeConfig,
 )
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
@@ -42,7 +44,25 @@ HF_FAMILIES = {
     "qwen2_moe-step": lambda: Qwen2MoeConfig(**{**HF_DIMS, "num_hidden_layers": 4}, moe_intermediate_size=16,
                                              shared_expert_intermediate_size=0, num_experts=4, num_experts_per_tok=2,
                                              decoder_sparse_step=2, qkv_bias=False, norm_topk_prob=True),
+    # Llama 3.1's scaled RoPE: with head_dim 16 and an original context of 64 tokens, the 8 frequencies fall in all
+    # three bands (kept, interpolated, divided by the factor).
+    "llama3": lambda: LlamaConfig(**HF_DIMS, head_dim=16, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # OLMoE: QK-norm over all heads' channels, top-k probabilities not renormalised, every layer MoE.
+    "olmoe": lambda: OlmoeConfig(**{**HF_DIMS, "intermediate_size": 24}, num_experts=4, num_experts_per_tok=2),
+    "olmoe-renorm": lambda: OlmoeConfig(**{**HF_DIMS, "intermediate_size": 24, "num_key_value_heads": 4},
+                                        num_experts=6, num_experts_per_tok=3, norm_topk_prob=True,
+                                        tie_word_embeddings=True),
+    # Qwen3-MoE: per-head QK-norm, head_dim 12 (not hidden_size / heads), a dense first layer.
+    "qwen3_moe": lambda: Qwen3MoeConfig(**HF_DIMS, head_dim=12, moe_intermediate_size=16, num_experts=4,
+                                        num_experts_per_tok=2, mlp_only_layers=[0], norm_topk_prob=True),
+    "qwen3_moe-step": lambda: Qwen3MoeConfig(**{**HF_DIMS, "num_hidden_layers": 4}, moe_intermediate_size=16,
+                                             num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2,
+                                             tie_word_embeddings=True),
 }
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
 OUR_DIMS = dict(vocab_size=96, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
 OUR_CONFIGS = {  # name: (overrides, HF architecture expected, max_shard_size)
     "dense": (dict(head_dim=16, rope_theta=5000.0), "LlamaForCausalLM", "5GB"),
@@ -57,6 +77,11 @@ OUR_CONFIGS = {  # name: (overrides, HF architecture expected, max_shard_size)
                                   shared_expert_gate=True, attn_bias=True, norm_topk_prob=False, tie_embeddings=True),
                              "Qwen2MoeForCausalLM", "5GB"),
     "moe-dense-list": (dict(n_experts=4, top_k=1, expert_ffn_dim=48, dense_layers=[1]), "Qwen2MoeForCausalLM", "5GB"),
+    "llama3-rope": (dict(head_dim=16, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE), "LlamaForCausalLM", "5GB"),
+    "olmoe": (dict(n_experts=4, top_k=2, expert_ffn_dim=24, qk_norm="full", norm_topk_prob=False),
+              "OlmoeForCausalLM", "20KB"),
+    "qwen3-moe": (dict(n_experts=4, top_k=2, expert_ffn_dim=16, qk_norm="head", head_dim=12, dense_layers=[1],
+                       tie_embeddings=True, rope_scaling=LLAMA3_ROPE), "Qwen3MoeForCausalLM", "20KB"),
 }
 
 
@@ -102,6 +127,16 @@ def test_import_matches_hf_logits(hf_checkpoint, family, attn):
     torch.testing.assert_close(ours(ids).logits, hf_load(path, attn)(ids).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "olmoe-renorm", "qwen3_moe", "qwen3_moe-step"])
+@torch.no_grad()
+def test_import_matches_hf_logits_with_grouped_experts(hf_checkpoint, family):
+    """The grouped-matmul experts (the GPU default) compute HF's function as the expert loop does."""
+    path = hf_checkpoint(family)
+    ours = load_hf_checkpoint(path, expert_backend="grouped")
+    ids = input_ids()
+    torch.testing.assert_close(ours(ids).logits, hf_load(path)(ids).logits, rtol=0, atol=1e-5)
+
+
 def test_imported_config_follows_hf(hf_checkpoint):
     qwen2 = load_hf_checkpoint(hf_checkpoint("qwen2")).config
     assert qwen2.tie_embeddings and qwen2.attn_bias and qwen2.layer_windows == [None, 5, 5]
@@ -117,9 +152,9 @@ def test_imported_config_follows_hf(hf_checkpoint):
     assert step.n_shared_experts == 0 and not step.shared_expert_gate and not step.attn_bias and step.norm_topk_prob
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen2_moe-step"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen2_moe-step", "olmoe", "qwen3_moe", "qwen3_moe-step"])
 @torch.no_grad()
-def test_qwen2_moe_router_logits_match_hf_per_moe_layer(hf_checkpoint, family):
+def test_router_logits_match_hf_per_moe_layer(hf_checkpoint, family):
     """ModelOutput.moe has one entry per MoE layer, in layer order, as HF's router_logits."""
     path = hf_checkpoint(family)
     ids = input_ids()
@@ -149,6 +184,43 @@ def test_mixtral_load_balancing_loss_matches_hf(hf_checkpoint):
         torch.testing.assert_close(stats.load_balancing_loss, expected, rtol=0, atol=1e-6)
     pooled = load_balancing_loss_func(ours.router_logits, n_experts, top_k)
     torch.testing.assert_close(theirs.aux_loss, pooled, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "olmoe-renorm", "qwen3_moe", "qwen3_moe-step"])
+@torch.no_grad()
+def test_hf_aux_loss_is_its_load_balancing_loss_of_our_router_logits(hf_checkpoint, family):
+    """As for Mixtral: HF's model-level aux_loss is its family's load_balancing_loss_func over the MoE layers'
+    router logits pooled, which ours reproduce exactly (per layer, ours is the same function of one layer's)."""
+    import importlib
+
+    path = hf_checkpoint(family)
+    hf_config = json.loads((path / "config.json").read_text())
+    module = importlib.import_module(f"transformers.models.{hf_config['model_type']}.modeling_{hf_config['model_type']}")
+    # transformers 5 saves Qwen3-MoE's num_experts under its alias num_local_experts
+    n_experts = hf_config.get("num_experts", hf_config.get("num_local_experts"))
+    top_k = hf_config["num_experts_per_tok"]
+    ids = input_ids()
+    ours = load_hf_checkpoint(path)(ids)
+    theirs = hf_load(path)(ids, output_router_logits=True)
+    torch.testing.assert_close(theirs.aux_loss, module.load_balancing_loss_func(ours.router_logits, n_experts, top_k),
+                               rtol=0, atol=1e-6)
+    for stats in ours.moe:
+        torch.testing.assert_close(stats.load_balancing_loss,
+                                   module.load_balancing_loss_func((stats.router_logits,), n_experts, top_k),
+                                   rtol=0, atol=1e-6)
+
+
+def test_qk_norm_and_rope_scaling_are_read_from_hf(hf_checkpoint):
+    olmoe = load_hf_checkpoint(hf_checkpoint("olmoe")).config
+    assert (olmoe.qk_norm, olmoe.n_experts, olmoe.top_k, olmoe.expert_ffn_dim, olmoe.norm_topk_prob) == \
+        ("full", 4, 2, 24, False)
+    qwen3 = load_hf_checkpoint(hf_checkpoint("qwen3_moe")).config
+    assert (qwen3.qk_norm, qwen3.head_dim, qwen3.dense_layers, qwen3.expert_ffn_dim, qwen3.n_shared_experts) == \
+        ("head", 12, [0], 16, 0)
+    step = load_hf_checkpoint(hf_checkpoint("qwen3_moe-step")).config
+    assert step.moe_layer_indices() == (1, 3) and step.tie_embeddings and not step.norm_topk_prob
+    llama3 = load_hf_checkpoint(hf_checkpoint("llama3")).config
+    assert llama3.rope_scaling == LLAMA3_ROPE and llama3.rope_theta == 500000.0 and llama3.qk_norm is None
 
 
 def test_sharded_hf_checkpoint_loads(hf_checkpoint, tmp_path):
@@ -220,6 +292,13 @@ def test_export_dtype(tmp_path):
         (dict(layer_windows=[4, None, 4]), "per-layer windows"),
         (dict(attn_bias=True, layer_windows=[4, None, 4]), "not Qwen2-expressible"),
         (dict(attn_bias=True, layer_windows=[None, 4, 6]), "not Qwen2-expressible"),
+        # QK-norm: OLMoE ('full') and Qwen3-MoE ('head') only, each with what it can hold.
+        (dict(qk_norm="head"), r"qk_norm='head' without experts"),
+        (dict(n_experts=4, qk_norm="full", first_k_dense=1), r"exports as OLMoE, which cannot represent MoE on layers"),
+        (dict(n_experts=4, qk_norm="head", attn_bias=True), r"Qwen3-MoE, which cannot represent ModelConfig.attn_bias"),
+        (dict(n_experts=4, qk_norm="head", n_shared_experts=1, shared_expert_gate=True), "n_shared_experts=1"),
+        (dict(n_experts=4, qk_norm="full", sliding_window=4), r"OLMoE, which cannot represent windows"),
+        (dict(n_experts=4, qk_norm="full", head_dim=16), r"OLMoE, which cannot represent ModelConfig.head_dim=16"),
     ],
 )
 def test_export_refuses_what_hf_cannot_represent(overrides, message, tmp_path):
@@ -259,6 +338,18 @@ def test_unsupported_architecture_is_named(hf_config, named, tmp_path):
     with pytest.raises(ValueError, match=named) as error:
         load_hf_checkpoint(tmp_path)
     assert "llama" in str(error.value) and "MixtralForCausalLM" in str(error.value)  # lists the supported ones
+
+
+@pytest.mark.parametrize("hf_config, message", [
+    (dict(model_type="olmoe", clip_qkv=8.0), "clip_qkv=8.0"),
+    (dict(model_type="qwen3_moe", attention_bias=True), "qwen3_moe attention_bias"),
+    (dict(model_type="llama", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "'yarn'"),
+    (dict(model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0}), "llama3 RoPE scaling lacks"),
+])
+def test_what_we_cannot_compute_is_refused_on_import(hf_config, message):
+    dims = {**HF_DIMS, "num_experts": 4}
+    with pytest.raises((ValueError, NotImplementedError), match=message):
+        config_from_hf({**dims, **hf_config})
 
 
 def test_missing_config_names_the_path(tmp_path):

@@ -33,7 +33,7 @@ def test_rope_theta_from_v4_and_v5_configs(hf_config, theta):
     [
         (dict(rope_parameters={"rope_theta": 1e4, "rope_type": "linear", "factor": 2.0}), "linear"),
         (dict(rope_theta=1e4, rope_scaling={"type": "dynamic", "factor": 2.0}), "dynamic"),
-        (dict(rope_theta=1e4, rope_scaling={"rope_type": "llama3", "factor": 8.0}), "llama3"),
+        (dict(rope_theta=1e4, rope_scaling={"rope_type": "yarn", "factor": 8.0}), "yarn"),  # llama3 is supported
     ],
 )
 def test_rope_scaling_is_refused_by_name(hf_config, name):

@@ -47,6 +47,25 @@ HF_CONFIGS = {
     "smollm-1.7b": ("LlamaConfig", dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192,
                                         num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
                                         tie_word_embeddings=True)),
+    "llama-3.1-8b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                         tie_word_embeddings=False, rope_parameters={
+                                             "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 8192})),
+    "olmoe-1b-7b": ("OlmoeConfig", dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024,
+                                        num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+                                        num_experts=64, num_experts_per_tok=8, norm_topk_prob=False,
+                                        tie_word_embeddings=False)),
+    "qwen1.5-moe-a2.7b": ("Qwen2MoeConfig", dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+                                                 moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+                                                 num_experts=60, num_experts_per_tok=4, num_hidden_layers=24,
+                                                 num_attention_heads=16, num_key_value_heads=16,
+                                                 tie_word_embeddings=False)),
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                             moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                                             num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                                             head_dim=128, norm_topk_prob=True, tie_word_embeddings=False)),
 }
 
 
@@ -103,12 +122,22 @@ def test_mistral_window():
     assert get_preset("mistral-7b").sliding_window == 4096
 
 
-@pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe"])
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe", "tiny-olmoe", "tiny-qwen2-moe", "tiny-qwen3-moe"])
 def test_tiny_presets_run(name):
     model = build_model(name)
     out = model(torch.randint(0, model.config.vocab_size, (1, 8)))
     assert out.logits.shape == (1, 8, model.config.vocab_size)
-    assert model.config.is_moe == (name == "tiny-moe")
+    assert model.config.is_moe == (name != "tiny-dense")
+
+
+@pytest.mark.parametrize("tiny, family", [("tiny-olmoe", "olmoe-1b-7b"), ("tiny-qwen2-moe", "qwen1.5-moe-a2.7b"),
+                                          ("tiny-qwen3-moe", "qwen3-30b-a3b")])
+def test_tiny_variants_export_as_their_family(tiny, family):
+    from moe.hf_config import hf_model_type_for
+
+    assert hf_model_type_for(get_preset(tiny)) == hf_model_type_for(get_preset(family))
+    for field in ("qk_norm", "norm_topk_prob", "shared_expert_gate", "attn_bias"):
+        assert getattr(get_preset(tiny), field) == getattr(get_preset(family), field), field
 
 
 def test_unknown_preset_lists_valid_names():

@@ -90,6 +90,10 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
     SwiGLU width."""
     if tp <= 1:
         return
+    if config.qk_norm == "full":
+        raise InputError(f"{TP_FIELD}={tp} with ModelConfig.qk_norm='full': that norm takes a token's queries (and "
+                         "keys) of all heads together, which tensor parallelism splits over processes; use "
+                         "tensor_parallel_size 1 (FSDP2 and expert parallelism are fine)")
     sizes = [("n_heads", config.n_heads), ("n_kv_heads", config.n_kv_heads)]
     if len(config.moe_layer_indices()) < config.n_layers:  # some dense SwiGLU layers, split by tensor parallelism
         sizes.append(("ffn_dim", config.ffn_dim))
@@ -120,12 +124,23 @@ def parallelize(model: Transformer, device_mesh: DeviceMesh | None = None, activ
     torch.compile of every block, then FSDP2 over "data_parallel" (the experts over "expert_data_parallel").
     `device_mesh` is ModelParallelStrategy's; None (one device, DDP, FSDPStrategy, DeepSpeed) shards nothing."""
     if (tp := tensor_parallel_size(device_mesh)) > 1:
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            RowwiseParallel,
+            SequenceParallel,
+            parallelize_module,
+        )
 
         check_tensor_parallel(model.config, tp)
         for block in model.layers:
             plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
                     "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel()}
+            if model.config.qk_norm == "head":
+                # One weight for every head, each process holding some heads ((B, H, T, C), split on dim 1): as
+                # a sequence-parallel norm, the weight is replicated and its gradient summed over the processes
+                # (each alone would see only its heads' part).
+                plan.update({f"self_attn.{name}": SequenceParallel(sequence_dim=1, use_local_output=True)
+                             for name in ("q_norm", "k_norm")})
             if isinstance(block.mlp, SwiGLU):  # MoE layers stay replicated (see "how experts are placed")
                 plan.update({"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
                              "mlp.down_proj": RowwiseParallel()})

@@ -29,7 +29,8 @@ from moe.train.strategies import ModelParallelStrategy
 
 SHAPE = dict(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
 MODELS = {"moe": get_preset("tiny-moe", **SHAPE, ffn_dim=32, n_experts=4, top_k=2, n_shared_experts=1),
-          "dense": get_preset("tiny-dense", **SHAPE, ffn_dim=64)}
+          # with Qwen3's per-head QK-norm, whose weight every tensor-parallel process holds whole
+          "dense": get_preset("tiny-dense", **SHAPE, ffn_dim=64, qk_norm="head")}
 # (data_parallel_size, tensor_parallel_size); fsdp1 is Lightning's FSDPStrategy (torch FSDP1, flat shards).
 MODES = {"fsdp2": (2, 1), "tp": (1, 2), "fsdp1": (2, 1)}
 CASES = ([(mode, kind, False) for mode in ("fsdp2", "tp") for kind in MODELS]
@@ -161,6 +162,8 @@ class FakeMesh:
     # A partly-MoE model's dense layers are split too.
     (2, dict(ffn_dim=33, n_experts=4, top_k=2, expert_ffn_dim=32, first_k_dense=1),
      "tensor_parallel_size=2 does not divide ModelConfig.ffn_dim=33"),
+    # OLMoE's QK-norm takes all heads of a token together: it cannot be split over processes.
+    (2, dict(qk_norm="full"), "tensor_parallel_size=2 with ModelConfig.qk_norm='full'"),
 ])
 def test_tensor_parallel_size_must_divide_heads_and_ffn_dim(tp, overrides, message):
     config = MODELS["dense"].replace(**overrides, head_dim=None)
