@@ -163,11 +163,13 @@ class Attention(nn.Module):
         if unpadded is not None:
             q, k, v = (unpadded.unpack(t[0]) for t in (q, k, v))
             B, T = unpadded.batch, unpadded.time
-        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, C)
-        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, C)
-        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, C)
+        q, k = q.view(B, T, -1, self.head_dim), k.view(B, T, -1, self.head_dim)  # (B, T, H, C), (B, T, K, C)
         if self.qk_norm == "head":
+            # Before the transpose, as HF's Qwen3: on the transposed view the norm's output would be laid out
+            # (B, H, T, C), and so would attention's, which then needs a copy of its own for o_proj.
             q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, C), (B, K, T, C)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, C)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
             y = attend(q, k, v, self.window, self.backend)  # (B, H, T, C)

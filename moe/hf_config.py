@@ -93,6 +93,9 @@ def _rope(hf: dict, default: float) -> tuple[float, dict | None]:
     for source in (params, hf.get("rope_scaling") or {}):  # v5, v4
         rope_type = source.get("rope_type", source.get("type", "default"))
         if rope_type == "llama3":
+            # transformers fills in the original context from max_position_embeddings when it is absent
+            source = {"original_max_position_embeddings": hf.get("max_position_embeddings"), **source}
+            source = {k: v for k, v in source.items() if v is not None}
             missing = [k for k in LLAMA3_KEYS if k not in source]
             if missing:
                 raise ValueError(f"llama3 RoPE scaling lacks {missing}: {source}")

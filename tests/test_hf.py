@@ -210,6 +210,14 @@ def test_hf_aux_loss_is_its_load_balancing_loss_of_our_router_logits(hf_checkpoi
                                    rtol=0, atol=1e-6)
 
 
+def test_llama3_rope_without_its_original_length_takes_max_position_embeddings_as_transformers_does():
+    hf = {**HF_DIMS, "model_type": "llama", "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}}
+    assert config_from_hf(hf).rope_scaling["original_max_position_embeddings"] == 64
+    assert LlamaConfig(**{k: v for k, v in hf.items() if k != "model_type"}).rope_parameters[
+        "original_max_position_embeddings"] == 64
+
+
 def test_qk_norm_and_rope_scaling_are_read_from_hf(hf_checkpoint):
     olmoe = load_hf_checkpoint(hf_checkpoint("olmoe")).config
     assert (olmoe.qk_norm, olmoe.n_experts, olmoe.top_k, olmoe.expert_ffn_dim, olmoe.norm_topk_prob) == \

@@ -195,7 +195,8 @@ def saved_for_backward(model, ids, autocast: bool) -> int:
 
 VARIANTS = [("tiny-dense", {}), ("tiny-moe", {}), ("tiny-moe", dict(n_shared_experts=1, shared_expert_gate=True)),
             ("tiny-moe", dict(moe_every=2, first_k_dense=1)), ("tiny-dense", dict(norm_type="layernorm",
-                                                                                   attn_bias=True))]
+                                                                                   attn_bias=True)),
+            ("tiny-qwen3-moe", {}), ("tiny-olmoe", {})]
 
 
 @pytest.mark.parametrize("name,overrides", VARIANTS, ids=lambda v: v if isinstance(v, str) else "-".join(v) or "preset")
@@ -296,6 +297,9 @@ def test_moe_plan_states_the_dense_caveat_and_uses_active_parameters():
     assert any("dense" in note for note in plan.notes)
     assert {m.strategy for m in plan.memory} >= {"fsdp2-ep", "fsdp2-ep-tp"}
     assert "fsdp2-ep" in make_plan("llama-7b", tokens=1e12).not_applicable
+    # OLMoE's QK-norm takes all heads together, which training refuses to split by tensor parallelism
+    olmoe = make_plan("olmoe-1b-7b", tokens=1e12, n_gpus=8).not_applicable
+    assert {"fsdp2-tp", "fsdp2-ep-tp"} <= set(olmoe) and "qk_norm 'full'" in olmoe["fsdp2-tp"]
     text = format_plan(plan)
     assert "FSDP2 + EP 2" in text and "Chinchilla approach 3" in text and "Kaplan" in text
 

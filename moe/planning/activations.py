@@ -97,6 +97,11 @@ def activation_bytes(config: ModelConfig, seq_len: int, regime: str, tp: int = 1
     a = 4 if regime == "fp32" else 2  # bytes of a matmul's output
     d, h, kv, c = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
     attention = _norm_bytes(config, regime, 3) + a * (2 * h * c + 2 * kv * c) / tp + 4 * h / tp
+    if config.qk_norm is not None:
+        # Each q/k RMSNorm saves a float32 copy of its input, its normed output (for the weight's product) and
+        # one rstd per row: per head for 'head', per token for 'full'.
+        rows = (h + kv) / tp if config.qk_norm == "head" else 2
+        attention += (h + kv) * c / tp * (4 + a) + 4 * rows
     layers = []
     for i in range(config.n_layers):
         if config.is_moe_layer(i):

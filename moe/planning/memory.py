@@ -209,6 +209,8 @@ def applicable(config: ModelConfig, strategy: Strategy, n_gpus: int) -> str | No
         return "no experts to split" if not config.is_moe else f"EP {strategy.ep} does not divide n_experts"
     if strategy.tp > 1 and (config.n_heads % strategy.tp or config.n_kv_heads % strategy.tp):
         return f"TP {strategy.tp} does not divide the heads"
+    if strategy.tp > 1 and config.qk_norm == "full":
+        return "qk_norm 'full' normalises all heads together: TP cannot split them"
     return None
 
 

@@ -136,10 +136,10 @@ def parallelize(model: Transformer, device_mesh: DeviceMesh | None = None, activ
             plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
                     "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel()}
             if model.config.qk_norm == "head":
-                # One weight for every head, each process holding some heads ((B, H, T, C), split on dim 1): as
+                # One weight for every head, each process holding some heads ((B, T, H, C), split on dim 2): as
                 # a sequence-parallel norm, the weight is replicated and its gradient summed over the processes
                 # (each alone would see only its heads' part).
-                plan.update({f"self_attn.{name}": SequenceParallel(sequence_dim=1, use_local_output=True)
+                plan.update({f"self_attn.{name}": SequenceParallel(sequence_dim=2, use_local_output=True)
                              for name in ("q_norm", "k_norm")})
             if isinstance(block.mlp, SwiGLU):  # MoE layers stay replicated (see "how experts are placed")
                 plan.update({"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
