@@ -1,5 +1,5 @@
 """Translation between our ModelConfig and HF transformers' config.json for Llama (Llama 3's scaled RoPE included),
-Mistral, Mixtral, Qwen2, Qwen2-MoE, OLMoE and Qwen3-MoE.
+Mistral, Mixtral, Qwen2, Qwen3, Qwen2-MoE, OLMoE and Qwen3-MoE.
 
 Reads both transformers-v4 configs (top-level `rope_theta`, `rope_scaling`) and v5 configs (`rope_parameters`),
 and writes both spellings so that either version loads the export. Defaults for absent keys are those of the
@@ -15,9 +15,10 @@ our `dense_layers` (plus the `first_k_dense` leading layers on export); its dens
 expert of `shared_expert_intermediate_size` (our n_shared_experts x expert_ffn_dim) is always gated
 (shared_expert_gate). Qwen2-MoE's `qkv_bias` (our attn_bias) needs transformers >= 4.51 to be False.
 
-A model with QK-norm exports as OLMoE (qk_norm 'full': every layer MoE, `intermediate_size` the experts' width,
-top-k probabilities as norm_topk_prob says) or Qwen3-MoE (qk_norm 'head': Qwen2-MoE's layer pattern without the
-shared expert). OLMoE's `clip_qkv` and both families' `attention_bias` (which biases o_proj too) are refused.
+A model with QK-norm exports as Qwen3 when dense (qk_norm 'head'; Qwen2's windows), else as OLMoE (qk_norm 'full':
+every layer MoE, `intermediate_size` the experts' width, top-k probabilities as norm_topk_prob says) or Qwen3-MoE
+(qk_norm 'head': Qwen2-MoE's layer pattern without the shared expert). OLMoE's `clip_qkv` and the `attention_bias`
+of these families (which biases o_proj too) are refused.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                                               shared_expert_intermediate_size=5632, norm_topk_prob=False,
                                               router_aux_loss_coef=0.001, decoder_sparse_step=1, mlp_only_layers=[],
                                               qkv_bias=True)),
+    "qwen3": ("Qwen3ForCausalLM", dict(rope_theta=10000.0, num_key_value_heads=32, rms_norm_eps=1e-6,
+                                       max_position_embeddings=32768, use_sliding_window=False, sliding_window=4096,
+                                       max_window_layers=28, attention_bias=False)),
     "olmoe": ("OlmoeForCausalLM", dict(rope_theta=10000.0, num_key_value_heads=None, rms_norm_eps=1e-5,
                                        max_position_embeddings=4096, num_experts=64, num_experts_per_tok=8,
                                        norm_topk_prob=False, router_aux_loss_coef=0.01, clip_qkv=None,
@@ -57,7 +61,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                                               attention_bias=False)),
 }
 # Families whose attention normalises queries and keys (ModelConfig.qk_norm), and how.
-QK_NORM = {"olmoe": "full", "qwen3_moe": "head"}
+QK_NORM = {"olmoe": "full", "qwen3_moe": "head", "qwen3": "head"}
 ARCHITECTURES = {arch: model_type for model_type, (arch, _) in FAMILIES.items()}
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -137,8 +141,8 @@ def _qwen2_moe_fields(hf: dict, n_layers: int, get) -> dict:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """Our ModelConfig for an HF config.json dict of a Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, OLMoE or Qwen3-MoE
-    causal LM."""
+    """Our ModelConfig for an HF config.json dict of a Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen2-MoE, OLMoE or
+    Qwen3-MoE causal LM."""
     model_type = hf_model_type(hf)
     defaults = FAMILIES[model_type][1]
 
@@ -150,7 +154,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise ValueError(f"HF config lacks required keys {missing}")
     if get("hidden_act") not in (None, "silu"):
         raise NotImplementedError(f"hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
-    if model_type in ("llama", "olmoe", "qwen3_moe") and (hf.get("attention_bias") or hf.get("mlp_bias")):
+    if model_type in ("llama", "olmoe", "qwen3", "qwen3_moe") and (hf.get("attention_bias") or hf.get("mlp_bias")):
         # Their attention_bias also puts a bias on o_proj, which our Attention never has.
         raise NotImplementedError(f"{model_type} attention_bias / mlp_bias are not supported")
     if model_type == "olmoe" and get("clip_qkv") is not None:
@@ -179,7 +183,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
     )
     if model_type in ("mistral", "mixtral"):
         config["sliding_window"] = get("sliding_window")
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         config["layer_windows"] = _qwen2_layer_windows(hf, n_layers, get)
     if model_type == "mixtral":
         config.update(n_experts=get("num_local_experts"), top_k=get("num_experts_per_tok"),
@@ -213,11 +217,17 @@ def _layer_pattern(config: ModelConfig) -> str:
 
 def _qk_norm_model_type(config: ModelConfig) -> str:
     """OLMoE for qk_norm 'full', Qwen3-MoE for 'head'; a ValueError naming what neither can represent."""
-    family = {"full": "olmoe", "head": "qwen3_moe"}[config.qk_norm]
     if not config.is_moe:
-        raise ValueError(f"ModelConfig.qk_norm={config.qk_norm!r} without experts: no supported HF family has it "
-                         "(OLMo 2 and Qwen3 dense are not among them); MoE models export as OLMoE ('full') or "
-                         "Qwen3-MoE ('head')")
+        if config.qk_norm == "full":
+            raise ValueError("ModelConfig.qk_norm='full' without experts: no supported HF family has it (OLMo 2, "
+                             "whose blocks also normalise after attention and MLP, is not supported); dense models "
+                             "with qk_norm 'head' export as Qwen3, MoE models as OLMoE ('full') or Qwen3-MoE ('head')")
+        if config.attn_bias:
+            raise ValueError("ModelConfig.qk_norm='head' exports as Qwen3, which cannot represent "
+                             "ModelConfig.attn_bias=True (its attention_bias would add an o_proj bias)")
+        _check_qwen2_windows(config)
+        return "qwen3"
+    family = {"full": "olmoe", "head": "qwen3_moe"}[config.qk_norm]
     reasons = [reason for reason, present in (
         ("ModelConfig.attn_bias=True (its attention_bias would add an o_proj bias)", config.attn_bias),
         (f"ModelConfig.n_shared_experts={config.n_shared_experts}", config.n_shared_experts > 0),
@@ -261,8 +271,17 @@ def _moe_model_type(config: ModelConfig) -> str:
     return "qwen2_moe"
 
 
+def _check_qwen2_windows(config: ModelConfig) -> None:
+    windows = _windows(config)
+    windowed = [w is not None for w in windows]
+    first = windowed.index(True) if any(windowed) else config.n_layers
+    if len(set(windows) - {None}) > 1 or not all(windowed[first:]):
+        raise ValueError(f"layer windows {windows} (ModelConfig.layer_windows) are not Qwen2-expressible: Qwen2 "
+                         "(and Qwen3) window all layers from max_window_layers on, with one window size")
+
+
 def hf_model_type_for(config: ModelConfig) -> str:
-    """The HF family that represents a config: with QK-norm OLMoE or Qwen3-MoE; with experts Mixtral if it can,
+    """The HF family that represents a config: with QK-norm Qwen3, OLMoE or Qwen3-MoE; with experts Mixtral if it can,
     else Qwen2-MoE (see the module docstring); without, Qwen2 for q/k/v bias, Mistral for a uniform sliding window,
     Llama otherwise. Raises ValueError for what no supported family can represent."""
     if config.norm_type != "rmsnorm":
@@ -274,11 +293,7 @@ def hf_model_type_for(config: ModelConfig) -> str:
         return _moe_model_type(config)
     windows = _windows(config)
     if config.attn_bias:
-        windowed = [w is not None for w in windows]
-        first = windowed.index(True) if any(windowed) else config.n_layers
-        if len(set(windows) - {None}) > 1 or not all(windowed[first:]):
-            raise ValueError(f"layer windows {windows} (ModelConfig.layer_windows) are not Qwen2-expressible: Qwen2 "
-                             "windows all layers from max_window_layers on, with one window size")
+        _check_qwen2_windows(config)
         return "qwen2"
     if len(set(windows)) > 1:
         raise ValueError(f"per-layer windows {windows} (ModelConfig.layer_windows) need Qwen2 "
@@ -312,7 +327,9 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         hf.update(attention_bias=False, mlp_bias=False)
     elif model_type in ("mistral", "mixtral"):
         hf["sliding_window"] = window
-    if model_type == "qwen2":
+    if model_type == "qwen3":
+        hf["attention_bias"] = False
+    if model_type in ("qwen2", "qwen3"):
         first = next((i for i, w in enumerate(windows) if w is not None), config.n_layers)
         hf.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=first,
                   layer_types=["full_attention" if w is None else "sliding_attention" for w in windows])

@@ -60,6 +60,10 @@ PRESETS: dict[str, dict] = {
                               rope_theta=1e6, max_seq_len=8192, attn_bias=True, n_experts=60, top_k=4,
                               expert_ffn_dim=1408, n_shared_experts=4, shared_expert_gate=True, norm_topk_prob=False,
                               aux_loss_coef=0.001),
+    # Qwen/Qwen3-0.6B config.json: per-head QK-norm, head_dim 128 on a 1024-wide stream, tied embeddings.
+    "qwen3-0.6b": dict(vocab_size=151936, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128,
+                       ffn_dim=3072, norm_eps=1e-6, rope_theta=1e6, max_seq_len=40960, qk_norm="head",
+                       tie_embeddings=True),
     # Qwen/Qwen3-30B-A3B config.json: 128 experts of width 768, top-8 renormalised, per-head QK-norm, head_dim
     # 128 with 32 query and 4 key/value heads on a 2048-wide stream.
     "qwen3-30b-a3b": dict(vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128,
@@ -99,6 +103,7 @@ PUBLISHED_PARAMS: dict[str, tuple[str, str | None]] = {
     "olmoe-1b-7b": ("6.9B", "1.3B"),  # OLMoE paper and model card: 6.9B total, 1.3B active
     "qwen1.5-moe-a2.7b": ("14.3B", "2.7B"),  # Qwen1.5-MoE release: 14.3B parameters, 2.7B activated
     "qwen3-30b-a3b": ("30.5B", "3.3B"),  # Qwen3-30B-A3B model card: 30.5B in total, 3.3B activated
+    "qwen3-0.6b": ("0.6B", None),  # Qwen3-0.6B model card: 0.6B, 0.44B non-embedding
 }
 
 

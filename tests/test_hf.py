@@ -16,6 +16,7 @@ from transformers import (
     OlmoeConfig,
     Qwen2Config,
     Qwen2MoeConfig,
+    Qwen3Config,
     Qwen3MoeConfig,
 )
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
@@ -49,6 +50,9 @@ HF_FAMILIES = {
     "llama3": lambda: LlamaConfig(**HF_DIMS, head_dim=16, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # Qwen3 dense: per-head QK-norm, head_dim 12, a window on the layers from max_window_layers on, tied.
+    "qwen3": lambda: Qwen3Config(**HF_DIMS, head_dim=12, use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                                 tie_word_embeddings=True),
     # OLMoE: QK-norm over all heads' channels, top-k probabilities not renormalised, every layer MoE.
     "olmoe": lambda: OlmoeConfig(**{**HF_DIMS, "intermediate_size": 24}, num_experts=4, num_experts_per_tok=2),
     "olmoe-renorm": lambda: OlmoeConfig(**{**HF_DIMS, "intermediate_size": 24, "num_key_value_heads": 4},
@@ -78,6 +82,7 @@ OUR_CONFIGS = {  # name: (overrides, HF architecture expected, max_shard_size)
                              "Qwen2MoeForCausalLM", "5GB"),
     "moe-dense-list": (dict(n_experts=4, top_k=1, expert_ffn_dim=48, dense_layers=[1]), "Qwen2MoeForCausalLM", "5GB"),
     "llama3-rope": (dict(head_dim=16, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE), "LlamaForCausalLM", "5GB"),
+    "qwen3": (dict(qk_norm="head", head_dim=12, layer_windows=[None, 4, 4]), "Qwen3ForCausalLM", "5GB"),
     "olmoe": (dict(n_experts=4, top_k=2, expert_ffn_dim=24, qk_norm="full", norm_topk_prob=False),
               "OlmoeForCausalLM", "20KB"),
     "qwen3-moe": (dict(n_experts=4, top_k=2, expert_ffn_dim=16, qk_norm="head", head_dim=12, dense_layers=[1],
@@ -227,6 +232,9 @@ def test_qk_norm_and_rope_scaling_are_read_from_hf(hf_checkpoint):
         ("head", 12, [0], 16, 0)
     step = load_hf_checkpoint(hf_checkpoint("qwen3_moe-step")).config
     assert step.moe_layer_indices() == (1, 3) and step.tie_embeddings and not step.norm_topk_prob
+    qwen3_dense = load_hf_checkpoint(hf_checkpoint("qwen3")).config
+    assert (qwen3_dense.qk_norm, qwen3_dense.head_dim, qwen3_dense.layer_windows, qwen3_dense.is_moe) == \
+        ("head", 12, [None, 5, 5], False)
     llama3 = load_hf_checkpoint(hf_checkpoint("llama3")).config
     assert llama3.rope_scaling == LLAMA3_ROPE and llama3.rope_theta == 500000.0 and llama3.qk_norm is None
 
@@ -301,7 +309,9 @@ def test_export_dtype(tmp_path):
         (dict(attn_bias=True, layer_windows=[4, None, 4]), "not Qwen2-expressible"),
         (dict(attn_bias=True, layer_windows=[None, 4, 6]), "not Qwen2-expressible"),
         # QK-norm: OLMoE ('full') and Qwen3-MoE ('head') only, each with what it can hold.
-        (dict(qk_norm="head"), r"qk_norm='head' without experts"),
+        (dict(qk_norm="full"), r"qk_norm='full' without experts"),
+        (dict(qk_norm="head", attn_bias=True), r"exports as Qwen3, which cannot represent ModelConfig.attn_bias"),
+        (dict(qk_norm="head", layer_windows=[4, None, 4]), "not Qwen2-expressible"),
         (dict(n_experts=4, qk_norm="full", first_k_dense=1), r"exports as OLMoE, which cannot represent MoE on layers"),
         (dict(n_experts=4, qk_norm="head", attn_bias=True), r"Qwen3-MoE, which cannot represent ModelConfig.attn_bias"),
         (dict(n_experts=4, qk_norm="head", n_shared_experts=1, shared_expert_gate=True), "n_shared_experts=1"),

@@ -62,6 +62,9 @@ HF_CONFIGS = {
                                                  num_experts=60, num_experts_per_tok=4, num_hidden_layers=24,
                                                  num_attention_heads=16, num_key_value_heads=16,
                                                  tie_word_embeddings=False)),
+    "qwen3-0.6b": ("Qwen3Config", dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                                       head_dim=128, tie_word_embeddings=True)),
     "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
                                              moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
                                              num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
@@ -110,6 +113,11 @@ def test_parameter_count_matches_hf_transformers(name):
         hf_model = transformers.AutoModelForCausalLM.from_config(hf_config)
     hf_total = sum(p.numel() for p in hf_model.parameters())  # parameters() counts tied weights once
     assert get_preset(name).num_params() == hf_total
+
+
+def test_qwen3_non_embedding_parameters_are_the_published_044b():
+    config = get_preset("qwen3-0.6b")
+    assert 0.435e9 < config.num_params() - config.embedding_params() < 0.445e9
 
 
 def test_mixtral_active_parameters_exclude_unchosen_experts():
