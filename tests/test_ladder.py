@@ -15,6 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from moe.config import ModelConfig
 from moe.errors import InputError
 from moe.planning.ladder import analyse, rung_dir, rung_file, rung_header, rung_settings, rung_state, write_report
 from moe.planning.ladder_plot import SIZE, draw_ladder
@@ -43,8 +44,8 @@ def test_widths_and_depths_scale_the_base_config(tmp_path):
     assert [r.name for r in rungs] == ["d32-l2", "d64-l2", "d96-l2", "d128-l2", "d160-l2", "d256-l2"]
     assert rungs[-1].is_target and not any(r.is_target for r in rungs[:-1])
     base = get_preset("tiny-dense")  # head_dim 32, 4 query heads per 2 key/value heads, FFN 352 at d_model 128
-    d96 = rungs[2].config
-    assert (d96.n_heads, d96.n_kv_heads, d96.head_dim, d96.ffn_dim) == (3, 1, 32, 264)
+    shape = rungs[2].config
+    assert (shape.n_heads, shape.n_kv_heads, shape.head_dim, shape.ffn_dim) == (3, 1, 32, 264)
     assert rungs[3].config.ffn_dim == base.ffn_dim and rungs[3].config.n_kv_heads == base.n_kv_heads
     for rung in rungs:
         # tokens: whole steps, a multiple of `evals`, covering tokens_per_param x active non-embedding parameters
@@ -53,6 +54,11 @@ def test_widths_and_depths_scale_the_base_config(tmp_path):
         assert budget <= rung.tokens < budget + 4 * 4 * 64
         assert rung.config.max_seq_len == 64
     assert scale_config(get_preset("tiny-moe"), 64, 3)["expert_ffn_dim"] == 128
+    # The rung's model config as its fit gets it: the fields away from ModelConfig's defaults (a field added to
+    # ModelConfig later leaves finished rungs alone), and ModelConfig rebuilt from them is the rung's.
+    written = rung_settings(spec, d96 := rungs[2])["model"]["config"]
+    assert "qk_norm" not in written and written["d_model"] == 96
+    assert ModelConfig(**written, vocab_size=d96.config.vocab_size) == d96.config
 
 
 def test_a_fixed_compute_budget_gives_every_rung_the_same_flops(tmp_path):
@@ -68,6 +74,8 @@ def test_a_fixed_compute_budget_gives_every_rung_the_same_flops(tmp_path):
     ({"tokens": 1e6}, "tokens: give one budget, not both tokens_per_param and tokens"),
     ({"flags": {"trainer.max_steps": 10}}, "flags.trainer.max_steps: is set by the ladder"),
     ({"configs": ["configs/data/nothere.yaml"]}, "configs[0]: no such config file"),
+    ({"configs": [str(ROOT / "configs/model/tiny-moe.yaml")]}, "configs[0]: " + str(ROOT / "configs/model/tiny-moe.yaml")
+     + " sets the model"),
     ({"families": {"dense": {"model": "tiny-dense", "widths": [40], "depths": 2}}},
      "families.dense.widths[0]: width 40 is not a multiple of the base config's head_dim 32"),
     ({"families": {"dense": {"model": "tiny-dense", "rungs": [{"n_heads": 3}]}}},

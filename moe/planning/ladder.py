@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from moe.config import ModelConfig
 from moe.errors import InputError
 from moe.planning.fit import PowerLawFit, compute_multiplier, fit_chinchilla, fit_power_law
 from moe.planning.ladder_spec import LadderSpec, Rung, fingerprint
@@ -47,8 +48,12 @@ def rung_file(spec: LadderSpec, rung: Rung) -> Path:
 
 
 def rung_settings(spec: LadderSpec, rung: Rung) -> dict:
-    """The settings the ladder gives the rung's fit, as a config file composed after the ladder's `configs`."""
-    config = {k: v for k, v in dataclasses.asdict(rung.config).items() if k not in ("vocab_size", "extra")}
+    """The settings the ladder gives the rung's fit, as a config file composed after the ladder's `configs` (which
+    set no model config, ladder_spec checks). The model config holds the fields away from ModelConfig's defaults, so
+    that a field added to ModelConfig later does not make every finished rung look like another run."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
+    config = {k: v for k, v in dataclasses.asdict(rung.config).items()
+              if k not in ("vocab_size", "extra") and (k not in defaults or v != defaults[k])}
     interval = rung.steps // spec.evals
     return {
         "model": {"config": config, "warmup_steps": spec.warmup_steps(rung)},

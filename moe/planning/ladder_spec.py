@@ -226,6 +226,14 @@ def load_ladder(path: str | Path, out: str | Path | None = None) -> LadderSpec:
         if not Path(config).is_file():
             raise _error(path, f"configs[{i}]", f"no such config file: {config} (paths are relative to the "
                          "working directory, as fit's --config)")
+        try:
+            content = yaml.safe_load(Path(config).read_text())
+        except yaml.YAMLError:
+            content = None  # the fit names the file and line
+        model = content.get("model") if isinstance(content, dict) else None
+        if isinstance(model, dict) and ("config" in model or "init_from" in model):
+            raise _error(path, f"configs[{i}]", f"{config} sets the model (model.config / model.init_from): each "
+                         "family gives its own as `model:`, scaled per rung")
     flags = _flags(path, "flags", spec.get("flags"))
     batch_size = _positive(path, "batch_size", spec.get("batch_size", 16), int)
     seq_len = _positive(path, "seq_len", spec.get("seq_len", 256), int)
