@@ -29,7 +29,10 @@ from moe.train.guard import StepGuard
 
 from ..cli_runs import ROOT, tiny_run_args
 
-MODELS = {"moe": [], "dense": ["--config", str(ROOT / "configs/model/tiny-dense.yaml")]}
+MODELS = {"moe": [], "dense": ["--config", str(ROOT / "configs/model/tiny-dense.yaml")],
+          # QK-norm: the norms' float32 weights turn q and k to float32 under autocast, as in HF's Qwen3 and OLMoE
+          "qwen3-moe": ["--config", str(ROOT / "configs/model/tiny-qwen3-moe.yaml")],
+          "olmoe": ["--config", str(ROOT / "configs/model/tiny-olmoe.yaml")]}
 CLIP = 0.5  # below the tiny models' first gradient norms (about 1 to 2), so it binds
 
 
