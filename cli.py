@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 from jsonargparse import Namespace, set_parsing_settings
-from jsonargparse.typing import import_object
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
@@ -42,7 +41,7 @@ from moe.train.guard import StepGuard
 from moe.train.preemption import CheckpointOnSigterm
 from moe.train.quiet import silence_misleading_messages
 from moe.train.run_paths import check_ckpt_path, claim_run_directory, place_loggers
-from moe.train.strategies import ModelParallelStrategy, check_parallel_sizes, check_strategy
+from moe.train.strategies import ModelParallelStrategy, check_parallel_sizes, check_strategy, resolve_class
 from moe.train.throughput import ThroughputMonitor
 from moe.train.trainer_checks import check_trainer_flags
 
@@ -160,10 +159,7 @@ def add_callback_unless_given(trainer: Namespace, switch: str, kind: type, class
 def _callback_class(callback) -> type:
     """The class of a trainer.callbacks entry: a class_path Namespace or an instance."""
     if isinstance(callback, Namespace):
-        try:
-            return import_object(callback.get("class_path", ""))
-        except (ImportError, AttributeError, ValueError):
-            return object
+        return resolve_class(callback.get("class_path", "")) or object
     return type(callback)
 
 

@@ -61,14 +61,13 @@ def pair_texts(context: str, continuation: str) -> list[str]:
 def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str,
                 prefix_id: int) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) of one request, as lm-eval tokenizes it for a causal model."""
-    if context == "":
-        continuation_ids = encode(continuation)
+    texts = pair_texts(context, continuation)  # what is encoded, in one place (bulk encoding reads it too)
+    if len(texts) == 1:  # no context
+        continuation_ids = encode(texts[0])
         if continuation_ids and continuation_ids[0] == prefix_id:
             return continuation_ids[:1], continuation_ids[1:]
         return [prefix_id], continuation_ids
-    context, continuation = _move_spaces(context, continuation)
-    whole = encode(context + continuation)
-    context_ids = encode(context)
+    whole, context_ids = (encode(text) for text in texts)
     return context_ids, whole[len(context_ids):]
 
 

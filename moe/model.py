@@ -155,7 +155,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, D)
         if unpadded is not None and logits_at is not None:
             selected = unpadded.pack(logits_at)  # (N,) in row-major order, as logits_at's True entries
-            if int(selected.sum()) != int(logits_at.sum()):
+            if bool(selected.sum() != logits_at.sum()):  # one host sync
                 raise ValueError("logits_at selects padding (positions past a row's lengths)")
             logits_at = selected[None]  # (1, N_real), a mask over x's first two dimensions
         keep = logits_at if trim_last_block else None

@@ -31,10 +31,6 @@ class Unpadded(NamedTuple):
         index = real.view(-1).nonzero().squeeze(1)  # (N,)
         return None if index.numel() == batch * time else cls(index, batch, time)
 
-    @property
-    def n_tokens(self) -> int:
-        return self.index.numel()
-
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (N, ...): the real tokens, row after row."""
         return x.reshape(self.batch * self.time, *x.shape[2:]).index_select(0, self.index)

@@ -220,6 +220,12 @@ def test_a_ladder_trains_resumes_and_skips_through_the_command_line(workdir, cap
     import cli
 
     path = tiny_ladder(workdir)
+    # --dry-run: each rung's command, its settings file written, nothing trained.
+    cli.main(["ladder", str(path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert "moe fit --config" in out and "--config runs/ladder/tiny-ladder/dense/d16-l1.yaml" in out
+    assert (workdir / "runs/ladder/tiny-ladder/dense/d16-l1.yaml").is_file()
+    assert not (workdir / "runs/ladder/tiny-ladder/dense/d16-l1").exists()
     cli.main(["ladder", str(path)])
     out = capsys.readouterr().out
     report = json.loads((workdir / "runs/ladder/tiny-ladder/ladder.json").read_text())
@@ -322,11 +328,17 @@ def test_a_diverged_rung_is_left_out_and_named(tmp_path):
 
 def test_trainer_settings_in_the_configs_count_in_the_tokens_per_step(tmp_path):
     trainer = tmp_path / "two-devices.yaml"
-    trainer.write_text("trainer:\n  devices: 2\n  accumulate_grad_batches: 3\ndata:\n  vocab_size: 320\n")
+    trainer.write_text("trainer:\n  devices: 1\n  accumulate_grad_batches: 3\ndata:\n  vocab_size: 320\n")
     spec = load_ladder(write_ladder(tmp_path, configs=[str(trainer)]), out=tmp_path / "out")
-    assert spec.tokens_per_step == 4 * 64 * 2 * 3
+    assert spec.tokens_per_step == 4 * 64 * 3
     assert {r.config.vocab_size for r in spec.rungs()} == {320}  # the data's vocabulary, as the fit links it
     trainer.write_text("trainer:\n  devices: -1\n")
     with pytest.raises(InputError, match=r"configs\[0\] \(.*two-devices.yaml\): trainer.devices: -1: a ladder "
                                          r"counts the tokens of each step"):
         load_ladder(write_ladder(tmp_path, configs=[str(trainer)]))
+    # Several processes: refused, naming where they are set.
+    trainer.write_text("trainer:\n  devices: 2\n")
+    with pytest.raises(InputError, match=r"two-devices.yaml\): trainer.devices: 2 devices x 1 nodes: .*one process"):
+        load_ladder(write_ladder(tmp_path, configs=[str(trainer)]))
+    with pytest.raises(InputError, match=r"flags.trainer.num_nodes: 1 devices x 2 nodes"):
+        load_ladder(write_ladder(tmp_path, flags={"trainer.num_nodes": 2}))

@@ -120,7 +120,7 @@ def activation_bytes(config: ModelConfig, seq_len: int, regime: str, tp: int = 1
     fixed = config.vocab_size * d * 4  # the loss's float32 weight gradient, held from forward to backward
     rope = 2 * seq_len * c * 4
     # cos/sin: one float32 pair for the model; in bf16 each rotation of q and k saves its own bf16 cast.
-    fixed += rope if regime == "fp32" else config.n_layers * 2 * rope / 2
+    fixed += rope if regime == "fp32" else config.n_layers * rope
     n_moe = len(config.moe_layer_indices())
     if n_moe:
         fixed += n_moe * (8 * config.n_experts + 4 * config.top_k * config.n_experts)

@@ -92,7 +92,7 @@ def ladder(argv: list[str]) -> None:
                         "ladder file's out, else runs/ladder/<its name>)")
     parser.add_argument("--fit-only", action="store_true", help="train nothing: fit and report the finished rungs")
     parser.add_argument("--dry-run", action="store_true", help="print each rung's size, budget and fit command "
-                        "and stop")
+                        "(writing the settings file it names) and stop")
     parser.add_argument("--families", nargs="+", default=None, metavar="FAMILY", help="train only these families "
                         "(all are fitted)")
     args = parser.parse_args(argv)

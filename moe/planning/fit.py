@@ -89,9 +89,10 @@ def fit_power_law(x, loss) -> PowerLawFit:
     params, covariance = curve_fit(_power_law, log_x, loss, p0=[e0, log_a0, alpha0],
                                    bounds=([0.0, -np.inf, 1e-4], [loss.min(), np.inf, 5.0]), maxfev=20000)
     residuals = loss - _power_law(log_x, *params)
-    residual_std = float(np.sqrt(np.sum(residuals ** 2) / max(len(x) - 3, 1)))
+    dof = len(x) - 3  # at least 1: four rungs are required
+    residual_std = float(np.sqrt(np.sum(residuals ** 2) / dof))
     return PowerLawFit(float(params[0]), float(math.exp(params[1])), float(params[2]), covariance, residual_std,
-                       dof=len(x) - 3)
+                       dof=dof)
 
 
 @dataclass

@@ -79,6 +79,14 @@ def rung_header(spec: LadderSpec, rung: Rung) -> str:
             f"{FINGERPRINT}{json.dumps(fingerprint(spec, rung), sort_keys=True)}\n")
 
 
+def write_rung_file(spec: LadderSpec, rung: Rung) -> Path:
+    """The rung's settings file, which its fit's command line names (see fit_args)."""
+    path = rung_file(spec, rung)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(rung_header(spec, rung) + yaml.safe_dump(rung_settings(spec, rung), sort_keys=False))
+    return path
+
+
 def _saved_fingerprint(text: str) -> dict | None:
     for line in text.splitlines():
         if line.startswith(FINGERPRINT):
@@ -206,9 +214,7 @@ def train_rung(spec: LadderSpec, state: RungState) -> None:
         # Stopped before its first checkpoint: nothing to resume from, and its metrics would be appended to.
         print(f"{folder} holds no checkpoint: training {rung.name} from the start")
         shutil.rmtree(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    settings = rung_settings(spec, rung)
-    rung_file(spec, rung).write_text(rung_header(spec, rung) + yaml.safe_dump(settings, sort_keys=False))
+    write_rung_file(spec, rung)
     checkpoint = str(folder / "checkpoints" / "last.ckpt")
     if state.status == "validate":  # the model comes from the checkpoint; written to <run>/validate/version_N
         args = ["validate", *[a for c in spec.configs for a in ("--config", c)], *_flag_args(rung.flags),

@@ -80,7 +80,7 @@ def run_ladder(path: str, out: str | None = None, fit_only: bool = False, dry_ru
     if dry_run:
         print()
         for rung in spec.rungs():
-            print(f"# {rung.family}/{rung.name}: {ladder.rung_file(spec, rung)} is written first")
+            print(f"# {rung.family}/{rung.name}: settings in {ladder.write_rung_file(spec, rung)}")
             print(shlex.join(["moe", "fit", *ladder.fit_args(spec, rung)]))
         return {}
     if not fit_only:

@@ -24,7 +24,8 @@ A `width`/`depth` rung scales the base config: d_model = width, n_layers = depth
 width / head_dim; key/value heads at the base's ratio where the head count divides, else the largest divisor below
 it) and its feed-forward widths scaled with d_model (rounded up to a multiple of 8). The vocabulary is the data's
 (`data.vocab_size` in the configs or flags), which the fit links to the model. Tokens per step are batch_size x
-seq_len x the trainer's accumulate_grad_batches, devices and num_nodes (from the configs or flags; a fixed count). `widths: [...]` with `depths: [...]` (or one depth) lists such rungs in short.
+seq_len x the trainer's accumulate_grad_batches (from the configs or flags). A ladder runs on one process (one GPU or
+the CPU): the rungs' fits run inside it. `widths: [...]` with `depths: [...]` (or one depth) lists such rungs in short.
 A rung may set its own `tokens`, `tokens_per_param` or `flops` (varying D at a fixed N gives L(N, D) its data) and
 its own `flags`.
 """
@@ -96,6 +97,7 @@ class LadderSpec:
     val_batches: int
     out: Path
     families: dict[str, list[Rung]]  # rungs in order, then the target if any
+    config_contents: dict[str, object] = field(default_factory=dict)  # each of `configs` parsed (None: not YAML)
 
     def rungs(self) -> list[Rung]:
         return [rung for family in self.families.values() for rung in family]
@@ -222,14 +224,15 @@ def load_ladder(path: str | Path, out: str | Path | None = None) -> LadderSpec:
     configs = spec.get("configs") or []
     if not isinstance(configs, list):
         raise _error(path, "configs", "must be a list of config files")
+    contents = {}  # each shared config file parsed once: its trainer/data settings, and the rungs' fingerprint
     for i, config in enumerate(configs):
         if not Path(config).is_file():
             raise _error(path, f"configs[{i}]", f"no such config file: {config} (paths are relative to the "
                          "working directory, as fit's --config)")
         try:
-            content = yaml.safe_load(Path(config).read_text())
+            content = contents[str(config)] = yaml.safe_load(Path(config).read_text())
         except yaml.YAMLError:
-            content = None  # the fit names the file and line
+            content = contents[str(config)] = None  # the fit names the file and line
         model = content.get("model") if isinstance(content, dict) else None
         if isinstance(model, dict) and ("config" in model or "init_from" in model):
             raise _error(path, f"configs[{i}]", f"{config} sets the model (model.config / model.init_from): each "
@@ -237,7 +240,7 @@ def load_ladder(path: str | Path, out: str | Path | None = None) -> LadderSpec:
     flags = _flags(path, "flags", spec.get("flags"))
     batch_size = _positive(path, "batch_size", spec.get("batch_size", 16), int)
     seq_len = _positive(path, "seq_len", spec.get("seq_len", 256), int)
-    composed = _Composed(configs, flags)
+    composed = _Composed(contents, flags)
     accumulate = _positive(path, composed.where("trainer.accumulate_grad_batches"),
                            composed.get("trainer.accumulate_grad_batches", 1), int)
     devices, num_nodes = composed.get("trainer.devices", 1), composed.get("trainer.num_nodes", 1)
@@ -246,8 +249,14 @@ def load_ladder(path: str | Path, out: str | Path | None = None) -> LadderSpec:
     if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
         raise _error(path, composed.where("trainer.devices"), f"{devices!r}: a ladder counts the tokens of each "
                      "step, so it needs the number of processes: set flags: {trainer.devices: N}")
-    tokens_per_step = batch_size * seq_len * accumulate * devices * _positive(
-        path, composed.where("trainer.num_nodes"), num_nodes, int)
+    num_nodes = _positive(path, composed.where("trainer.num_nodes"), num_nodes, int)
+    if devices * num_nodes > 1:
+        # Each rung runs inside the ladder's own process (cli.main); Lightning would start the other processes by
+        # running the ladder's command line again, which no test here can run.
+        where = composed.where("trainer.devices" if devices > 1 else "trainer.num_nodes")
+        raise _error(path, where, f"{devices} devices x {num_nodes} nodes: a ladder trains its rungs on one "
+                     "process (one GPU or the CPU); several are not supported yet")
+    tokens_per_step = batch_size * seq_len * accumulate * devices * num_nodes
     vocab_size = composed.get("data.vocab_size")
     fit_size = spec.get("fit_size", "non_embedding")
     if fit_size not in SIZES:
@@ -301,19 +310,15 @@ def load_ladder(path: str | Path, out: str | Path | None = None) -> LadderSpec:
         families[str(family_name)] = rungs
     out_dir = Path(out) if out is not None else Path(spec.get("out") or Path("runs") / "ladder" / path.stem)
     return LadderSpec(path, [str(c) for c in configs], flags, batch_size, seq_len, tokens_per_step, fit_size, warmup,
-                      evals, val_batches, out_dir, families)
+                      evals, val_batches, out_dir, families, contents)
 
 
 class _Composed:
     """Trainer and data settings as the rungs' fit composes them: the config files in order, then the flags."""
 
-    def __init__(self, configs: list[str], flags: dict):
+    def __init__(self, contents: dict[str, object], flags: dict):
         self.values: dict[str, tuple[object, str]] = {}
-        for i, config in enumerate(configs):
-            try:
-                content = yaml.safe_load(Path(config).read_text()) or {}
-            except yaml.YAMLError:
-                continue  # the fit names the file and line
+        for i, (config, content) in enumerate(contents.items()):
             for section in ("trainer", "data"):
                 for name, value in (content.get(section) or {}).items() if isinstance(content, dict) else ():
                     self.values[f"{section}.{name}"] = (value, f"configs[{i}] ({config}): {section}.{name}")
@@ -330,13 +335,7 @@ class _Composed:
 def fingerprint(spec: LadderSpec, rung: Rung) -> dict:
     """What else a rung's run depends on besides its own settings: the shared config files' contents (parsed, so a
     comment edit does not count) and the flags."""
-    contents = []
-    for config in spec.configs:
-        try:
-            contents.append(yaml.safe_load(Path(config).read_text()))
-        except (OSError, yaml.YAMLError):
-            contents.append(None)
-    return {"configs": dict(zip(spec.configs, contents)), "flags": rung.flags}
+    return {"configs": spec.config_contents, "flags": rung.flags}
 
 
 def _budget(path: Path, key: str, entry: dict, required: bool) -> tuple[str, float] | None:

@@ -167,7 +167,8 @@ def strategy_memory(config: ModelConfig, strategy: Strategy, n_gpus: int, precis
     gradients = g * (sharded if strategy.stage >= 2 else unsharded)
     optimizer = o * (sharded if strategy.stage >= 1 else unsharded)
     gather = 2 if strategy.family == "fsdp1" and precision != "32-true" else w  # dtype of gathered weights
-    largest_block = max(split.block(i, tp, ep) for i in range(config.n_layers))
+    blocks = [split.block(i, tp, ep) for i in range(config.n_layers)]  # parameters of each block on one GPU
+    largest_block = max(blocks)
     if strategy.stage >= 3:
         buffers = gather * (split.root + 2 * largest_block) + gather * largest_block
     elif strategy.family == "fsdp1":  # SHARD_GRAD_OP: every block stays gathered from forward to backward
@@ -183,8 +184,7 @@ def strategy_memory(config: ModelConfig, strategy: Strategy, n_gpus: int, precis
     regime = activation_regime(strategy.family, precision)
     casts = [0.0, 0.0]  # autocast's bf16 weight copies: every block, or the one being recomputed
     if regime == "mixed" and strategy.family != "fsdp1":
-        per_block = [2 * split.block(i, tp, ep) for i in range(config.n_layers)]
-        casts = [sum(per_block), max(per_block)]
+        casts = [2 * sum(blocks), 2 * largest_block]
     estimate = activation_bytes(config, seq_len, regime, tp)
     acts = [estimate.total(micro_batch * seq_len, ac) + cast for ac, cast in zip((False, True), casts)]
     states = weights + gradients + optimizer + buffers

@@ -119,6 +119,8 @@ def make_plan(model: str | ModelConfig, tokens: float | None = None, flops: floa
         raise ValueError(f"n_gpus and micro_batch must be at least 1, got {n_gpus} and {micro_batch}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; one of {', '.join(PRECISIONS)}")
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom must be in [0, 1), got {headroom}")
     config = load_model_config(model)
     card = get_gpu(gpu)
     seq_len = seq_len or config.max_seq_len
@@ -157,6 +159,6 @@ def make_plan(model: str | ModelConfig, tokens: float | None = None, flops: floa
                                            card.memory_gib, headroom, gpus_per_node))
     if config.is_moe:
         plan.notes.append("MoE: the scaling laws were fitted on dense models; they are applied to the active "
-                          f"parameters ({active / 1e9:.3g}B of {config.num_params() / 1e9:.3g}B), which set the FLOPs, "
+                          f"parameters ({active / 1e9:.3g}B of {plan.params_total / 1e9:.3g}B), which set the FLOPs, "
                           "and say nothing of what the inactive experts add. Activations assume balanced routing.")
     return plan

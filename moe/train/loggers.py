@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 
 from moe.errors import InputError
-from moe.train.strategies import config_value
+from moe.train.strategies import config_value, resolve_class
 
 # Logger class -> the packages it can write with (any one of them) and the extra of pyproject.toml that installs
 # one. TensorBoardLogger writes with tensorboard, or with tensorboardX where only that is installed.
@@ -39,21 +39,13 @@ def package_available(name: str) -> bool:
         return False
 
 
-def _logger_class(class_path: str) -> object:
-    module, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name, None) if module else None
-    except ImportError:
-        return None  # jsonargparse resolved it while parsing; anything else is not ours to report
-
-
 def check_logger_packages(logger_config: Any) -> None:
     """Raise `InputError` naming what to install when a logger of the parsed `trainer.logger` (one logger, a list of
     them, or True/False/None) needs a package that is not installed."""
     entries = logger_config if isinstance(logger_config, (list, tuple)) else [logger_config]
     for entry in entries:
         class_path = config_value(entry, "class_path")
-        cls = _logger_class(class_path) if isinstance(class_path, str) else None
+        cls = resolve_class(class_path) if isinstance(class_path, str) else None
         if not isinstance(cls, type):
             continue
         for logger_type, packages, extra in LOGGER_PACKAGES:

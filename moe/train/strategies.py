@@ -33,6 +33,16 @@ def config_value(config: Any, key: str, default: Any = None) -> Any:
     return getattr(config, key, default)
 
 
+def resolve_class(class_path: str) -> type | None:
+    """The class a config's `class_path` ("package.module.Class") names; None when it does not import (jsonargparse
+    or Lightning report a bad name themselves)."""
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None) if module else None
+    except ImportError:
+        return None
+
+
 def _strategy_class(strategy: Any) -> type | None:
     """The class a `--trainer.strategy` value names: a registered name ("fsdp", "deepspeed_stage_2"), a class path,
     a {class_path, init_args} mapping or an instance; None for "auto" and values this cannot resolve."""
@@ -45,11 +55,7 @@ def _strategy_class(strategy: Any) -> type | None:
     name = strategy if isinstance(strategy, str) else config_value(strategy, "class_path")
     if name in StrategyRegistry:
         return StrategyRegistry[name]["strategy"]
-    module, _, attribute = str(name).rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), attribute) if module else None
-    except (ImportError, AttributeError):
-        return None  # Lightning reports the bad name itself
+    return resolve_class(name)
 
 
 def _gpu_only_base(cls: type | None) -> str | None:
