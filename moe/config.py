@@ -58,11 +58,14 @@ class ModelConfig:
     """'rmsnorm', 'layernorm' (learnable weight and bias) or 'layernorm_nonparam' (OLMo: no parameters)."""
     norm_eps: float = 1e-5
     """Epsilon added to the variance inside every norm."""
+    norm_position: str = "input"
+    """Where a block normalises: 'input' (LLaMA's pre-norm: attention and feed-forward see normalised inputs) or
+    'output' (OLMo 2's reordered norm: each sublayer's output is normalised before it joins the residual stream)."""
     attn_bias: bool = False
     """Bias on the query, key and value projections (Qwen2); the output projection never has one."""
     qk_norm: str | None = None
     """RMSNorm on queries and keys before RoPE: 'head' (one weight of head_dim shared by the heads; Qwen3, Qwen3-MoE),
-    'full' (over all heads' channels together; OLMoE, OLMo 2) or None."""
+    'full' (over all heads' channels together; OLMoE, OLMo 2 and 3) or None."""
     tie_embeddings: bool = False
     """Share the token embedding with the output layer."""
     sliding_window: int | None = None

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from moe.config import ModelConfig
 
 NORM_TYPES = ("rmsnorm", "layernorm", "layernorm_nonparam")
+NORM_POSITIONS = ("input", "output")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "eager")
 EXPERT_BACKENDS = ("auto", "loop", "grouped", "megablocks")
 QK_NORMS = (None, "head", "full")
@@ -49,6 +50,8 @@ def validate(config: ModelConfig) -> None:
         raise ConfigError(f"ModelConfig.n_heads={config.n_heads} must be divisible by ModelConfig.n_kv_heads="
                           f"{config.n_kv_heads}", "n_kv_heads")
     _check(config.norm_type in NORM_TYPES, "norm_type", f"={config.norm_type!r} is not one of {NORM_TYPES}")
+    _check(config.norm_position in NORM_POSITIONS, "norm_position",
+           f"={config.norm_position!r} is not one of {NORM_POSITIONS}")
     _check(config.attention_backend in ATTENTION_BACKENDS, "attention_backend",
            f"={config.attention_backend!r} is not one of {ATTENTION_BACKENDS}")
     _check_finite(config, "rope_theta", 0, strict=True)

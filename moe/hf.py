@@ -74,7 +74,9 @@ def hf_key_map(config: ModelConfig, model_type: str | None = None) -> list[KeyMa
         names = [f"self_attn.{p}_proj.weight" for p in "qkvo"]
         names += [f"self_attn.{p}_proj.bias" for p in "qkv"] if config.attn_bias else []
         names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"] if config.qk_norm else []
-        names += ["input_layernorm.weight", "post_attention_layernorm.weight"]
+        norms = ("post_attention", "post_feedforward") if config.norm_position == "output" else \
+            ("input", "post_attention")
+        names += [f"{norm}_layernorm.weight" for norm in norms]
         if config.is_moe_layer(i):
             block, expert_names = _MOE_NAMES[model_type]
             moe = f"{hf}{block}."

@@ -1,5 +1,5 @@
 """Translation between our ModelConfig and HF transformers' config.json for Llama (Llama 3's scaled RoPE included),
-Mistral, Mixtral, Qwen2, Qwen3, Qwen2-MoE, OLMoE and Qwen3-MoE.
+Mistral, Mixtral, Qwen2, Qwen3, Qwen2-MoE, OLMoE, Qwen3-MoE, OLMo 2 and OLMo 3.
 
 Reads both transformers-v4 configs (top-level `rope_theta`, `rope_scaling`) and v5 configs (`rope_parameters`),
 and writes both spellings so that either version loads the export. Defaults for absent keys are those of the
@@ -19,6 +19,11 @@ A model with QK-norm exports as Qwen3 when dense (qk_norm 'head'; Qwen2's window
 every layer MoE, `intermediate_size` the experts' width, top-k probabilities as norm_topk_prob says) or Qwen3-MoE
 (qk_norm 'head': Qwen2-MoE's layer pattern without the shared expert). OLMoE's `clip_qkv` and the `attention_bias`
 of these families (which biases o_proj too) are refused.
+
+A model whose norms sit on the sublayers' outputs (norm_position 'output') exports as OLMo 2, or as OLMo 3 when some
+layers have a window (its `layer_types`, one `sliding_window`); both are dense with QK-norm over all heads. OLMo 3's
+RoPE may differ between its sliding and full layers (its long-context models scale only the full ones): refused
+unless the two are the same.
 """
 
 from __future__ import annotations
@@ -59,9 +64,15 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                                               num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=False,
                                               router_aux_loss_coef=0.001, decoder_sparse_step=1, mlp_only_layers=[],
                                               attention_bias=False)),
+    "olmo2": ("Olmo2ForCausalLM", dict(rope_theta=10000.0, num_key_value_heads=None, rms_norm_eps=1e-5,
+                                       max_position_embeddings=2048, attention_bias=False)),
+    "olmo3": ("Olmo3ForCausalLM", dict(rope_theta=500000.0, num_key_value_heads=None, rms_norm_eps=1e-5,
+                                       max_position_embeddings=2048, attention_bias=False, sliding_window=4096)),
 }
 # Families whose attention normalises queries and keys (ModelConfig.qk_norm), and how.
-QK_NORM = {"olmoe": "full", "qwen3_moe": "head", "qwen3": "head"}
+QK_NORM = {"olmoe": "full", "qwen3_moe": "head", "qwen3": "head", "olmo2": "full", "olmo3": "full"}
+# Families whose blocks normalise the sublayers' outputs (ModelConfig.norm_position 'output').
+NORM_OUTPUT = ("olmo2", "olmo3")
 ARCHITECTURES = {arch: model_type for model_type, (arch, _) in FAMILIES.items()}
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -88,11 +99,15 @@ LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_po
 
 
 def _rope(hf: dict, default: float) -> tuple[float, dict | None]:
-    """RoPE base and scaling (ModelConfig.rope_theta, rope_scaling) from a v5 `rope_parameters` or a v4
-    `rope_theta` and `rope_scaling`; scaling other than Llama 3's is refused."""
+    """RoPE base and scaling (ModelConfig.rope_theta, rope_scaling) from a v5 `rope_parameters` (one for every
+    layer, or one per layer type that are all the same) or a v4 `rope_theta` and `rope_scaling`; scaling other than
+    Llama 3's is refused."""
     params = hf.get("rope_parameters") or {}
-    if params and all(isinstance(v, dict) for v in params.values()):
-        raise NotImplementedError(f"per-layer-type rope_parameters are not supported: {params}")
+    if params and all(isinstance(v, dict) for v in params.values()):  # per layer type (OLMo 3, Gemma 3)
+        if any(p != next(iter(params.values())) for p in params.values()):
+            raise NotImplementedError(f"RoPE that differs between layer types is not supported: rope_parameters "
+                                      f"{params}")
+        params = next(iter(params.values()))
     scaling = None
     for source in (params, hf.get("rope_scaling") or {}):  # v5, v4
         rope_type = source.get("rope_type", source.get("type", "default"))
@@ -124,6 +139,14 @@ def _qwen2_layer_windows(hf: dict, n_layers: int, get) -> list[int | None] | Non
     return [window if t == "sliding_attention" else None for t in layer_types]
 
 
+def _olmo3_layer_windows(hf: dict, n_layers: int, get) -> list[int | None]:
+    """Olmo3Config: sliding_window on the layers whose layer_type is 'sliding_attention'; without layer_types,
+    three windowed layers then a full one, repeated."""
+    layer_types = hf.get("layer_types") or ["full_attention" if (i + 1) % 4 == 0 else "sliding_attention"
+                                            for i in range(n_layers)]
+    return [get("sliding_window") if t == "sliding_attention" else None for t in layer_types]
+
+
 def _qwen2_moe_fields(hf: dict, n_layers: int, get) -> dict:
     """Qwen2MoeDecoderLayer: layer i is MoE when i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0;
     every MoE layer has one shared expert behind a sigmoid gate (width 0: none)."""
@@ -141,8 +164,8 @@ def _qwen2_moe_fields(hf: dict, n_layers: int, get) -> dict:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """Our ModelConfig for an HF config.json dict of a Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen2-MoE, OLMoE or
-    Qwen3-MoE causal LM."""
+    """Our ModelConfig for an HF config.json dict of a Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen2-MoE, OLMoE,
+    Qwen3-MoE, OLMo 2 or OLMo 3 causal LM."""
     model_type = hf_model_type(hf)
     defaults = FAMILIES[model_type][1]
 
@@ -154,13 +177,18 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise ValueError(f"HF config lacks required keys {missing}")
     if get("hidden_act") not in (None, "silu"):
         raise NotImplementedError(f"hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
-    if model_type in ("llama", "olmoe", "qwen3", "qwen3_moe") and (hf.get("attention_bias") or hf.get("mlp_bias")):
+    if model_type in ("llama", "olmoe", "qwen3", "qwen3_moe", "olmo2", "olmo3") and (
+            hf.get("attention_bias") or hf.get("mlp_bias")):
         # Their attention_bias also puts a bias on o_proj, which our Attention never has.
         raise NotImplementedError(f"{model_type} attention_bias / mlp_bias are not supported")
     if model_type == "olmoe" and get("clip_qkv") is not None:
         raise NotImplementedError(f"OLMoE clip_qkv={get('clip_qkv')} (clamping q, k and v) is not supported")
     if model_type == "qwen3_moe" and get("use_sliding_window"):
         raise NotImplementedError("Qwen3-MoE sliding windows (use_sliding_window=true) are not supported")
+    if model_type == "olmo3" and hf.get("rope_scaling"):
+        # transformers applies a v4 rope_scaling to OLMo 3's full-attention layers only
+        raise NotImplementedError(f"OLMo 3 rope_scaling {hf['rope_scaling']} (scaling its full-attention layers "
+                                  "only) is not supported")
     n_layers = hf["num_hidden_layers"]
     rope_theta, rope_scaling = _rope(hf, defaults["rope_theta"])
     config = dict(
@@ -177,6 +205,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         rope_scaling=rope_scaling,
         qk_norm=QK_NORM.get(model_type),
         norm_eps=get("rms_norm_eps"),
+        norm_position="output" if model_type in NORM_OUTPUT else "input",
         attn_bias=model_type == "qwen2" or (model_type == "qwen2_moe" and get("qkv_bias")),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         extra={"hf_config": dict(hf)},
@@ -185,6 +214,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
         config["sliding_window"] = get("sliding_window")
     if model_type in ("qwen2", "qwen3"):
         config["layer_windows"] = _qwen2_layer_windows(hf, n_layers, get)
+    if model_type == "olmo3":
+        config["layer_windows"] = _olmo3_layer_windows(hf, n_layers, get)
     if model_type == "mixtral":
         config.update(n_experts=get("num_local_experts"), top_k=get("num_experts_per_tok"),
                       expert_ffn_dim=hf["intermediate_size"], norm_topk_prob=True,
@@ -219,9 +250,9 @@ def _qk_norm_model_type(config: ModelConfig) -> str:
     """OLMoE for qk_norm 'full', Qwen3-MoE for 'head'; a ValueError naming what neither can represent."""
     if not config.is_moe:
         if config.qk_norm == "full":
-            raise ValueError("ModelConfig.qk_norm='full' without experts: no supported HF family has it (OLMo 2, "
-                             "whose blocks also normalise after attention and MLP, is not supported); dense models "
-                             "with qk_norm 'head' export as Qwen3, MoE models as OLMoE ('full') or Qwen3-MoE ('head')")
+            raise ValueError("ModelConfig.qk_norm='full' without experts exports as OLMo 2 or 3, whose blocks "
+                             "normalise the sublayers' outputs: set ModelConfig.norm_position='output' (dense "
+                             "models with qk_norm 'head' export as Qwen3, MoE models as OLMoE or Qwen3-MoE)")
         if config.attn_bias:
             raise ValueError("ModelConfig.qk_norm='head' exports as Qwen3, which cannot represent "
                              "ModelConfig.attn_bias=True (its attention_bias would add an o_proj bias)")
@@ -244,6 +275,25 @@ def _qk_norm_model_type(config: ModelConfig) -> str:
         raise ValueError(f"ModelConfig.qk_norm={config.qk_norm!r} exports as {name}, which cannot represent "
                          f"{'; '.join(reasons)}")
     return family
+
+
+def _norm_output_model_type(config: ModelConfig) -> str:
+    """OLMo 2, or OLMo 3 when some layer has a window; a ValueError naming what neither can represent."""
+    windows = [w for w in _windows(config) if w is not None]
+    reasons = [reason for reason, present in (
+        (f"ModelConfig.n_experts={config.n_experts} (both are dense)", config.is_moe),
+        (f"ModelConfig.qk_norm={config.qk_norm!r} (both normalise queries and keys over all heads: 'full')",
+         config.qk_norm != "full"),
+        ("ModelConfig.attn_bias=True (their attention_bias would add an o_proj bias)", config.attn_bias),
+        (f"windows of different sizes {sorted(set(windows))} (ModelConfig.layer_windows; OLMo 3 has one size)",
+         len(set(windows)) > 1),
+        ("ModelConfig.rope_scaling with windows (OLMo 3 scales RoPE on its full-attention layers only)",
+         bool(windows) and config.rope_scaling is not None),
+    ) if present]
+    if reasons:
+        raise ValueError(f"ModelConfig.norm_position='output' exports as OLMo 2 or OLMo 3, which cannot represent "
+                         f"{'; '.join(reasons)}")
+    return "olmo3" if windows else "olmo2"
 
 
 def _moe_model_type(config: ModelConfig) -> str:
@@ -281,12 +331,15 @@ def _check_qwen2_windows(config: ModelConfig) -> None:
 
 
 def hf_model_type_for(config: ModelConfig) -> str:
-    """The HF family that represents a config: with QK-norm Qwen3, OLMoE or Qwen3-MoE; with experts Mixtral if it can,
-    else Qwen2-MoE (see the module docstring); without, Qwen2 for q/k/v bias, Mistral for a uniform sliding window,
-    Llama otherwise. Raises ValueError for what no supported family can represent."""
+    """The HF family that represents a config: with norms on the sublayers' outputs OLMo 2 or 3; with QK-norm Qwen3,
+    OLMoE or Qwen3-MoE; with experts Mixtral if it can, else Qwen2-MoE (see the module docstring); without, Qwen2 for
+    q/k/v bias, Mistral for a uniform sliding window, Llama otherwise. Raises ValueError for what no supported family
+    can represent."""
     if config.norm_type != "rmsnorm":
         raise ValueError(f"ModelConfig.norm_type={config.norm_type!r} has no HF Llama-family equivalent "
                          "(only 'rmsnorm')")
+    if config.norm_position == "output":
+        return _norm_output_model_type(config)
     if config.qk_norm is not None:
         return _qk_norm_model_type(config)
     if config.is_moe:
@@ -327,7 +380,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         hf.update(attention_bias=False, mlp_bias=False)
     elif model_type in ("mistral", "mixtral"):
         hf["sliding_window"] = window
-    if model_type == "qwen3":
+    if model_type in ("qwen3", "olmo2"):
         hf["attention_bias"] = False
     if model_type in ("qwen2", "qwen3"):
         first = next((i for i, w in enumerate(windows) if w is not None), config.n_layers)
@@ -340,6 +393,11 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
     if config.rope_scaling is not None:
         hf["rope_scaling"] = dict(config.rope_scaling)  # v4
         hf["rope_parameters"] = {"rope_theta": config.rope_theta, **config.rope_scaling}  # v5
+    if model_type == "olmo3":
+        rope = hf["rope_parameters"]
+        hf.update(attention_bias=False, sliding_window=window,
+                  layer_types=["full_attention" if w is None else "sliding_attention" for w in windows],
+                  rope_parameters={"sliding_attention": dict(rope), "full_attention": dict(rope)})
     if model_type == "olmoe":
         hf.update(intermediate_size=config.expert_ffn_dim, num_experts=config.n_experts,
                   num_experts_per_tok=config.top_k, norm_topk_prob=config.norm_topk_prob,

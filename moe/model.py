@@ -1,9 +1,9 @@
 """Decoder-only transformer, dense (LLaMA, Touvron et al. 2023) or sparse MoE (Mixtral, Jiang et al. 2024).
 
-Pre-norm blocks of attention and a feed-forward network, the latter a SwiGLU or a MoE layer as the config's
-layer pattern says (ModelConfig.is_moe_layer); module names follow HF's Llama/Mistral/Mixtral so that checkpoint
-conversion is renaming. An optional key/value cache (moe/kv_cache.py) lets a forward pass append tokens to the
-ones already seen, for decoding.
+Blocks of attention and a feed-forward network, pre-norm (or OLMo 2's norms on the sublayers' outputs), the latter a
+SwiGLU or a MoE layer as the config's layer pattern says (ModelConfig.is_moe_layer); module names follow HF's
+Llama/Mistral/Mixtral (and OLMo 2's) so that checkpoint conversion is renaming. An optional key/value cache
+(moe/kv_cache.py) lets a forward pass append tokens to the ones already seen, for decoding.
 Shapes: B batch, T time, D model dim, V vocabulary, L MoE layers, E experts.
 """
 
@@ -62,12 +62,23 @@ class ModelOutput:
 
 
 class Block(nn.Module):
+    """Attention then a feed-forward network (SwiGLU or MoE), each added to the residual stream. Where the norms sit
+    follows config.norm_position, with HF's module names in both layouts: 'input' (LLaMA) normalises what enters
+    each sublayer (input_layernorm, then post_attention_layernorm before the feed-forward); 'output' (OLMo 2's
+    reordered norm) normalises what each sublayer returns (post_attention_layernorm, post_feedforward_layernorm)."""
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = build_norm(config.norm_type, config.d_model, config.norm_eps)
+        self.norm_output = config.norm_position == "output"
+
+        def norm():
+            return build_norm(config.norm_type, config.d_model, config.norm_eps)
+
+        self.input_layernorm = None if self.norm_output else norm()
         self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = build_norm(config.norm_type, config.d_model, config.norm_eps)
+        self.post_attention_layernorm = norm()
         self.mlp = MoELayer(config) if config.is_moe_layer(layer_idx) else SwiGLU(config.d_model, config.ffn_dim)
+        self.post_feedforward_layernorm = norm() if self.norm_output else None
 
     def forward(self, x, cos, sin, cache: LayerKVCache | None = None, positions: torch.Tensor | None = None,
                 unpadded: Unpadded | None = None,
@@ -75,14 +86,20 @@ class Block(nn.Module):
         """x (B, T, D), or (1, N, D) holding only the real tokens of `unpadded`'s (B, T) batch. keep, a boolean
         mask over x's first two dimensions: the feed-forward runs there only, and the output is (1, N', D) for
         its N' True entries (every token still attended, and was written to the cache)."""
+        if self.norm_output:
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, cache, positions, unpadded))
+            x = x if keep is None else x[keep][None]  # (1, N', D)
+            out, stats = self._feed_forward(x)
+            return x + self.post_feedforward_layernorm(out), stats
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions, unpadded)
-        if keep is not None:
-            x = x[keep][None]  # (1, N', D)
-        h = self.post_attention_layernorm(x)
+        x = x if keep is None else x[keep][None]  # (1, N', D)
+        out, stats = self._feed_forward(self.post_attention_layernorm(x))
+        return x + out, stats
+
+    def _feed_forward(self, h: torch.Tensor) -> tuple[torch.Tensor, MoEStats | None]:
         if isinstance(self.mlp, MoELayer):
-            out, stats = self.mlp(h)
-            return x + out, stats
-        return x + self.mlp(h), None
+            return self.mlp(h)
+        return self.mlp(h), None
 
 
 class Transformer(nn.Module):

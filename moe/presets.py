@@ -14,6 +14,16 @@ from moe.config import ModelConfig
 
 # The LLaMA-1 / Llama-2 architecture; other presets start from it.
 _LLAMA = dict(vocab_size=32000, norm_eps=1e-6, rope_theta=10000.0)
+# OLMo 2 (Team OLMo 2024): norms on the sublayers' outputs, QK-norm over all heads, RoPE base 500000, the dolma2
+# tokenizer's vocabulary padded to 100352, untied; OLMo 3 keeps the shapes and windows three layers of four.
+_OLMO2 = dict(vocab_size=100352, norm_eps=1e-6, rope_theta=500000.0, max_seq_len=4096, qk_norm="full",
+              norm_position="output")
+
+
+def _olmo3_windows(n_layers: int) -> list[int | None]:
+    """OLMo 3: a 4096-token window on three layers, then one full-attention layer, repeated."""
+    return [None if (i + 1) % 4 == 0 else 4096 for i in range(n_layers)]
+
 
 PRESETS: dict[str, dict] = {
     # LLaMA-1, Touvron et al. 2023, Table 2 (6.7B, 13.0B, 32.5B, 65.2B); eps from the released params.json.
@@ -69,17 +79,31 @@ PRESETS: dict[str, dict] = {
     "qwen3-30b-a3b": dict(vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128,
                           ffn_dim=6144, norm_eps=1e-6, rope_theta=1e6, max_seq_len=40960, qk_norm="head",
                           n_experts=128, top_k=8, expert_ffn_dim=768, aux_loss_coef=0.001),
+    # allenai/OLMo-2-0425-1B, OLMo-2-1124-7B, OLMo-2-1124-13B and OLMo-2-0325-32B config.json.
+    "olmo-2-1b": dict(_OLMO2, d_model=2048, n_layers=16, n_heads=16, ffn_dim=8192),
+    "olmo-2-7b": dict(_OLMO2, d_model=4096, n_layers=32, n_heads=32, ffn_dim=11008),
+    "olmo-2-13b": dict(_OLMO2, d_model=5120, n_layers=40, n_heads=40, ffn_dim=13824),
+    "olmo-2-32b": dict(_OLMO2, d_model=5120, n_layers=64, n_heads=40, n_kv_heads=8, ffn_dim=27648),
+    # allenai/Olmo-3-1025-7B and Olmo-3-1125-32B as pre-trained (8192-token context; the released checkpoints'
+    # YaRN extension of the full-attention layers to 65K is not supported): OLMo 2's shapes, windowed.
+    "olmo-3-7b": dict(_OLMO2, d_model=4096, n_layers=32, n_heads=32, ffn_dim=11008, max_seq_len=8192,
+                      layer_windows=_olmo3_windows(32)),
+    "olmo-3-32b": dict(_OLMO2, d_model=5120, n_layers=64, n_heads=40, n_kv_heads=8, ffn_dim=27648, max_seq_len=8192,
+                       layer_windows=_olmo3_windows(64)),
     # Tiny models for tests and CPU demos.
     "tiny-dense": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352,
                        max_seq_len=256),
     "tiny-moe": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=256,
                      max_seq_len=256, n_experts=8, top_k=2),
-    # The MoE families above, tiny: their structure (QK-norm, shared expert, layer pattern, top-k rule) at test size.
+    # Families above, tiny: their structure (QK-norm, shared expert, layer pattern, top-k rule, OLMo's norm
+    # placement and windows) at test size.
     "tiny-olmoe": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, ffn_dim=128, max_seq_len=256,
                        qk_norm="full", n_experts=16, top_k=4, expert_ffn_dim=128, norm_topk_prob=False),
     "tiny-qwen2-moe": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, ffn_dim=256, max_seq_len=256,
                            attn_bias=True, n_experts=8, top_k=2, expert_ffn_dim=64, n_shared_experts=2,
                            shared_expert_gate=True, norm_topk_prob=False, dense_layers=[0]),
+    "tiny-olmo3": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, ffn_dim=352, max_seq_len=256,
+                       qk_norm="full", norm_position="output", layer_windows=[64, 64, 64, None]),
     "tiny-qwen3-moe": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=48,
                            ffn_dim=256, max_seq_len=256, qk_norm="head", n_experts=16, top_k=4, expert_ffn_dim=64),
 }
@@ -104,6 +128,12 @@ PUBLISHED_PARAMS: dict[str, tuple[str, str | None]] = {
     "qwen1.5-moe-a2.7b": ("14.3B", "2.7B"),  # Qwen1.5-MoE release: 14.3B parameters, 2.7B activated
     "qwen3-30b-a3b": ("30.5B", "3.3B"),  # Qwen3-30B-A3B model card: 30.5B in total, 3.3B activated
     "qwen3-0.6b": ("0.6B", None),  # Qwen3-0.6B model card: 0.6B, 0.44B non-embedding
+    "olmo-2-1b": ("1.48B", None),  # HF's safetensors metadata (the name rounds to 1B)
+    "olmo-2-7b": ("7.3B", None),  # HF's safetensors metadata
+    "olmo-2-13b": ("13.7B", None),
+    "olmo-2-32b": ("32.2B", None),
+    "olmo-3-7b": ("7.3B", None),  # the same shapes as OLMo 2's
+    "olmo-3-32b": ("32.2B", None),
 }
 
 

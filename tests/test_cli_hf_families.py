@@ -1,5 +1,5 @@
-"""The MoE families people start from, through the command line: an HF directory of OLMoE, Qwen2-MoE, Qwen3-MoE or
-Llama 3 (scaled RoPE) is trained with `fit --model.init_from`, validated, and exported back with `moe export` as the
+"""The families people start from, through the command line: an HF directory of OLMoE, Qwen2-MoE, Qwen3-MoE, Llama 3
+(scaled RoPE) or OLMo 3 (norms on the sublayers' outputs, windows) is trained with `fit --model.init_from`, validated, and exported back with `moe export` as the
 same HF architecture, which transformers loads and computes our logits with."""
 
 import json
@@ -27,6 +27,9 @@ FAMILIES = {
     "LlamaForCausalLM": lambda: transformers.LlamaConfig(**DIMS, head_dim=16, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    # A window of 4 on the first layer: generating 6 tokens after a 4-token prompt runs past it.
+    "Olmo3ForCausalLM": lambda: transformers.Olmo3Config(**DIMS, sliding_window=4,
+                                                         layer_types=["sliding_attention", "full_attention"]),
 }
 
 

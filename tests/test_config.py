@@ -25,6 +25,7 @@ def tiny(**overrides) -> ModelConfig:
         (dict(layer_windows=[4]), "layer_windows"),
         (dict(layer_windows=[4, 0]), "layer_windows[1]"),
         (dict(norm_type="batchnorm"), "norm_type"),
+        (dict(norm_position="post"), "norm_position"),
         (dict(attention_backend="xformers"), "attention_backend"),
         (dict(n_experts=4, expert_backend="triton"), "expert_backend"),
         (dict(n_experts=4, expert_ffn_dim=20, expert_backend="grouped"), "expert_ffn_dim"),  # grouped matmul alignment
@@ -131,6 +132,8 @@ def test_layer_windows_override_the_global_window():
         dict(attn_bias=True),
         dict(norm_type="layernorm"),
         dict(norm_type="layernorm_nonparam"),
+        dict(norm_position="output", qk_norm="full"),
+        dict(norm_position="output", norm_type="layernorm", n_experts=4, top_k=2, expert_ffn_dim=16),
         dict(n_kv_heads=1, head_dim=16),
         dict(n_experts=4, top_k=2, expert_ffn_dim=16),
         dict(n_experts=4, top_k=1, n_shared_experts=2, expert_ffn_dim=16),

@@ -13,6 +13,8 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    Olmo2Config,
+    Olmo3Config,
     OlmoeConfig,
     Qwen2Config,
     Qwen2MoeConfig,
@@ -64,6 +66,12 @@ HF_FAMILIES = {
     "qwen3_moe-step": lambda: Qwen3MoeConfig(**{**HF_DIMS, "num_hidden_layers": 4}, moe_intermediate_size=16,
                                              num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2,
                                              tie_word_embeddings=True),
+    # OLMo 2: norms on the attention's and the MLP's outputs, QK-norm over all heads.
+    "olmo2": lambda: Olmo2Config(**HF_DIMS, rope_parameters={"rope_type": "default", "rope_theta": 5000.0}),
+    # OLMo 3: OLMo 2 with a window on the layers layer_types names, here head_dim 12 and tied.
+    "olmo3": lambda: Olmo3Config(**{**HF_DIMS, "num_hidden_layers": 4}, sliding_window=5, head_dim=12,
+                                 tie_word_embeddings=True,
+                                 layer_types=["sliding_attention", "full_attention"] * 2),
 }
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
@@ -87,6 +95,10 @@ OUR_CONFIGS = {  # name: (overrides, HF architecture expected, max_shard_size)
               "OlmoeForCausalLM", "20KB"),
     "qwen3-moe": (dict(n_experts=4, top_k=2, expert_ffn_dim=16, qk_norm="head", head_dim=12, dense_layers=[1],
                        tie_embeddings=True, rope_scaling=LLAMA3_ROPE), "Qwen3MoeForCausalLM", "20KB"),
+    "olmo2": (dict(qk_norm="full", norm_position="output", rope_scaling=LLAMA3_ROPE, head_dim=16), "Olmo2ForCausalLM",
+              "5GB"),
+    "olmo3": (dict(qk_norm="full", norm_position="output", head_dim=12, layer_windows=[4, None, 4],
+                   tie_embeddings=True), "Olmo3ForCausalLM", "20KB"),
 }
 
 
@@ -235,6 +247,11 @@ def test_qk_norm_and_rope_scaling_are_read_from_hf(hf_checkpoint):
     qwen3_dense = load_hf_checkpoint(hf_checkpoint("qwen3")).config
     assert (qwen3_dense.qk_norm, qwen3_dense.head_dim, qwen3_dense.layer_windows, qwen3_dense.is_moe) == \
         ("head", 12, [None, 5, 5], False)
+    olmo2 = load_hf_checkpoint(hf_checkpoint("olmo2")).config
+    assert (olmo2.qk_norm, olmo2.norm_position, olmo2.layer_windows, olmo2.rope_theta) == ("full", "output", None, 5000)
+    olmo3 = load_hf_checkpoint(hf_checkpoint("olmo3")).config
+    assert (olmo3.qk_norm, olmo3.norm_position, olmo3.layer_windows, olmo3.head_dim, olmo3.rope_theta) == \
+        ("full", "output", [5, None, 5, None], 12, 500000.0)
     llama3 = load_hf_checkpoint(hf_checkpoint("llama3")).config
     assert llama3.rope_scaling == LLAMA3_ROPE and llama3.rope_theta == 500000.0 and llama3.qk_norm is None
 
@@ -267,7 +284,8 @@ def test_export_round_trip(name, tmp_path):
     save_hf_checkpoint(ours, tmp_path, max_shard_size=max_shard_size)
     hf_config = json.loads((tmp_path / "config.json").read_text())
     assert hf_config["architectures"] == [architecture]
-    hf_config.pop("layer_types", None)  # transformers v4 reads max_window_layers instead
+    if "max_window_layers" in hf_config:
+        hf_config.pop("layer_types", None)  # transformers v4 reads Qwen2's max_window_layers instead
     v4_config = config_from_hf(hf_config)
     assert [v4_config.window_for_layer(i) for i in range(3)] == [ours.config.window_for_layer(i) for i in range(3)]
     assert v4_config.moe_layer_indices() == ours.config.moe_layer_indices()
@@ -309,7 +327,15 @@ def test_export_dtype(tmp_path):
         (dict(attn_bias=True, layer_windows=[4, None, 4]), "not Qwen2-expressible"),
         (dict(attn_bias=True, layer_windows=[None, 4, 6]), "not Qwen2-expressible"),
         # QK-norm: OLMoE ('full') and Qwen3-MoE ('head') only, each with what it can hold.
-        (dict(qk_norm="full"), r"qk_norm='full' without experts"),
+        (dict(qk_norm="full"), r"qk_norm='full' without experts .*norm_position='output'"),
+        # Norms on the sublayers' outputs: OLMo 2 and 3, dense with QK-norm over all heads, one window size.
+        (dict(norm_position="output"), r"OLMo 2 or OLMo 3, which cannot represent ModelConfig.qk_norm=None"),
+        (dict(norm_position="output", qk_norm="head"), r"ModelConfig.qk_norm='head'"),
+        (dict(norm_position="output", qk_norm="full", n_experts=4), r"ModelConfig.n_experts=4 \(both are dense\)"),
+        (dict(norm_position="output", qk_norm="full", attn_bias=True), "ModelConfig.attn_bias=True"),
+        (dict(norm_position="output", qk_norm="full", layer_windows=[4, None, 6]), r"different sizes \[4, 6\]"),
+        (dict(norm_position="output", qk_norm="full", sliding_window=4, rope_scaling=LLAMA3_ROPE),
+         "rope_scaling with windows"),
         (dict(qk_norm="head", attn_bias=True), r"exports as Qwen3, which cannot represent ModelConfig.attn_bias"),
         (dict(qk_norm="head", layer_windows=[4, None, 4]), "not Qwen2-expressible"),
         (dict(n_experts=4, qk_norm="full", first_k_dense=1), r"exports as OLMoE, which cannot represent MoE on layers"),
@@ -363,6 +389,12 @@ def test_unsupported_architecture_is_named(hf_config, named, tmp_path):
     (dict(model_type="qwen3_moe", attention_bias=True), "qwen3_moe attention_bias"),
     (dict(model_type="llama", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "'yarn'"),
     (dict(model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0}), "llama3 RoPE scaling lacks"),
+    (dict(model_type="olmo2", attention_bias=True), "olmo2 attention_bias"),
+    # Olmo-3 long-context checkpoints: YaRN on the full-attention layers only (v4 and v5 spellings).
+    (dict(model_type="olmo3", rope_scaling={"rope_type": "yarn", "factor": 8.0}), "full-attention layers only"),
+    (dict(model_type="olmo3", rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 5e5},
+                                               "full_attention": {"rope_type": "yarn", "rope_theta": 5e5,
+                                                                  "factor": 8.0}}), "differs between layer types"),
 ])
 def test_what_we_cannot_compute_is_refused_on_import(hf_config, message):
     dims = {**HF_DIMS, "num_experts": 4}

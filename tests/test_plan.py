@@ -203,7 +203,7 @@ def saved_for_backward(model, ids, autocast: bool) -> int:
 VARIANTS = [("tiny-dense", {}), ("tiny-moe", {}), ("tiny-moe", dict(n_shared_experts=1, shared_expert_gate=True)),
             ("tiny-moe", dict(moe_every=2, first_k_dense=1)), ("tiny-dense", dict(norm_type="layernorm",
                                                                                    attn_bias=True)),
-            ("tiny-qwen3-moe", {}), ("tiny-olmoe", {})]
+            ("tiny-qwen3-moe", {}), ("tiny-olmoe", {}), ("tiny-olmo3", {}), ("tiny-moe", dict(norm_position="output"))]
 
 
 @pytest.mark.parametrize("name,overrides", VARIANTS, ids=lambda v: v if isinstance(v, str) else "-".join(v) or "preset")

@@ -69,6 +69,15 @@ HF_CONFIGS = {
                                              moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
                                              num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
                                              head_dim=128, norm_topk_prob=True, tie_word_embeddings=False)),
+    # OLMo 2 1B/7B/13B/32B and OLMo 3 7B/32B (sliding_window 4096 on three layers of four in Olmo3Config's
+    # default layer_types).
+    **{name: (cls, dict(vocab_size=100352, hidden_size=d, intermediate_size=f, num_hidden_layers=n,
+                        num_attention_heads=h, num_key_value_heads=kv, tie_word_embeddings=False))
+       for name, cls, d, f, n, h, kv in (
+           ("olmo-2-1b", "Olmo2Config", 2048, 8192, 16, 16, 16), ("olmo-2-7b", "Olmo2Config", 4096, 11008, 32, 32, 32),
+           ("olmo-2-13b", "Olmo2Config", 5120, 13824, 40, 40, 40),
+           ("olmo-2-32b", "Olmo2Config", 5120, 27648, 64, 40, 8),
+           ("olmo-3-7b", "Olmo3Config", 4096, 11008, 32, 32, 32), ("olmo-3-32b", "Olmo3Config", 5120, 27648, 64, 40, 8))},
 }
 
 
@@ -130,21 +139,30 @@ def test_mistral_window():
     assert get_preset("mistral-7b").sliding_window == 4096
 
 
-@pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe", "tiny-olmoe", "tiny-qwen2-moe", "tiny-qwen3-moe"])
+def test_olmo3_windows_three_layers_of_four_as_olmo3_config_does():
+    for name in ("olmo-3-7b", "olmo-3-32b"):
+        config = get_preset(name)
+        hf = transformers.Olmo3Config(num_hidden_layers=config.n_layers)  # its default layer_types
+        expected = [hf.sliding_window if t == "sliding_attention" else None for t in hf.layer_types]
+        assert config.layer_windows == expected and expected.count(None) == config.n_layers // 4
+
+
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe", "tiny-olmoe", "tiny-olmo3", "tiny-qwen2-moe",
+                                  "tiny-qwen3-moe"])
 def test_tiny_presets_run(name):
     model = build_model(name)
     out = model(torch.randint(0, model.config.vocab_size, (1, 8)))
     assert out.logits.shape == (1, 8, model.config.vocab_size)
-    assert model.config.is_moe == (name != "tiny-dense")
+    assert model.config.is_moe == (name not in ("tiny-dense", "tiny-olmo3"))
 
 
 @pytest.mark.parametrize("tiny, family", [("tiny-olmoe", "olmoe-1b-7b"), ("tiny-qwen2-moe", "qwen1.5-moe-a2.7b"),
-                                          ("tiny-qwen3-moe", "qwen3-30b-a3b")])
+                                          ("tiny-qwen3-moe", "qwen3-30b-a3b"), ("tiny-olmo3", "olmo-3-7b")])
 def test_tiny_variants_export_as_their_family(tiny, family):
     from moe.hf_config import hf_model_type_for
 
     assert hf_model_type_for(get_preset(tiny)) == hf_model_type_for(get_preset(family))
-    for field in ("qk_norm", "norm_topk_prob", "shared_expert_gate", "attn_bias"):
+    for field in ("qk_norm", "norm_topk_prob", "shared_expert_gate", "attn_bias", "norm_position"):
         assert getattr(get_preset(tiny), field) == getattr(get_preset(family), field), field
 
 

@@ -9,7 +9,9 @@ This file counts the same thing for this project's blocks, tensor by tensor, ada
   n_kv_heads heads; the output projection reads the kernel's output (flash writes it token-major, so the
   transpose back is a view, not a copy);
 - SwiGLU instead of a GELU MLP: gate output, its SiLU, up output, and their product (4 x ffn_dim per token);
-- RMSNorm saves its input, the normalised value before the weight and a float32 rstd; every matmul saves its input;
+- RMSNorm saves its input, the normalised value before the weight and a float32 rstd; every matmul saves its input
+  (with OLMo 2's norms on the sublayers' outputs, the projections read the residual stream and the norms a
+  sublayer's output: the same tensors' sizes, in the dtypes below);
 - MoE layers: the router's logits and probabilities (float32), then per token its top_k routed rows (the gathered
   inputs, the expert outputs and the weighted rows: 3 x top_k x d_model) and the SwiGLU's 4 x top_k x expert_ffn_dim
   for its top_k experts, as if routing were balanced; shared experts as a SwiGLU of n_shared x expert_ffn_dim;
@@ -75,11 +77,14 @@ class ActivationEstimate:
         return self.kept(tokens, checkpointing) + extra
 
 
-def _norm_bytes(config: ModelConfig, regime: str, consumers: int) -> float:
-    """Per token: what a norm saves, plus the matmul inputs its `consumers` projections save."""
+def _norm_bytes(config: ModelConfig, regime: str, consumers: int, of_matmul: bool = False) -> float:
+    """Per token: what a norm saves, plus the matmul inputs its `consumers` projections save. of_matmul: the norm
+    reads a sublayer's output (norm_position 'output'), in bf16 under autocast, not the float32 residual stream;
+    the projections then read the stream itself, with the same bytes saved."""
     d = config.d_model
     if config.norm_type == "rmsnorm":
-        saved = {"fp32": 8 * d, "mixed": 8 * d, "bf16": 6 * d}[regime] + 4  # input (float32), normed, rstd
+        normed = 2 * d if regime == "bf16" or (regime == "mixed" and of_matmul) else 4 * d  # in its input's dtype
+        saved = 4 * d + normed + 4  # input (as float32), normed, rstd
     else:  # LayerNorm saves its input, mean and rstd; the affine output is the matmuls' input
         saved = {"fp32": 4 * d, "mixed": 4 * d, "bf16": 2 * d}[regime] + 8
     if consumers:
@@ -96,7 +101,8 @@ def activation_bytes(config: ModelConfig, seq_len: int, regime: str, tp: int = 1
         raise ValueError(f"unknown activation regime {regime!r}; one of {REGIMES}")
     a = 4 if regime == "fp32" else 2  # bytes of a matmul's output
     d, h, kv, c = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
-    attention = _norm_bytes(config, regime, 3) + a * (2 * h * c + 2 * kv * c) / tp + 4 * h / tp
+    of_matmul = config.norm_position == "output"
+    attention = _norm_bytes(config, regime, 3, of_matmul) + a * (2 * h * c + 2 * kv * c) / tp + 4 * h / tp
     if config.qk_norm is not None:
         # Each q/k RMSNorm saves a float32 copy of its input, its normed output (for the weight's product) and
         # one rstd per row: per head for 'head', per token for 'full'.
@@ -110,11 +116,11 @@ def activation_bytes(config: ModelConfig, seq_len: int, regime: str, tp: int = 1
             consumers = 1 + (2 if shared else 0) + (1 if config.shared_expert_gate else 0)
             routed = a * (4 * k * f + 3 * k * d)
             router = 4 * 2 * e + 4 * (2 * k + 2) + 8 * 3 * k  # logits, probs; weights, sums; indices and order
-            ffn = _norm_bytes(config, regime, consumers) + routed + router + a * 4 * shared
+            ffn = _norm_bytes(config, regime, consumers, of_matmul) + routed + router + a * 4 * shared
             if config.shared_expert_gate:
                 ffn += a * (d + 1)  # the gate's sigmoid and the shared output it scales
         else:
-            ffn = _norm_bytes(config, regime, 2) + a * 4 * config.ffn_dim / tp
+            ffn = _norm_bytes(config, regime, 2, of_matmul) + a * 4 * config.ffn_dim / tp
         layers.append(attention + ffn)
     output = _norm_bytes(config, regime, 0) + a * d + 8  # final norm, the hidden states' gradient, token ids
     fixed = config.vocab_size * d * 4  # the loss's float32 weight gradient, held from forward to backward

@@ -32,7 +32,9 @@ from ..cli_runs import ROOT, tiny_run_args
 MODELS = {"moe": [], "dense": ["--config", str(ROOT / "configs/model/tiny-dense.yaml")],
           # QK-norm: the norms' float32 weights turn q and k to float32 under autocast, as in HF's Qwen3 and OLMoE
           "qwen3-moe": ["--config", str(ROOT / "configs/model/tiny-qwen3-moe.yaml")],
-          "olmoe": ["--config", str(ROOT / "configs/model/tiny-olmoe.yaml")]}
+          "olmoe": ["--config", str(ROOT / "configs/model/tiny-olmoe.yaml")],
+          # OLMo 3: norms on bf16 sublayer outputs added to the float32 residual stream, windows
+          "olmo3": ["--config", str(ROOT / "configs/model/tiny-olmo3.yaml")]}
 CLIP = 0.5  # below the tiny models' first gradient norms (about 1 to 2), so it binds
 
 
