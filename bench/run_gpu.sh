@@ -15,6 +15,8 @@
 # lacks: carry wheels), ep (bench/ep_speed.py: moe-bench under FSDP2 against FSDP2 + expert parallelism 2, 4, 8 on
 # every GPU, bf16-mixed: tokens/s, MFU, peak memory, all-to-all imbalance; with fewer than 2 GPUs it writes a skip
 # record and passes in seconds; not yet timed on GPUs, each layout is limited to 180 s and the part to 540 s).
+# The fit part needs packages the device image lacks: run `bash bench/device_wheels.sh` here first and carry .whl/
+# (installed below, before any part runs, when it is present).
 # Results go to $OUT when it is set (the device tool's output folder), else bench/results; each part has its own
 # time limit, so one that hangs or fails leaves the others' results.
 set -u
@@ -22,6 +24,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-bench/results}"
 mkdir -p "$out"
 export PYTHONPATH=.
+py=$(command -v python3 || command -v python)
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(check moe dense strategies fit ep)
 for part in "${parts[@]}"; do
@@ -31,10 +34,16 @@ for part in "${parts[@]}"; do
   esac
 done
 
+if [ -d .whl ]; then  # bench/device_wheels.sh: jsonargparse, datasets, torchdata and what they need
+  # A failed install costs only the fit part, which then names the missing package; the other parts still run.
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=.:/tmp/site || echo "installing the wheels in .whl/ failed (see above)" >&2
+fi
+
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
-  python -c "import torch, transformers, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda);
+  "$py" -c "import torch, transformers, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda);
 print('transformers', transformers.__version__, 'lightning', lightning.__version__)" 2>&1 || true
 } | tee "$out/gpu_environment.txt"
 
@@ -54,20 +63,20 @@ run() {  # run LIMIT_SECONDS NAME COMMAND...: the command's output in $out/NAME.
 
 for part in "${parts[@]}"; do
   case "$part" in
-    check) run 200 gpu_check python bench/gpu_check.py --out "$out/gpu_check.json" ;;
-    moe) run 300 train_speed_moe-bench python bench/train_speed.py --config moe-bench \
+    check) run 200 gpu_check "$py" bench/gpu_check.py --out "$out/gpu_check.json" ;;
+    moe) run 300 train_speed_moe-bench "$py" bench/train_speed.py --config moe-bench \
       --out "$out/train_speed_moe-bench.json" ;;
-    dense) run 240 train_speed_dense-bench python bench/train_speed.py --config dense-bench \
+    dense) run 240 train_speed_dense-bench "$py" bench/train_speed.py --config dense-bench \
       --out "$out/train_speed_dense-bench.json" ;;
     strategies)
-      run 200 strategies_gpu python bench/strategies_gpu.py --results "$out/strategies_gpu.json"
-      run 200 strategies_gpu_bf16 python bench/strategies_gpu.py --precision bf16-mixed \
+      run 200 strategies_gpu "$py" bench/strategies_gpu.py --results "$out/strategies_gpu.json"
+      run 200 strategies_gpu_bf16 "$py" bench/strategies_gpu.py --precision bf16-mixed \
         --results "$out/strategies_gpu_bf16.json" ;;
-    fit) run 200 fit_bf16_mixed python cli.py fit --config configs/model/tiny-moe.yaml \
+    fit) run 200 fit_bf16_mixed "$py" cli.py fit --config configs/model/tiny-moe.yaml \
       --config configs/data/stdlib.yaml --config configs/trainer/gpu.yaml --config configs/experiment/quickstart.yaml \
       --trainer.devices 1 --trainer.max_steps 100 --trainer.val_check_interval 50 \
       --trainer.logger.init_args.save_dir "$out/runs" ;;
-    ep) run 540 ep_speed python bench/ep_speed.py --results "$out/ep_speed.json" ;;
+    ep) run 540 ep_speed "$py" bench/ep_speed.py --results "$out/ep_speed.json" ;;
   esac
 done
 
