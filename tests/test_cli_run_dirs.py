@@ -9,8 +9,11 @@ import warnings
 
 import torch
 import yaml
+from jsonargparse import Namespace
+from lightning.pytorch.loggers import CSVLogger
 
 import cli
+from moe.train.run_paths import place_loggers
 
 from .cli_runs import refused, tiny_run_args
 
@@ -119,3 +122,20 @@ def test_a_fit_shows_no_misleading_warning(workdir, capsys):
     assert "Total FLOPs: 0" not in out and "model tiny-moe: 2 layers" in out  # our summary, not Lightning's table
     assert "nats better than context-free" in out or "nats worse than context-free" in out
     assert "+" not in out.split("unigram baseline")[1].splitlines()[0].split(":")[-1]
+
+
+class RenamedCSVLogger(CSVLogger):
+    """A user's subclass of Lightning's CSVLogger, as a config's class_path names it."""
+
+
+def test_a_logger_subclass_writes_into_the_checkpoint_run_as_its_base_class_does(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / RUN / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    for class_path in ("lightning.pytorch.loggers.CSVLogger", "CSVLogger", f"{__name__}.RenamedCSVLogger",
+                       "lightning.pytorch.loggers.tensorboard.TensorBoardLogger"):
+        logger = Namespace(class_path=class_path, init_args=Namespace(save_dir="runs", name="quickstart"))
+        placed = place_loggers(logger, "validate", str(run / "checkpoints/last.ckpt"), None)
+        assert (placed.init_args.save_dir, placed.init_args.name) == (f"{RUN}/version_0", "validate"), class_path
+    other = Namespace(class_path="lightning.pytorch.loggers.MLFlowLogger", init_args=Namespace(save_dir="mlruns"))
+    assert place_loggers(other, "validate", str(run / "checkpoints/last.ckpt"), None).init_args.save_dir == "mlruns"

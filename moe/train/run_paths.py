@@ -45,9 +45,19 @@ def _is_local(path: str) -> bool:
 
 
 DEFAULT_ROOT = "runs"
-# The loggers that number their runs (version_N under save_dir/name), by the class paths a config may give.
-NUMBERED_LOGGERS = {f"lightning.pytorch.loggers.{module}{name}" for module in ("", "csv_logs.", "tensorboard.")
-                    for name in ("CSVLogger", "TensorBoardLogger")} | {"CSVLogger", "TensorBoardLogger"}
+
+
+def numbered_logger(class_path) -> bool:
+    """Whether a config's logger class numbers its runs (version_N under save_dir/name): Lightning's CSVLogger and
+    TensorBoardLogger, under any of their import paths or short names, and their subclasses."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from moe.train.strategies import resolve_class
+
+    if class_path in ("CSVLogger", "TensorBoardLogger"):  # jsonargparse resolves the short names in Lightning
+        return True
+    cls = resolve_class(class_path) if class_path else None
+    return isinstance(cls, type) and issubclass(cls, (CSVLogger, TensorBoardLogger))
 
 
 def checkpoint_run(ckpt_path: str | None) -> Path | None:
@@ -78,7 +88,7 @@ def place_loggers(logger, subcommand: str, ckpt_path: str | None, init_from: str
             logger.init_args.save_dir, logger.init_args.name = f"{DEFAULT_ROOT}/{name}", subcommand
     entries = logger if isinstance(logger, list) else [logger]
     for entry in entries:
-        if not isinstance(entry, Namespace) or entry.get("class_path") not in NUMBERED_LOGGERS:
+        if not isinstance(entry, Namespace) or not numbered_logger(entry.get("class_path")):
             continue
         args = entry.init_args
         if args.get("version") is not None or run is None:
