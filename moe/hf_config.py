@@ -103,11 +103,12 @@ def _rope(hf: dict, default: float) -> tuple[float, dict | None]:
     layer, or one per layer type that are all the same) or a v4 `rope_theta` and `rope_scaling`; scaling other than
     Llama 3's is refused."""
     params = hf.get("rope_parameters") or {}
-    if params and all(isinstance(v, dict) for v in params.values()):  # per layer type (OLMo 3, Gemma 3)
-        if any(p != next(iter(params.values())) for p in params.values()):
+    per_type = [v for v in params.values() if isinstance(v, dict)]
+    if per_type:  # per layer type (OLMo 3, Gemma 3): transformers reads those alone, even beside flat keys
+        if any(p != per_type[0] for p in per_type):
             raise NotImplementedError(f"RoPE that differs between layer types is not supported: rope_parameters "
                                       f"{params}")
-        params = next(iter(params.values()))
+        params = per_type[0]
     scaling = None
     for source in (params, hf.get("rope_scaling") or {}):  # v5, v4
         rope_type = source.get("rope_type", source.get("type", "default"))
@@ -287,8 +288,8 @@ def _norm_output_model_type(config: ModelConfig) -> str:
         ("ModelConfig.attn_bias=True (their attention_bias would add an o_proj bias)", config.attn_bias),
         (f"windows of different sizes {sorted(set(windows))} (ModelConfig.layer_windows; OLMo 3 has one size)",
          len(set(windows)) > 1),
-        ("ModelConfig.rope_scaling with windows (OLMo 3 scales RoPE on its full-attention layers only)",
-         bool(windows) and config.rope_scaling is not None),
+        (("ModelConfig.rope_scaling (neither family's config takes llama3 scaling in transformers 4: OLMo 3 scales "
+          "its full-attention layers only, OLMo 2 accepts only {type, factor})"), config.rope_scaling is not None),
     ) if present]
     if reasons:
         raise ValueError(f"ModelConfig.norm_position='output' exports as OLMo 2 or OLMo 3, which cannot represent "

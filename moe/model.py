@@ -118,9 +118,12 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights; the projections that write into the residual stream are scaled by
-        1/sqrt(2L) (GPT-2, Radford et al. 2019) so the stream's variance does not grow with depth."""
+        1/sqrt(2L) (GPT-2, Radford et al. 2019) so the stream's variance does not grow with depth. Not with norms on
+        the sublayers' outputs (OLMo 2, which initialises every matrix alike): a norm after the projection undoes
+        any scale, which would only change the projection's effective learning rate."""
         std = self.config.init_std
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        scaled = self.config.norm_position == "input"
+        residual_std = std / math.sqrt(2 * self.config.n_layers) if scaled else std
         for name, param in self.named_parameters():
             if param.is_meta:
                 continue

@@ -84,12 +84,13 @@ PRESETS: dict[str, dict] = {
     "olmo-2-7b": dict(_OLMO2, d_model=4096, n_layers=32, n_heads=32, ffn_dim=11008),
     "olmo-2-13b": dict(_OLMO2, d_model=5120, n_layers=40, n_heads=40, ffn_dim=13824),
     "olmo-2-32b": dict(_OLMO2, d_model=5120, n_layers=64, n_heads=40, n_kv_heads=8, ffn_dim=27648),
-    # allenai/Olmo-3-1025-7B and Olmo-3-1125-32B as pre-trained (8192-token context; the released checkpoints'
-    # YaRN extension of the full-attention layers to 65K is not supported): OLMo 2's shapes, windowed.
-    "olmo-3-7b": dict(_OLMO2, d_model=4096, n_layers=32, n_heads=32, ffn_dim=11008, max_seq_len=8192,
-                      layer_windows=_olmo3_windows(32)),
-    "olmo-3-32b": dict(_OLMO2, d_model=5120, n_layers=64, n_heads=40, n_kv_heads=8, ffn_dim=27648, max_seq_len=8192,
-                       layer_windows=_olmo3_windows(64)),
+    # allenai/Olmo-3-1025-7B and Olmo-3-1125-32B config.json: OLMo 2's shapes, windowed, and the tokenizer's own
+    # 100278 rows; the 8192-token context of pre-training (the releases' YaRN extension of their full-attention
+    # layers to 65K is not supported).
+    "olmo-3-7b": dict(_OLMO2, vocab_size=100278, d_model=4096, n_layers=32, n_heads=32, ffn_dim=11008,
+                      max_seq_len=8192, layer_windows=_olmo3_windows(32)),
+    "olmo-3-32b": dict(_OLMO2, vocab_size=100278, d_model=5120, n_layers=64, n_heads=40, n_kv_heads=8,
+                       ffn_dim=27648, max_seq_len=8192, layer_windows=_olmo3_windows(64)),
     # Tiny models for tests and CPU demos.
     "tiny-dense": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352,
                        max_seq_len=256),
@@ -132,8 +133,8 @@ PUBLISHED_PARAMS: dict[str, tuple[str, str | None]] = {
     "olmo-2-7b": ("7.3B", None),  # HF's safetensors metadata
     "olmo-2-13b": ("13.7B", None),
     "olmo-2-32b": ("32.2B", None),
-    "olmo-3-7b": ("7.3B", None),  # the same shapes as OLMo 2's
-    "olmo-3-32b": ("32.2B", None),
+    "olmo-3-7b": ("7.298B", None),  # HF's safetensors metadata: 7,298,011,136
+    "olmo-3-32b": ("32.23B", None),  # 32,233,522,176
 }
 
 

@@ -1,6 +1,7 @@
-"""The families people start from, through the command line: an HF directory of OLMoE, Qwen2-MoE, Qwen3-MoE, Llama 3
-(scaled RoPE) or OLMo 3 (norms on the sublayers' outputs, windows) is trained with `fit --model.init_from`, validated, and exported back with `moe export` as the
-same HF architecture, which transformers loads and computes our logits with."""
+"""The families people start from, through the command line: an HF directory of OLMoE, Qwen2-MoE, Qwen3-MoE,
+Llama 3 (scaled RoPE) or OLMo 3 (norms on the sublayers' outputs, windows) is trained with `fit --model.init_from`,
+validated, and exported back with `moe export` as the same HF architecture, which transformers loads and computes
+our logits with."""
 
 import json
 

@@ -95,7 +95,7 @@ OUR_CONFIGS = {  # name: (overrides, HF architecture expected, max_shard_size)
               "OlmoeForCausalLM", "20KB"),
     "qwen3-moe": (dict(n_experts=4, top_k=2, expert_ffn_dim=16, qk_norm="head", head_dim=12, dense_layers=[1],
                        tie_embeddings=True, rope_scaling=LLAMA3_ROPE), "Qwen3MoeForCausalLM", "20KB"),
-    "olmo2": (dict(qk_norm="full", norm_position="output", rope_scaling=LLAMA3_ROPE, head_dim=16), "Olmo2ForCausalLM",
+    "olmo2": (dict(qk_norm="full", norm_position="output", head_dim=16, rope_theta=12345.0), "Olmo2ForCausalLM",
               "5GB"),
     "olmo3": (dict(qk_norm="full", norm_position="output", head_dim=12, layer_windows=[4, None, 4],
                    tie_embeddings=True), "Olmo3ForCausalLM", "20KB"),
@@ -249,6 +249,13 @@ def test_qk_norm_and_rope_scaling_are_read_from_hf(hf_checkpoint):
         ("head", 12, [None, 5, 5], False)
     olmo2 = load_hf_checkpoint(hf_checkpoint("olmo2")).config
     assert (olmo2.qk_norm, olmo2.norm_position, olmo2.layer_windows, olmo2.rope_theta) == ("full", "output", None, 5000)
+    flat_beside_per_type = config_from_hf({**HF_DIMS, "model_type": "olmo3", "rope_parameters": {
+        "rope_type": "default", "rope_theta": 1e4, "sliding_attention": {"rope_type": "default", "rope_theta": 5e5},
+        "full_attention": {"rope_type": "default", "rope_theta": 5e5}}})
+    assert flat_beside_per_type.rope_theta == 5e5
+    # Without layer_types: Olmo3Config's three windowed layers, then a full one.
+    assert config_from_hf({**HF_DIMS, "model_type": "olmo3", "num_hidden_layers": 8}).layer_windows == \
+        [4096, 4096, 4096, None] * 2
     olmo3 = load_hf_checkpoint(hf_checkpoint("olmo3")).config
     assert (olmo3.qk_norm, olmo3.norm_position, olmo3.layer_windows, olmo3.head_dim, olmo3.rope_theta) == \
         ("full", "output", [5, None, 5, None], 12, 500000.0)
@@ -334,8 +341,7 @@ def test_export_dtype(tmp_path):
         (dict(norm_position="output", qk_norm="full", n_experts=4), r"ModelConfig.n_experts=4 \(both are dense\)"),
         (dict(norm_position="output", qk_norm="full", attn_bias=True), "ModelConfig.attn_bias=True"),
         (dict(norm_position="output", qk_norm="full", layer_windows=[4, None, 6]), r"different sizes \[4, 6\]"),
-        (dict(norm_position="output", qk_norm="full", sliding_window=4, rope_scaling=LLAMA3_ROPE),
-         "rope_scaling with windows"),
+        (dict(norm_position="output", qk_norm="full", rope_scaling=LLAMA3_ROPE), "ModelConfig.rope_scaling"),
         (dict(qk_norm="head", attn_bias=True), r"exports as Qwen3, which cannot represent ModelConfig.attn_bias"),
         (dict(qk_norm="head", layer_windows=[4, None, 4]), "not Qwen2-expressible"),
         (dict(n_experts=4, qk_norm="full", first_k_dense=1), r"exports as OLMoE, which cannot represent MoE on layers"),
@@ -393,6 +399,11 @@ def test_unsupported_architecture_is_named(hf_config, named, tmp_path):
     # Olmo-3 long-context checkpoints: YaRN on the full-attention layers only (v4 and v5 spellings).
     (dict(model_type="olmo3", rope_scaling={"rope_type": "yarn", "factor": 8.0}), "full-attention layers only"),
     (dict(model_type="olmo3", rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 5e5},
+                                               "full_attention": {"rope_type": "yarn", "rope_theta": 5e5,
+                                                                  "factor": 8.0}}), "differs between layer types"),
+    # transformers 5 saves a flat OLMo 3 rope_parameters with the per-type ones beside it, and reads only those.
+    (dict(model_type="olmo3", rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                               "sliding_attention": {"rope_type": "default", "rope_theta": 5e5},
                                                "full_attention": {"rope_type": "yarn", "rope_theta": 5e5,
                                                                   "factor": 8.0}}), "differs between layer types"),
 ])

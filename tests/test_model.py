@@ -26,6 +26,9 @@ CONFIGS = {
     # MoE on some layers only (tests/test_layer_pattern.py has the patterns themselves).
     "moe_dense_first": {**MOE, "first_k_dense": 1},
     "moe_every_2nd_gated_shared": {**MOE, "moe_every": 2, "n_shared_experts": 1, "shared_expert_gate": True},
+    # Norms on the sublayers' outputs (OLMo 2, and OLMo 3 with a window), dense and MoE.
+    "dense_output_norms": {"norm_position": "output", "qk_norm": "full", "sliding_window": 5},
+    "moe_output_norms": {**MOE, "norm_position": "output"},
 }
 
 
@@ -114,16 +117,17 @@ def test_meta_device_then_to_empty_and_reset(name):
     assert torch.isfinite(model(ids()).logits).all()
 
 
-@pytest.mark.parametrize("name", ["dense", "moe_shared", "moe_tied_layernorm"])
+@pytest.mark.parametrize("name", ["dense", "moe_shared", "moe_tied_layernorm", "dense_output_norms",
+                                  "moe_output_norms"])
 def test_initialisation_scheme(name):
-    # Normal(0, init_std), except projections into the residual stream: init_std / sqrt(2L). Norms start at
-    # one, biases at zero.
+    # Normal(0, init_std), except projections into the residual stream: init_std / sqrt(2L), unless a norm follows
+    # them (norm_position 'output', OLMo 2's init). Norms start at one, biases at zero.
     model = build(**CONFIGS[name], d_model=64, init_std=0.05, n_layers=8)
-    residual_std = 0.05 / 4
+    residual_std = 0.05 if model.config.norm_position == "output" else 0.05 / 4
     for n, p in model.named_parameters():
         if n.endswith("bias"):
             assert torch.count_nonzero(p) == 0, n
-        elif "layernorm" in n or n.startswith("norm."):
+        elif "layernorm" in n or n.startswith("norm.") or n.endswith(("q_norm.weight", "k_norm.weight")):
             assert torch.equal(p, torch.ones_like(p)), n
         else:
             expected = residual_std if n.endswith(("o_proj.weight", "down_proj.weight", "down_proj")) else 0.05
@@ -252,6 +256,11 @@ def test_training_forward_is_the_plain_composition_of_its_blocks(name):
     cos, sin = model.rotary(torch.arange(12))
     h = model.embed_tokens(x)
     for block in model.layers:
+        if model.config.norm_position == "output":  # OLMo 2: x + norm(attention(x)), then x + norm(mlp(x))
+            h = h + block.post_attention_layernorm(block.self_attn(h, cos, sin))
+            out = block.mlp(h)
+            h = h + block.post_feedforward_layernorm(out[0] if isinstance(out, tuple) else out)
+            continue
         h = h + block.self_attn(block.input_layernorm(h), cos, sin)
         out = block.mlp(block.post_attention_layernorm(h))
         h = h + (out[0] if isinstance(out, tuple) else out)

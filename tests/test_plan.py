@@ -11,8 +11,9 @@ Published figures, each with its tolerance:
 - ZeRO (Rajbhandari et al. 2020): mixed-precision AdamW holds 16 bytes per parameter; ZeRO-3 over 64 GPUs 16/64.
 Measured on CPU (tiny models built with moe.build_model):
 - weights, gradients and AdamW state after one real step: exact (moments), 0.1% (with AdamW's step counters);
-- activations: the bytes saved for backward (saved-tensor hooks) within 1%, in float32, bf16 and bf16 autocast,
-  for dense, MoE, gated shared experts, interleaved MoE layers and LayerNorm with q/k/v bias;
+- activations: the bytes saved for backward (saved-tensor hooks) within 0.5%, in float32, bf16 and bf16 autocast,
+  for dense, MoE, gated shared experts, interleaved MoE layers, LayerNorm with q/k/v bias, QK-norm (Qwen3, OLMoE)
+  and norms on the sublayers' outputs (OLMo 3, and an MoE model with them);
   what the forward pass leaves alive (torch.profiler's memory events), with and without activation checkpointing,
   and the forward pass's peak without, within 2.5%; the whole step's peak between the estimated activations and those plus every
   gradient (2.5% either side).
@@ -219,7 +220,7 @@ def test_activations_match_the_bytes_saved_for_backward(name, overrides, precisi
     planned = strategy_memory(model.config, STRATEGY["ddp"], 1, precision, seq_len, batch)
     estimate = activation_bytes(model.config, seq_len, {"32-true": "fp32", "bf16-true": "bf16"}.get(precision, "mixed"))
     # the saved tensors, plus (bf16-mixed) autocast's bf16 copies of every matmul weight
-    assert estimate.kept(batch * seq_len) + planned.weight_copies * GIB == pytest.approx(measured, rel=0.01)
+    assert estimate.kept(batch * seq_len) + planned.weight_copies * GIB == pytest.approx(measured, rel=0.005)
     if precision == "bf16-mixed":
         assert planned.weight_copies > 0
 

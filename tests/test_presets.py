@@ -71,13 +71,15 @@ HF_CONFIGS = {
                                              head_dim=128, norm_topk_prob=True, tie_word_embeddings=False)),
     # OLMo 2 1B/7B/13B/32B and OLMo 3 7B/32B (sliding_window 4096 on three layers of four in Olmo3Config's
     # default layer_types).
-    **{name: (cls, dict(vocab_size=100352, hidden_size=d, intermediate_size=f, num_hidden_layers=n,
+    **{name: (cls, dict(vocab_size=v, hidden_size=d, intermediate_size=f, num_hidden_layers=n,
                         num_attention_heads=h, num_key_value_heads=kv, tie_word_embeddings=False))
-       for name, cls, d, f, n, h, kv in (
-           ("olmo-2-1b", "Olmo2Config", 2048, 8192, 16, 16, 16), ("olmo-2-7b", "Olmo2Config", 4096, 11008, 32, 32, 32),
-           ("olmo-2-13b", "Olmo2Config", 5120, 13824, 40, 40, 40),
-           ("olmo-2-32b", "Olmo2Config", 5120, 27648, 64, 40, 8),
-           ("olmo-3-7b", "Olmo3Config", 4096, 11008, 32, 32, 32), ("olmo-3-32b", "Olmo3Config", 5120, 27648, 64, 40, 8))},
+       for name, cls, v, d, f, n, h, kv in (
+           ("olmo-2-1b", "Olmo2Config", 100352, 2048, 8192, 16, 16, 16),
+           ("olmo-2-7b", "Olmo2Config", 100352, 4096, 11008, 32, 32, 32),
+           ("olmo-2-13b", "Olmo2Config", 100352, 5120, 13824, 40, 40, 40),
+           ("olmo-2-32b", "Olmo2Config", 100352, 5120, 27648, 64, 40, 8),
+           ("olmo-3-7b", "Olmo3Config", 100278, 4096, 11008, 32, 32, 32),
+           ("olmo-3-32b", "Olmo3Config", 100278, 5120, 27648, 64, 40, 8))},
 }
 
 

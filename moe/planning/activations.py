@@ -24,8 +24,8 @@ This file counts the same thing for this project's blocks, tensor by tensor, ada
 - tensor parallelism splits attention's heads and the dense SwiGLU's width over tp (Megatron without sequence
   parallelism: norms and the residual stream stay whole); MoE layers are replicated over tp.
 tests/test_plan.py checks the count against the bytes actually saved for backward (saved-tensor hooks) on tiny
-dense, MoE, shared-expert, interleaved and LayerNorm models, in all three dtype regimes (within 1%; most exact),
-and what the forward pass leaves alive against torch.profiler's memory events, with and without checkpointing.
+dense, MoE, shared-expert, interleaved, LayerNorm, QK-norm and output-norm models, in all three dtype regimes (within
+0.5%; most exact), and what the forward pass leaves alive against torch.profiler's memory events, with and without checkpointing.
 With activation checkpointing of every block, each block keeps only its input (the residual stream) and the
 backward pass recomputes one block at a time: checkpoints + the largest block + the output layer.
 The peak adds to what is kept the chunked loss's float32 logits buffer and its temporaries at the end of the
@@ -79,8 +79,8 @@ class ActivationEstimate:
 
 def _norm_bytes(config: ModelConfig, regime: str, consumers: int, of_matmul: bool = False) -> float:
     """Per token: what a norm saves, plus the matmul inputs its `consumers` projections save. of_matmul: the norm
-    reads a sublayer's output (norm_position 'output'), in bf16 under autocast, not the float32 residual stream;
-    the projections then read the stream itself, with the same bytes saved."""
+    reads a dense sublayer's output (norm_position 'output'), bf16 under autocast where the residual stream is float32
+    (an MoE layer's output is float32 already); the projections then read the stream itself, with the same bytes."""
     d = config.d_model
     if config.norm_type == "rmsnorm":
         normed = 2 * d if regime == "bf16" or (regime == "mixed" and of_matmul) else 4 * d  # in its input's dtype
@@ -116,7 +116,8 @@ def activation_bytes(config: ModelConfig, seq_len: int, regime: str, tp: int = 1
             consumers = 1 + (2 if shared else 0) + (1 if config.shared_expert_gate else 0)
             routed = a * (4 * k * f + 3 * k * d)
             router = 4 * 2 * e + 4 * (2 * k + 2) + 8 * 3 * k  # logits, probs; weights, sums; indices and order
-            ffn = _norm_bytes(config, regime, consumers, of_matmul) + routed + router + a * 4 * shared
+            # An MoE layer's output is float32 under autocast (the combine sums in float32): its norm reads that.
+            ffn = _norm_bytes(config, regime, consumers) + routed + router + a * 4 * shared
             if config.shared_expert_gate:
                 ffn += a * (d + 1)  # the gate's sigmoid and the shared output it scales
         else:

@@ -29,9 +29,8 @@ from moe.train.strategies import ModelParallelStrategy
 
 SHAPE = dict(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
 MODELS = {"moe": get_preset("tiny-moe", **SHAPE, ffn_dim=32, n_experts=4, top_k=2, n_shared_experts=1),
-          # with Qwen3's per-head QK-norm, whose weight every tensor-parallel process holds whole, and OLMo 2's norms
-          # on the sublayers' outputs (which tensor parallelism's all-reduced o_proj and down_proj outputs feed)
-          "dense": get_preset("tiny-dense", **SHAPE, ffn_dim=64, qk_norm="head", norm_position="output")}
+          # with Qwen3's per-head QK-norm, whose weight every tensor-parallel process holds whole
+          "dense": get_preset("tiny-dense", **SHAPE, ffn_dim=64, qk_norm="head")}
 # (data_parallel_size, tensor_parallel_size); fsdp1 is Lightning's FSDPStrategy (torch FSDP1, flat shards).
 MODES = {"fsdp2": (2, 1), "tp": (1, 2), "fsdp1": (2, 1)}
 CASES = ([(mode, kind, False) for mode in ("fsdp2", "tp") for kind in MODELS]
