@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -336,9 +337,76 @@ def test_trainer_settings_in_the_configs_count_in_the_tokens_per_step(tmp_path):
     with pytest.raises(InputError, match=r"configs\[0\] \(.*two-devices.yaml\): trainer.devices: -1: a ladder "
                                          r"counts the tokens of each step"):
         load_ladder(write_ladder(tmp_path, configs=[str(trainer)]))
-    # Several processes: refused, naming where they are set.
+    # Several devices of one node: each step holds every process's batch. Several nodes: refused, naming the key.
     trainer.write_text("trainer:\n  devices: 2\n")
-    with pytest.raises(InputError, match=r"two-devices.yaml\): trainer.devices: 2 devices x 1 nodes: .*one process"):
-        load_ladder(write_ladder(tmp_path, configs=[str(trainer)]))
-    with pytest.raises(InputError, match=r"flags.trainer.num_nodes: 1 devices x 2 nodes"):
+    spec = load_ladder(write_ladder(tmp_path, configs=[str(trainer)]), out=tmp_path / "out")
+    assert (spec.tokens_per_step, spec.processes) == (4 * 64 * 2, 2)
+    with pytest.raises(InputError, match=r"flags.trainer.num_nodes: 2: a ladder trains its rungs on one node"):
         load_ladder(write_ladder(tmp_path, flags={"trainer.num_nodes": 2}))
+    # What sizes the step is the ladder's: a family or a rung may not change it.
+    family = {"model": "tiny-dense", "widths": [32], "depths": 2, "flags": {"trainer.devices": 4}}
+    with pytest.raises(InputError, match=r"families.dense.flags.trainer.devices: sizes the step of every rung"):
+        load_ladder(write_ladder(tmp_path, families={"dense": family}))
+    rung = {"width": 32, "depth": 2, "flags": {"trainer.accumulate_grad_batches": 2}}
+    with pytest.raises(InputError, match=r"rungs\[0\].flags.trainer.accumulate_grad_batches: sizes the step"):
+        load_ladder(write_ladder(tmp_path, families={"dense": {"model": "tiny-dense", "rungs": [rung]}}))
+
+
+def test_a_ladder_on_two_devices_runs_each_rung_in_a_child_process(workdir):
+    """trainer.devices 2 (gloo processes on the CPU, as GPUs of a node): each rung is `python cli.py fit` in a child
+    process, from which Lightning starts the second; every step holds both processes' batches."""
+    import cli
+
+    path = tiny_ladder(workdir)
+    spec = yaml.safe_load(path.read_text())
+    spec["flags"]["trainer.devices"] = 2
+    spec["families"]["dense"] = {"model": "tiny-dense", "rungs": [{"width": 16, "depth": 1, "head_dim": 8}]}
+    path.write_text(yaml.safe_dump(spec))
+    cli.main(["ladder", str(path)])
+    report = json.loads((workdir / "runs/ladder/tiny-ladder/ladder.json").read_text())
+    (row,) = report["families"]["dense"]["rungs"]
+    assert row["status"] == "done" and math.isfinite(row["final_val_loss"])
+    assert row["tokens"] == row["steps"] * 4 * 32 * 2
+    # The throughput monitor counts the tokens of all processes: 2 x batch 4 x 32 tokens per optimizer step.
+    header, *lines = (workdir / "runs/ladder/tiny-ladder/dense/d16-l1/metrics.csv").read_text().splitlines()
+    columns = header.split(",")
+    seen = [(int(values[columns.index("step")]), float(values[columns.index("train/tokens_seen")]))
+            for values in (line.split(",") for line in lines) if values[columns.index("train/tokens_seen")]]
+    assert seen and all(tokens == (step + 1) * 4 * 32 * 2 for step, tokens in seen), seen
+
+
+def test_a_child_rung_gets_the_sigterm_sent_to_the_ladder(tmp_path):
+    """A scheduler that signals only the ladder's process: the child (the rung's fit, here a stand-in) is sent the
+    SIGTERM, saves and exits 143, and the ladder reports that status."""
+    import threading
+    import time
+
+    from moe.planning.ladder import run_command
+
+    ready, saved = tmp_path / "ready", tmp_path / "saved"
+    child = (f"import signal, sys, time, pathlib\n"
+             f"def stop(*_):\n    pathlib.Path({str(saved)!r}).write_text('checkpoint')\n    sys.exit(143)\n"
+             f"signal.signal(signal.SIGTERM, stop)\npathlib.Path({str(ready)!r}).write_text('')\ntime.sleep(60)\n")
+
+    def preempt():
+        while not ready.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # to the ladder only
+
+    threading.Thread(target=preempt, daemon=True).start()
+    assert run_command([], program=[sys.executable, "-c", child]) == 143
+    assert saved.read_text() == "checkpoint"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the ladder's own handling is back
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu-node"])
+def test_the_shipped_ladders_load(name, monkeypatch):
+    monkeypatch.chdir(ROOT)  # their config paths are relative to the repository, as the README runs them
+    spec = load_ladder(ROOT / f"configs/ladder/{name}.yaml", out=ROOT / "runs/ladder" / name)
+    rungs = spec.rungs()
+    assert sum(r.is_target for r in rungs) == 1 and all(r.steps > 0 for r in rungs)
+    if name == "gpu-node":  # 8 GPUs x 32 sequences x 2048 tokens per step, SmolLM's tokenizer
+        assert (spec.processes, spec.tokens_per_step) == (8, 8 * 32 * 2048)
+        assert {r.config.vocab_size for r in rungs} == {49152} and all(r.config.tie_embeddings for r in rungs)
+        sizes = [r.size("non_embedding") for r in rungs]
+        assert sizes == sorted(sizes) and sizes[-1] > 2 * sizes[-2]  # the target beyond the fitted range

@@ -1,7 +1,8 @@
 """`moe ladder`: train a ladder of model sizes, fit scaling laws to their final validation losses and predict a
 larger run (Kaplan et al. 2020; OLMo's model ladders, Bhagia et al. 2024).
 
-Each rung is an ordinary `fit` of the command line in its own run folder, `<out>/<family>/<rung>/` (metrics.csv,
+Each rung is an ordinary `fit` of the command line (in the ladder's process, or a child process when the trainer has
+several devices) in its own run folder, `<out>/<family>/<rung>/` (metrics.csv,
 config.yaml, checkpoints/), from the ladder's config files plus the rung's settings, which the ladder writes beside
 that folder first, as `<out>/<family>/<rung>.yaml`. A rung whose metrics.csv holds a validation loss at its last
 step is done; one with a checkpoint resumes from it; one stopped before its first checkpoint starts again; a rung
@@ -22,7 +23,10 @@ import dataclasses
 import json
 import math
 import shutil
+import signal
+import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,11 +207,10 @@ def _trained_vocab(folder: Path) -> int | None:
 
 
 def train_rung(spec: LadderSpec, state: RungState) -> None:
-    """Run the rung's fit through the command line (cli.main), resuming from its last checkpoint if it has one; a
-    run stopped between its last step and its final validation is validated instead (Lightning's fit would return at
-    once). Raises InputError when it ends without its final validation loss."""
-    import cli
-
+    """Run the rung's fit through the command line (cli.main, or a child process with several devices), resuming
+    from its last checkpoint if it has one; a run stopped between its last step and its final validation is validated
+    instead (Lightning's fit would return at once). Raises InputError when it ends without its final validation
+    loss."""
     rung = state.rung
     folder = rung_dir(spec, rung)
     if state.status == "new" and folder.exists():
@@ -222,23 +225,54 @@ def train_rung(spec: LadderSpec, state: RungState) -> None:
                 f"--model.config.max_seq_len={spec.seq_len}", "--ckpt_path", checkpoint]
     else:
         args = ["fit", *fit_args(spec, rung)] + (["--ckpt_path", checkpoint] if state.status == "resume" else [])
+    status = run_command(args) if spec.processes > 1 else _run_in_process(args)
+    if status != 0:
+        what = ("fix what the message above says" if status == 2 else "its folder keeps what it wrote") + \
+            ": run the ladder again to continue"
+        raise InputError(f"rung {rung.family}/{rung.name} stopped (exit status {status}) in {folder}; {what}")
+    if rung_state(spec, rung).status != "done":
+        raise InputError(f"rung {rung.family}/{rung.name} ended without a validation loss at step {rung.steps} in "
+                         f"{folder}/metrics.csv: check its trainer settings (limit_val_batches, the data's "
+                         "validation split)")
+
+
+def _run_in_process(args: list[str]) -> int:
+    """The command through cli.main in this process; its exit status."""
+    import cli
+
     argv = sys.argv
     sys.argv = argv[:1]  # LightningCLI warns when it is given args while sys.argv holds others (the ladder's)
     try:
         cli.main(args)
     except SystemExit as stop:
         if stop.code not in (None, 0):
-            status = stop.code if isinstance(stop.code, int) else 1
-            what = ("fix what the message above says" if status == 2 else "its folder keeps what it wrote") + \
-                ": run the ladder again to continue"
-            raise InputError(f"rung {rung.family}/{rung.name} stopped (exit status {status}) in {folder}; {what}") \
-                from None
+            return stop.code if isinstance(stop.code, int) else 1
     finally:
         sys.argv = argv
-    if rung_state(spec, rung).status != "done":
-        raise InputError(f"rung {rung.family}/{rung.name} ended without a validation loss at step {rung.steps} in "
-                         f"{folder}/metrics.csv: check its trainer settings (limit_val_batches, the data's "
-                         "validation split)")
+    return 0
+
+
+def run_command(args: list[str], program: list[str] | None = None) -> int:
+    """The command in a child process (`python cli.py ARGS`, or `program`), waited for; its exit status. With several
+    devices a rung must run this way: Lightning starts a fit's other processes by running its command line again,
+    which in the ladder's own process would be the ladder's. SIGTERM sent to the ladder alone (a scheduler that
+    signals only its main process) is passed on, so that the rung saves its checkpoint (moe/train/preemption.py)
+    and exits 143 before the ladder reports it; a child killed by a signal gives 128 + its number."""
+    import cli
+
+    child = subprocess.Popen(program or [sys.executable, cli.__file__, *args])
+    forwarding = threading.current_thread() is threading.main_thread()
+    if forwarding:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    try:
+        status = child.wait()
+    finally:
+        if forwarding:
+            signal.signal(signal.SIGTERM, previous)
+        if child.poll() is None:  # the ladder itself was interrupted (Ctrl-C): let the rung save and stop
+            child.terminate()
+            child.wait()
+    return 128 - status if status < 0 else status
 
 
 # ---- fits --------------------------------------------------------------------------------------------------------

@@ -24,8 +24,9 @@ A `width`/`depth` rung scales the base config: d_model = width, n_layers = depth
 width / head_dim; key/value heads at the base's ratio where the head count divides, else the largest divisor below
 it) and its feed-forward widths scaled with d_model (rounded up to a multiple of 8). The vocabulary is the data's
 (`data.vocab_size` in the configs or flags), which the fit links to the model. Tokens per step are batch_size x
-seq_len x the trainer's accumulate_grad_batches (from the configs or flags). A ladder runs on one process (one GPU or
-the CPU): the rungs' fits run inside it. `widths: [...]` with `depths: [...]` (or one depth) lists such rungs in short.
+seq_len x the trainer's accumulate_grad_batches x its devices (from the configs or flags, the same for every rung).
+A ladder runs on one node: with one device the rungs' fits run inside its process, with several (trainer.devices: 8
+for the GPUs of a node) each fit runs as a child process that Lightning starts the others from. `widths: [...]` with `depths: [...]` (or one depth) lists such rungs in short.
 A rung may set its own `tokens`, `tokens_per_param` or `flops` (varying D at a fixed N gives L(N, D) its data) and
 its own `flags`.
 """
@@ -54,6 +55,8 @@ LADDER_FLAGS = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time", "
                 "trainer.check_val_every_n_epoch", "trainer.limit_val_batches", "trainer.logger",
                 "trainer.limit_train_batches", "data.batch_size", "data.seq_len", "model.config",
                 "model.warmup_steps", "model.total_steps", "model.init_from", "ckpt_path")
+# Set once for the whole ladder (shared configs or flags): they size every rung's step, hence its budget in steps.
+SHARED_FLAGS = ("trainer.devices", "trainer.num_nodes", "trainer.accumulate_grad_batches")
 
 
 @dataclass
@@ -98,6 +101,7 @@ class LadderSpec:
     out: Path
     families: dict[str, list[Rung]]  # rungs in order, then the target if any
     config_contents: dict[str, object] = field(default_factory=dict)  # each of `configs` parsed (None: not YAML)
+    processes: int = 1  # trainer.devices: above 1, each rung's fit runs in a child process (moe/planning/ladder.py)
 
     def rungs(self) -> list[Rung]:
         return [rung for family in self.families.values() for rung in family]
@@ -129,13 +133,17 @@ def _unknown(path: Path, key: str, given: dict, known: set[str]) -> None:
                      f"unknown key (known: {', '.join(sorted(known))})")
 
 
-def _flags(path: Path, key: str, value) -> dict:
+def _flags(path: Path, key: str, value, shared: bool = True) -> dict:
+    """A mapping of flags; `shared`: the ladder's own, which may set the SHARED_FLAGS a family's or rung's may not."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise _error(path, key, "must be a mapping of flag to value, e.g. {model.lr: 0.003}")
     flags = {str(name).removeprefix("--"): v for name, v in value.items()}
     for name in flags:
+        if not shared and name in SHARED_FLAGS:
+            raise _error(path, f"{key}.{name}", "sizes the step of every rung: set it once, in the ladder's "
+                         "`flags` or `configs`")
         if any(name == owned or name.startswith(owned + ".") for owned in LADDER_FLAGS):
             raise _error(path, f"{key}.{name}", "is set by the ladder for each rung (budget, schedule, validation, "
                          "run folder): use the ladder's own keys (batch_size, seq_len, tokens_per_param/tokens/flops, "
@@ -250,13 +258,12 @@ def load_ladder(path: str | Path, out: str | Path | None = None) -> LadderSpec:
         raise _error(path, composed.where("trainer.devices"), f"{devices!r}: a ladder counts the tokens of each "
                      "step, so it needs the number of processes: set flags: {trainer.devices: N}")
     num_nodes = _positive(path, composed.where("trainer.num_nodes"), num_nodes, int)
-    if devices * num_nodes > 1:
-        # Each rung runs inside the ladder's own process (cli.main); Lightning would start the other processes by
-        # running the ladder's command line again, which no test here can run.
-        where = composed.where("trainer.devices" if devices > 1 else "trainer.num_nodes")
-        raise _error(path, where, f"{devices} devices x {num_nodes} nodes: a ladder trains its rungs on one "
-                     "process (one GPU or the CPU); several are not supported yet")
-    tokens_per_step = batch_size * seq_len * accumulate * devices * num_nodes
+    if num_nodes > 1:
+        # The rungs' fits are started by the ladder, on its node; the other nodes would have to run the same
+        # ladder in step, each one's checks and report racing over the shared run folders.
+        raise _error(path, composed.where("trainer.num_nodes"), f"{num_nodes}: a ladder trains its rungs on one "
+                     "node (trainer.devices: its GPUs); several nodes are not supported")
+    tokens_per_step = batch_size * seq_len * accumulate * devices
     vocab_size = composed.get("data.vocab_size")
     fit_size = spec.get("fit_size", "non_embedding")
     if fit_size not in SIZES:
@@ -284,7 +291,7 @@ def load_ladder(path: str | Path, out: str | Path | None = None) -> LadderSpec:
             raise _error(path, f"{key}.model", str(error)) from None
         # The data's tokenizer sets the vocabulary (the command line links it), hence the output layer's FLOPs.
         base = base.replace(max_seq_len=seq_len, **({"vocab_size": int(vocab_size)} if vocab_size else {}))
-        family_flags = {**flags, **_flags(path, f"{key}.flags", family.get("flags"))}
+        family_flags = {**flags, **_flags(path, f"{key}.flags", family.get("flags"), shared=False)}
         entries = _rung_entries(path, key, family)
         if family.get("target") is not None:
             if not isinstance(family["target"], dict):
@@ -302,7 +309,7 @@ def load_ladder(path: str | Path, out: str | Path | None = None) -> LadderSpec:
             # Whole optimizer steps, a multiple of `evals` so that validation falls on the last one.
             steps = evals * max(1, math.ceil(tokens / tokens_per_step / evals))
             rungs.append(Rung(family_name, name, config.replace(name=name), steps * tokens_per_step, steps,
-                              {**family_flags, **_flags(path, f"{where}.flags", entry.get("flags"))},
+                              {**family_flags, **_flags(path, f"{where}.flags", entry.get("flags"), shared=False)},
                               is_target=where.endswith(".target"), train=bool(entry.get("train", True)),
                               where=where, budget=budget))
         if sum(not r.is_target for r in rungs) < 1:
@@ -310,7 +317,7 @@ def load_ladder(path: str | Path, out: str | Path | None = None) -> LadderSpec:
         families[str(family_name)] = rungs
     out_dir = Path(out) if out is not None else Path(spec.get("out") or Path("runs") / "ladder" / path.stem)
     return LadderSpec(path, [str(c) for c in configs], flags, batch_size, seq_len, tokens_per_step, fit_size, warmup,
-                      evals, val_batches, out_dir, families, contents)
+                      evals, val_batches, out_dir, families, contents, processes=devices)
 
 
 class _Composed:
