@@ -85,7 +85,7 @@ def ladder(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="moe ladder", description="Train a ladder of model sizes (each rung an "
                                      "ordinary fit in its own run folder, resumable), fit L(N) = E + A/N^alpha and "
                                      "L(C) to their final validation losses, predict the held-out target rung with "
-                                     "a 95%% interval, and for a dense and an MoE family report the MoE's compute "
+                                     "a 95% interval, and for a dense and an MoE family report the MoE's compute "
                                      "multiplier. Writes <out>/ladder.json and <out>/ladder.png.")
     parser.add_argument("ladder", metavar="LADDER", help="a ladder file, e.g. configs/ladder/cpu.yaml")
     parser.add_argument("--out", default=None, help="folder of the rungs' runs and the results (default: the "
