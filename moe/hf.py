@@ -1,6 +1,6 @@
 """HF transformers interoperability: load Llama / Mistral / Mixtral / Qwen2 / Qwen3 / Qwen2-MoE / OLMoE / Qwen3-MoE /
-OLMo 2 / OLMo 3 checkpoints into our Transformer and save ours as HF checkpoints (config.json plus safetensors, sharded with an index above
-max_shard_size).
+OLMo 2 / OLMo 3 checkpoints into our Transformer and save ours as HF checkpoints (config.json plus safetensors,
+sharded with an index above max_shard_size).
 
 One key mapping, `hf_key_map`, serves import and export: our module names already follow HF's, so most
 entries are renames; per-expert matrices (hub format `block_sparse_moe.experts.{j}.w1/w2/w3` for Mixtral,

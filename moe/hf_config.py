@@ -381,7 +381,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         hf.update(attention_bias=False, mlp_bias=False)
     elif model_type in ("mistral", "mixtral"):
         hf["sliding_window"] = window
-    if model_type in ("qwen3", "olmo2"):
+    if model_type in ("qwen3", "olmo2", "olmo3"):
         hf["attention_bias"] = False
     if model_type in ("qwen2", "qwen3"):
         first = next((i for i, w in enumerate(windows) if w is not None), config.n_layers)
@@ -396,7 +396,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
         hf["rope_parameters"] = {"rope_theta": config.rope_theta, **config.rope_scaling}  # v5
     if model_type == "olmo3":
         rope = hf["rope_parameters"]
-        hf.update(attention_bias=False, sliding_window=window,
+        hf.update(sliding_window=window,
                   layer_types=["full_attention" if w is None else "sliding_attention" for w in windows],
                   rope_parameters={"sliding_attention": dict(rope), "full_attention": dict(rope)})
     if model_type == "olmoe":
